@@ -1,0 +1,31 @@
+"""robustlib: adversarial robustness in JAX.
+
+The core package: data sets, the model zoo, functional pipelines (models as pure
+``logits_fn(x) -> logits`` functions), batched evaluation, input checks, data
+parallelism and checkpoints. ``attacks``, ``verify`` and ``training`` build on it.
+"""
+
+from robustlib import checkpoints, data, models, parallel, plotting
+from robustlib.checks import InputError, check_images, check_labels
+from robustlib.evaluation import accuracy, batched_apply
+from robustlib.pipelines import LogitsFn, as_logits_fn, check_logits_fn, compose, normalize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InputError",
+    "LogitsFn",
+    "accuracy",
+    "as_logits_fn",
+    "batched_apply",
+    "check_images",
+    "check_labels",
+    "check_logits_fn",
+    "checkpoints",
+    "compose",
+    "data",
+    "models",
+    "normalize",
+    "parallel",
+    "plotting",
+]

@@ -1,0 +1,115 @@
+"""Atomic, resumable checkpoints of pytrees (orbax), and loading a training run.
+
+A run directory holds ``config.json`` (the run's configuration as plain values)
+and ``checkpoints/<step>/`` (orbax writes each step to a temporary directory and
+renames it when complete, so a killed run never leaves a half-written step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+
+
+class CheckpointError(ValueError):
+  """A run directory or checkpoint is missing or unusable."""
+
+
+def manager(workdir: str, *, max_to_keep: int | None = 2,
+            read_only: bool = False) -> ocp.CheckpointManager:
+  """The orbax manager of ``workdir/checkpoints`` (saves are synchronous)."""
+  directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=False)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, tree: Any) -> None:
+  """Saves ``tree`` as step ``step`` (an existing step is left as it is)."""
+  if mngr.latest_step() == step:
+    return
+  mngr.save(step, args=ocp.args.StandardSave(tree))
+  mngr.wait_until_finished()
+
+
+def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None) -> Any:
+  """Restores step ``step`` (default: the latest) into the structure, shapes and
+  shardings of ``target``; returns None when there is no checkpoint."""
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    return None
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def write_config(workdir: str, config: dict) -> None:
+  """Writes the run's configuration (plain values) to ``workdir/config.json``."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def read_config(workdir: str) -> dict:
+  """Reads ``workdir/config.json``."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise CheckpointError(
+        f"{workdir!r} is not a training run directory: {CONFIG_FILE} is missing "
+        "(train with `python -m training.train --workdir=DIR` first)")
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_run(workdir: str, step: int | None = None):
+  """Loads a training run's model in eval mode.
+
+  Args:
+    workdir: the directory a training run wrote.
+    step: the checkpoint step; default the latest.
+
+  Returns:
+    ``(config, model, variables)``: the configuration dict, the Flax module
+    and its variables (``params`` and, where the model has them,
+    ``batch_stats``). ``robustlib.as_logits_fn(model, variables)`` turns them
+    into a pure ``logits_fn``.
+  """
+  from robustlib import data, models  # pylint: disable=import-outside-toplevel
+
+  config = read_config(workdir)
+  info = data.info(config["dataset"])
+  model = models.create(config["model"], num_classes=info.num_classes,
+                        input_shape=info.input_shape, mean=info.mean, std=info.std,
+                        **{k: _as_tuple(v) for k, v in config.get("model_kwargs", {}).items()})
+  template = models.init(model, jax.random.PRNGKey(0), info.input_shape)
+  mngr = manager(workdir, max_to_keep=None, read_only=True)
+  if mngr.latest_step() is None:
+    raise CheckpointError(f"no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}")
+  state = mngr.restore(step if step is not None else mngr.latest_step(),
+                       args=ocp.args.StandardRestore())
+  variables = {"params": state["params"]}
+  if state.get("batch_stats"):
+    variables["batch_stats"] = state["batch_stats"]
+  jax.tree.map(_check_same_shape, template, variables)
+  return config, model, variables
+
+
+def _as_tuple(value):
+  """JSON stores tuples as lists; Flax module attributes must be hashable."""
+  return tuple(map(_as_tuple, value)) if isinstance(value, list) else value
+
+
+def _check_same_shape(expected, got):
+  if expected.shape != got.shape:
+    raise CheckpointError(
+        f"checkpoint does not match the configured model: a parameter has shape "
+        f"{got.shape}, the model expects {expected.shape}")

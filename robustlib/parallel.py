@@ -1,0 +1,47 @@
+"""Data parallelism with `jax.sharding`: one mesh axis over the local devices."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def make_mesh(num_devices: int = 0) -> Mesh:
+  """A one-axis mesh named ``"data"`` over the first ``num_devices`` devices.
+
+  Args:
+    num_devices: how many of ``jax.devices()`` to use; 0 means all of them.
+
+  Returns:
+    A ``jax.sharding.Mesh``. With several processes (``jax.distributed``) the
+    mesh spans every process's devices.
+  """
+  devices = jax.devices()
+  if num_devices < 0 or num_devices > len(devices):
+    raise ValueError(
+        f"num_devices must be in [0, {len(devices)}] (0 = all), got {num_devices}")
+  if num_devices:
+    devices = devices[:num_devices]
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Shards the leading (batch) dimension across the mesh."""
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Replicates an array on every device of the mesh."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def check_divisible(batch_size: int, mesh: Mesh, name: str = "batch_size") -> None:
+  """Raises ValueError unless ``batch_size`` splits evenly over the mesh."""
+  n = mesh.devices.size
+  if batch_size % n:
+    raise ValueError(
+        f"{name}={batch_size} must be divisible by the number of devices ({n}) "
+        "so that every device gets the same share of the batch")

@@ -1,0 +1,191 @@
+"""The training loop: configs, smoke runs, resume after a kill, data parallelism."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import jax
+import numpy as np
+import pytest
+
+import robustlib
+from robustlib import checkpoints, data
+from training import trainer
+from training.configs import default, digits_mlp
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(
+    os.path.join(REPO_ROOT, "training", "configs", "*.py"))
+    if not p.endswith(("__init__.py", "default.py")))
+
+
+def _tiny_digits(**overrides):
+  config = digits_mlp.get_config("tiny")
+  config.model_kwargs.hidden = (32,)
+  config.eval_batch_size = 120
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def _run(args, env=None, **kwargs):
+  env = dict(os.environ, **(env or {}))
+  env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  return subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          **kwargs)
+
+
+def _final_params(workdir):
+  _, _, variables = checkpoints.load_run(workdir)
+  return variables
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_runs_one_tiny_training(name, tmp_path):
+  module = __import__(f"training.configs.{name}", fromlist=["get_config"])
+  config = module.get_config("tiny")
+  config.num_steps = 2
+  config.eval_every = config.checkpoint_every = config.log_every = 1
+  report = trainer.train_and_evaluate(config, str(tmp_path))
+  assert report["steps"] == 2
+  assert 0.0 <= report["test_accuracy"] <= 1.0
+  saved = json.loads((tmp_path / "report.json").read_text())
+  for field in ("test_accuracy", "dataset", "model", "steps", "seconds"):
+    assert field in saved
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l)["step"] for l in lines if '"train"' in l] == [1, 2]
+  assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_training_learns_the_digits(tmp_path):
+  config = _tiny_digits(num_steps=300, log_every=50, eval_every=300, checkpoint_every=300)
+  config.optimizer.learning_rate = 3e-3
+  report = trainer.train_and_evaluate(config, str(tmp_path))
+  assert report["test_accuracy"] > 0.85
+  losses = [json.loads(l)["loss"] for l in
+            (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+  assert losses[-1] < losses[0] / 2
+  # The run directory gives back the trained model as a pure logits function.
+  _, model, variables = checkpoints.load_run(str(tmp_path))
+  test = data.load("digits", "test")
+  logits_fn = robustlib.as_logits_fn(model, variables, test.info.input_shape)
+  assert robustlib.accuracy(logits_fn, test.images, test.labels,
+                            progress=False) == pytest.approx(report["test_accuracy"])
+
+
+def test_unknown_config_field_is_an_error(tmp_path):
+  config = default.get_config()
+  config.optimizer.lrr = 0.1
+  with pytest.raises(trainer.ConfigError, match="optimizer.lrr"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+
+
+def test_unknown_field_on_the_command_line_is_a_clear_error(tmp_path):
+  proc = _run(["-m", "training.train", "--config=training/configs/digits_mlp.py",
+               f"--workdir={tmp_path}", "--config.optimizer.lrr=0.1"])
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode != 0
+  assert "lrr" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("method", "magic", "unknown method"),
+    ("batch_size", 0, "batch_size must be positive"),
+    ("model", "resnet9000", "resnet9000"),
+    ("dataset", "imagenet", "imagenet"),
+])
+def test_bad_config_values_are_named(field, value, message, tmp_path):
+  config = _tiny_digits(**{field: value})
+  with pytest.raises(ValueError, match=message):
+    trainer.train_and_evaluate(config, str(tmp_path))
+
+
+def test_a_model_that_cannot_take_the_images_is_a_clear_error(tmp_path):
+  config = _tiny_digits(model="cnn_small")
+  config.model_kwargs = type(config.model_kwargs)()
+  with pytest.raises(ValueError, match="cnn_small"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path, monkeypatch):
+  def offline(*args, **kwargs):
+    raise OSError("network unreachable")
+  monkeypatch.setattr(urllib.request, "urlopen", offline)
+  monkeypatch.setenv("ROBUSTLIB_CACHE_DIR", str(tmp_path / "cache"))
+  config = _tiny_digits(dataset="mnist", data_dir=str(tmp_path / "nowhere"))
+  config.model_kwargs = type(config.model_kwargs)()
+  with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz"):
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_killed_run_resumes_to_the_same_parameters(tmp_path):
+  overrides = ["--config.num_steps=400", "--config.checkpoint_every=40",
+               "--config.log_every=40", "--config.eval_every=400",
+               "--config.model_kwargs.hidden=(64,)"]
+  killed = tmp_path / "killed"
+  proc = _run(["-m", "training.train", "--config=training/configs/digits_mlp.py",
+               f"--workdir={killed}", *overrides], start_new_session=True)
+  deadline = time.time() + 120
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(name) for name in os.listdir(killed / "checkpoints")
+             if name.isdigit()] if (killed / "checkpoints").is_dir() else []
+    if any(40 <= s < 400 for s in steps):
+      break
+    time.sleep(0.02)
+  assert proc.poll() is None, "training finished before it could be killed:\n" + proc.stdout.read()
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  interrupted_at = checkpoints.manager(str(killed), read_only=True).latest_step()
+  assert interrupted_at is not None and interrupted_at < 400
+
+  for workdir in (killed, tmp_path / "straight"):
+    proc = _run(["-m", "training.train", "--config=training/configs/digits_mlp.py",
+                 f"--workdir={workdir}", *overrides])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+  report = json.loads((killed / "report.json").read_text())
+  assert report["resumed_from_step"] == interrupted_at
+  resumed, straight = _final_params(killed), _final_params(tmp_path / "straight")
+  jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+  steps = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()
+           if '"train"' in l]
+  assert steps == sorted(set(steps)) and steps[-1] == 400
+
+
+MULTI_DEVICE_SCRIPT = """
+import json, sys
+import jax
+from training import trainer
+from training.configs import digits_mlp
+assert len(jax.devices()) == 8, jax.devices()
+curves = {}
+for n in (1, 8):
+  config = digits_mlp.get_config("tiny")
+  config.model_kwargs.hidden = (32,)
+  config.num_steps, config.log_every, config.eval_every = 30, 1, 30
+  config.batch_size, config.eval_batch_size, config.num_devices = 64, 120, n
+  workdir = f"{sys.argv[1]}/devices{n}"
+  report = trainer.train_and_evaluate(config, workdir)
+  assert report["num_devices"] == n
+  curves[n] = [json.loads(l)["loss"] for l in open(workdir + "/metrics.jsonl")
+               if '"train"' in l]
+print("CURVES=" + json.dumps(curves))
+"""
+
+
+def test_eight_devices_give_the_same_loss_curve_as_one(tmp_path):
+  proc = _run(["-c", MULTI_DEVICE_SCRIPT, str(tmp_path)],
+              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  curves = json.loads(out.split("CURVES=")[-1])
+  one, eight = np.array(curves["1"]), np.array(curves["8"])
+  assert one.shape == eight.shape == (30,)
+  assert one[-1] < one[0]
+  np.testing.assert_allclose(eight, one, rtol=1e-4, atol=1e-5)

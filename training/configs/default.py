@@ -1,0 +1,44 @@
+"""Every field a training run reads, with its default.
+
+Experiment configs start from this one and change what they need; any field can
+be overridden on the command line (``--config.optimizer.learning_rate=1e-3``).
+A field that is not here is an error, so a typo never passes silently.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  # Data: a name understood by robustlib.data.load; data_dir '' means the
+  # ROBUSTLIB_DATA_DIR environment variable (or download into the cache).
+  config.dataset = "digits"
+  config.data_dir = ""
+  # Model: a name in robustlib.models.MODELS and its keyword arguments.
+  config.model = "mlp"
+  config.model_kwargs = ml_collections.ConfigDict()
+  config.method = "standard"
+  config.batch_size = 128          # global batch, split over the devices
+  config.num_steps = 1000
+  config.num_devices = 0           # 0: every local device
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "adam"   # sgd | adam | adamw
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.schedule = "cosine"   # constant | cosine | piecewise
+  config.optimizer.warmup_steps = 0
+  config.optimizer.decay_boundaries = (0.5, 0.75)  # piecewise: fractions of num_steps
+  config.optimizer.decay_factor = 0.1
+  config.optimizer.momentum = 0.9
+  config.optimizer.nesterov = False
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.grad_clip_norm = 0.0  # 0: no clipping
+
+  config.log_every = 100
+  config.eval_every = 500
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 2
+  config.eval_batch_size = 500
+  config.num_eval_examples = 0     # 0: the whole test split
+  return config

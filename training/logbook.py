@@ -1,0 +1,73 @@
+"""Metrics of a run: a JSONL file, a PNG of the curves and progress lines."""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import os
+import time
+
+from absl import logging
+
+from robustlib import plotting
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+
+
+class Logbook:
+  """Appends ``{"step", "split", metric: value}`` records to ``workdir/metrics.jsonl``.
+
+  On resume from step ``s`` the records after ``s`` (written by the killed run
+  after its last checkpoint) are dropped, so the file never holds a step twice.
+  """
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self.workdir = workdir
+    records = []
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    self.records = [r for r in records if r["step"] <= resume_step]
+    with open(self.path + ".tmp", "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in self.records)
+    os.replace(self.path + ".tmp", self.path)
+
+  def write(self, step: int, split: str, metrics: dict) -> None:
+    record = {"step": int(step), "split": split,
+              **{k: float(v) for k, v in metrics.items()}}
+    self.records.append(record)
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+  def plot(self, title: str) -> str:
+    """Saves loss and accuracy curves of every split to ``workdir/curves.png``."""
+    panels = collections.defaultdict(dict)
+    for metric in ("loss", "accuracy"):
+      for split in ("train", "test"):
+        pts = [(r["step"], r[metric]) for r in self.records
+               if r["split"] == split and metric in r]
+        if pts:
+          panels[metric][split] = tuple(zip(*pts))
+    return plotting.save_line_plots(
+        os.path.join(self.workdir, CURVES_FILE), dict(panels), title=title)
+
+
+class Progress:
+  """Log lines with step rate, image rate and ETA."""
+
+  def __init__(self, start_step: int, num_steps: int, batch_size: int):
+    self.num_steps, self.batch_size = num_steps, batch_size
+    self.start_step, self.start_time = start_step, time.perf_counter()
+
+  def line(self, step: int, metrics: dict) -> str:
+    elapsed = time.perf_counter() - self.start_time
+    rate = (step - self.start_step) / max(elapsed, 1e-9)
+    eta = datetime.timedelta(seconds=round((self.num_steps - step) / max(rate, 1e-9)))
+    values = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+    text = (f"step {step}/{self.num_steps} {values} | {rate:.1f} steps/s "
+            f"{rate * self.batch_size:.0f} img/s | ETA {eta}")
+    logging.info(text)
+    return text

@@ -1,0 +1,47 @@
+"""The train state: one pytree holding everything a step reads and writes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from robustlib import models
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Immutable training state.
+
+  Attributes:
+    step: int32 scalar, the number of steps taken.
+    params: the model's parameters.
+    batch_stats: BatchNorm running statistics (an empty dict for models without).
+    opt_state: the optax optimizer state.
+    key: the run's PRNG key (raw uint32[2]); step ``s`` uses ``fold_in(key, s)``.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  key: jax.Array
+
+  def variables(self) -> dict:
+    """The model variables for ``model.apply``."""
+    if self.batch_stats:
+      return {"params": self.params, "batch_stats": self.batch_stats}
+    return {"params": self.params}
+
+
+def create(model, tx: optax.GradientTransformation, key: jax.Array,
+           input_shape: tuple[int, ...]) -> TrainState:
+  """Initializes the model and optimizer from ``key`` (a raw ``PRNGKey``)."""
+  init_key, state_key = jax.random.split(key)
+  variables = models.init(model, init_key, input_shape)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}),
+                    opt_state=tx.init(params), key=state_key)

@@ -1,0 +1,71 @@
+"""Pure training steps: ``train_step(state, (x, y)) -> (state, metrics)``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from training.state import TrainState
+
+# loss_fn(apply_fn, variables, x, y, key, step) -> (loss, (metrics, new_batch_stats))
+LossFn = Callable[..., tuple[jax.Array, tuple[dict, Any]]]
+
+
+def standard_loss(apply_fn, variables, x, y, key, step):
+  """Cross-entropy on clean inputs, with the model in train mode.
+
+  Args:
+    apply_fn: ``model.apply``.
+    variables: ``{"params", ["batch_stats"]}``.
+    x: inputs ``[B, H, W, C]``; y: labels ``[B]``.
+    key: PRNG key for stochastic layers; step: the current step (unused).
+
+  Returns:
+    ``(loss, (metrics, batch_stats))``.
+  """
+  del step
+  logits, updates = apply_fn(variables, x, train=True, mutable=["batch_stats"],
+                             rngs={"dropout": key})
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  metrics = {"loss": loss,
+             "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+  return loss, (metrics, updates.get("batch_stats", variables.get("batch_stats", {})))
+
+
+LOSSES: dict[str, LossFn] = {"standard": standard_loss}
+
+
+def make_train_step(apply_fn, tx: optax.GradientTransformation,
+                    loss_fn: LossFn = standard_loss):
+  """Builds the pure train step.
+
+  Args:
+    apply_fn: ``model.apply``.
+    tx: the optimizer.
+    loss_fn: the training objective (see ``LossFn``).
+
+  Returns:
+    ``train_step(state, (x [B, ...], y [B])) -> (state, metrics)``, with
+    metrics ``loss``, ``accuracy``, ``grad_norm`` and ``learning_rate``-free
+    scalars averaged over the batch.
+  """
+  def train_step(state: TrainState, batch):
+    x, y = batch
+    key = jax.random.fold_in(state.key, state.step)
+
+    def objective(params):
+      variables = state.variables() | {"params": params}
+      return loss_fn(apply_fn, variables, x, y, key, state.step)
+
+    grads, (metrics, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+    new_state = state.replace(step=state.step + 1, params=params,
+                              batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step

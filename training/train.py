@@ -1,0 +1,56 @@
+"""Trains a model: ``python -m training.train --config=training/configs/NAME.py --workdir=DIR``.
+
+Every config field can be overridden: ``--config.num_steps=500``,
+``--config.optimizer.learning_rate=3e-4``; a config file takes a variant after a
+colon (``--config=training/configs/mnist_cnn_small.py:tiny``). Re-running the same
+command after an interruption resumes from the last checkpoint.
+"""
+
+import logging as std_logging
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from robustlib import checkpoints, checks, data, models
+from training import trainer
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training configuration file, e.g. training/configs/digits_mlp.py.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics "
+                               "and the report.", required=True)
+
+# Errors about what the user asked for: shown as one line, without a stack trace.
+USER_ERRORS = (trainer.ConfigError, data.DataError, models.ModelInputError,
+               checks.InputError, checkpoints.CheckpointError)
+
+
+def parse_flags(argv):
+  """Parses flags; an override of a field the config does not have is a flag error."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    field = str(e).strip("\"'")
+    given = [a for a in argv if a.startswith("--config.") and field in a]
+    sys.exit(f"FATAL Flags parsing error: unknown config field {field!r} in "
+             f"{' '.join(given) or argv}; see training/configs/default.py for every field")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  # Keep progress lines readable: checkpointing's own INFO lines are dropped.
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or "orbax" not in record.pathname)
+  try:
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except USER_ERRORS as e:
+    raise app.UsageError(f"{type(e).__name__}: {e}") from None
+
+
+flags.mark_flag_as_required("config")
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

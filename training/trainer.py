@@ -1,0 +1,169 @@
+"""``train_and_evaluate(config, workdir)``: the training loop.
+
+One jitted train step, compiled once, runs data-parallel over a mesh of the local
+devices; checkpoints make a killed run resume exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from robustlib import checkpoints, data, evaluation, models, parallel
+from training import optim, state as state_lib, steps
+from training.configs import default
+from training.logbook import Logbook, Progress
+
+REPORT_FILE = "report.json"
+
+
+class ConfigError(ValueError):
+  """A training config has an unknown field or an invalid value."""
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for fields the default config does not have, or bad values."""
+  _check_fields(config.to_dict(), default.get_config().to_dict(), "")
+  if config.method not in steps.LOSSES:
+    raise ConfigError(f"unknown method {config.method!r}; choose one of "
+                      f"{sorted(steps.LOSSES)}")
+  for field in ("batch_size", "num_steps", "log_every", "eval_every",
+                "checkpoint_every", "eval_batch_size"):
+    if int(config[field]) <= 0:
+      raise ConfigError(f"config.{field} must be positive, got {config[field]}")
+
+
+def _check_fields(given: dict, known: dict, prefix: str) -> None:
+  for key, value in given.items():
+    if key not in known:
+      raise ConfigError(
+          f"unknown config field {prefix + key!r}; known fields here: "
+          f"{', '.join(sorted(known))}")
+    if isinstance(value, dict) and known[key] and isinstance(known[key], dict):
+      _check_fields(value, known[key], f"{prefix}{key}.")
+
+
+def _load_data(config):
+  data_dir = config.data_dir or None
+  train = data.load(config.dataset, "train", data_dir=data_dir)
+  test = data.load(config.dataset, "test", data_dir=data_dir)
+  if config.num_eval_examples:
+    test = data.Dataset(test.images[:config.num_eval_examples],
+                        test.labels[:config.num_eval_examples], test.info)
+  return train, test
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains the configured model, evaluating and checkpointing along the way.
+
+  Re-running with the same ``workdir`` after an interruption resumes from the
+  last checkpoint and produces the same final parameters as an uninterrupted run.
+
+  Args:
+    config: a config built from ``training/configs/default.py``.
+    workdir: where ``config.json``, ``checkpoints/``, ``metrics.jsonl``,
+      ``curves.png`` and ``report.json`` go.
+
+  Returns:
+    The report dict also written to ``workdir/report.json``.
+  """
+  validate_config(config)
+  checkpoints.write_config(workdir, config.to_dict())
+  train, test = _load_data(config)
+  info = train.info
+  model = models.create(config.model, num_classes=info.num_classes,
+                        input_shape=info.input_shape, mean=info.mean, std=info.std,
+                        **config.model_kwargs.to_dict())
+
+  mesh = parallel.make_mesh(config.num_devices)
+  parallel.check_divisible(config.batch_size, mesh)
+  parallel.check_divisible(config.eval_batch_size, mesh, "eval_batch_size")
+  replicated, sharded = parallel.replicated(mesh), parallel.data_sharding(mesh)
+
+  tx = optim.make_optimizer(config.optimizer, config.num_steps)
+  state = state_lib.create(model, tx, jax.random.PRNGKey(config.seed), info.input_shape)
+  state = jax.device_put(state, replicated)
+  mngr = checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
+  restored = checkpoints.restore(mngr, state)
+  if restored is not None:
+    state = restored
+    logging.info("Resuming from step %d of %s", int(state.step), workdir)
+  start_step = int(state.step)
+
+  train_step = jax.jit(
+      steps.make_train_step(model.apply, tx, steps.LOSSES[config.method]),
+      in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
+      donate_argnums=0)
+  logbook = Logbook(workdir, start_step)
+  progress = Progress(start_step, config.num_steps, config.batch_size)
+
+  def eval_apply(variables, x):
+    return model.apply(variables, x, train=False)
+
+  def evaluate(st) -> float:
+    return evaluation.accuracy(eval_apply, test.images, test.labels,
+                               params=st.variables(), batch_size=config.eval_batch_size,
+                               sharding=sharded, progress=False)
+
+  batches = data.batches(train, config.batch_size, seed=config.seed,
+                         start_step=start_step, sharding=sharded)
+  pending = []
+  start_time = time.perf_counter()
+  for step in range(start_step + 1, config.num_steps + 1):
+    state, metrics = train_step(state, next(batches))
+    pending.append(metrics)
+    if step % config.log_every == 0 or step == config.num_steps:
+      mean = {k: float(np.mean(v)) for k, v in
+              jax.device_get(jax.tree.map(lambda *m: np.stack(m), *pending)).items()}
+      pending = []
+      logbook.write(step, "train", mean)
+      progress.line(step, mean)
+    if step % config.eval_every == 0 or step == config.num_steps:
+      test_acc = evaluate(state)
+      logbook.write(step, "test", {"accuracy": test_acc})
+      logging.info("step %d: test accuracy %.4f", step, test_acc)
+    if step % config.checkpoint_every == 0 or step == config.num_steps:
+      checkpoints.save(mngr, step, state)
+  seconds = time.perf_counter() - start_time
+  jax.block_until_ready(state)
+
+  report = {
+      "dataset": config.dataset,
+      "model": config.model,
+      "method": config.method,
+      "steps": int(state.step),
+      "resumed_from_step": start_step,
+      "seconds": round(seconds, 2),
+      "images_per_second": round(
+          (config.num_steps - start_step) * config.batch_size / max(seconds, 1e-9), 1),
+      "num_devices": int(mesh.devices.size),
+      "test_accuracy": evaluate(state),
+      "num_test_examples": len(test),
+  }
+  logbook.plot(f"{config.model} on {config.dataset}")
+  _write_report(workdir, report)
+  print(format_report(report))
+  return report
+
+
+def _write_report(workdir: str, report: dict) -> None:
+  path = os.path.join(workdir, REPORT_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(report, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def format_report(report: dict) -> str:
+  """The report as a two-column table."""
+  width = max(len(k) for k in report)
+  lines = [f"{'field':<{width}}  value", "-" * (width + 20)]
+  for key, value in report.items():
+    shown = f"{value:.4f}" if isinstance(value, float) and key.endswith("accuracy") else value
+    lines.append(f"{key:<{width}}  {shown}")
+  return "\n".join(lines)
