@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from robustlib import parallel
 from robustlib.checks import check_images, check_labels
 
 
@@ -64,7 +65,8 @@ def batched_apply(
              disable=not progress or num_batches < 2)
   for i in range(num_batches):
     batch = padded[i * batch_size:(i + 1) * batch_size]
-    batch = jax.device_put(batch, sharding) if sharding is not None else batch
+    if sharding is not None:
+      batch = parallel.place_global_batch(batch, sharding)
     out = jitted(batch) if params is None else jitted(params, batch)
     outputs.append(out)
     bar.update(min(batch_size, n - i * batch_size))

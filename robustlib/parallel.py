@@ -45,3 +45,23 @@ def check_divisible(batch_size: int, mesh: Mesh, name: str = "batch_size") -> No
     raise ValueError(
         f"{name}={batch_size} must be divisible by the number of devices ({n}) "
         "so that every device gets the same share of the batch")
+
+
+def place_global_batch(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """Places a global batch that every process holds in full on ``sharding``.
+
+  Each process contributes only the rows its own devices hold
+  (``jax.make_array_from_process_local_data``), so this works for one process
+  and for many (``jax.distributed``).
+
+  Args:
+    array: the global batch ``[B, ...]``, identical on every process.
+    sharding: where it goes; the leading axis may be split across devices.
+  """
+  starts, stops = [], []
+  for index in sharding.addressable_devices_indices_map(array.shape).values():
+    start, stop, _ = (index[0] if index else slice(None)).indices(array.shape[0])
+    starts.append(start)
+    stops.append(stop)
+  rows = slice(min(starts), max(stops))
+  return jax.make_array_from_process_local_data(sharding, array[rows], array.shape)

@@ -19,18 +19,21 @@ CURVES_FILE = "curves.png"
 class Logbook:
   """Appends ``{"step", "split", metric: value}`` records to ``workdir/metrics.jsonl``.
 
-  On resume from step ``s`` the records after ``s`` (written by the killed run
+  Only an enabled logbook (the main process's) writes files. On resume from
+  step ``s`` the records after ``s`` (written by the killed run
   after its last checkpoint) are dropped, so the file never holds a step twice.
   """
 
-  def __init__(self, workdir: str, resume_step: int):
+  def __init__(self, workdir: str, resume_step: int, enabled: bool = True):
     self.path = os.path.join(workdir, METRICS_FILE)
-    self.workdir = workdir
+    self.workdir, self.enabled = workdir, enabled
     records = []
     if os.path.exists(self.path):
       with open(self.path) as f:
         records = [json.loads(line) for line in f if line.strip()]
     self.records = [r for r in records if r["step"] <= resume_step]
+    if not enabled:
+      return
     with open(self.path + ".tmp", "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in self.records)
     os.replace(self.path + ".tmp", self.path)
@@ -39,6 +42,8 @@ class Logbook:
     record = {"step": int(step), "split": split,
               **{k: float(v) for k, v in metrics.items()}}
     self.records.append(record)
+    if not self.enabled:
+      return
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
 

@@ -9,6 +9,7 @@ command after an interruption resumes from the last checkpoint.
 import logging as std_logging
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -20,6 +21,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics "
                                "and the report.", required=True)
+
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first, for training "
+    "over several hosts (coordinator and process ids come from the cluster "
+    "environment: TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS and friends).")
 
 # Errors about what the user asked for: shown as one line, without a stack trace.
 USER_ERRORS = (trainer.ConfigError, data.DataError, models.ModelInputError,
@@ -44,6 +50,8 @@ def main(argv):
   # Keep progress lines readable: checkpointing's own INFO lines are dropped.
   logging.get_absl_handler().addFilter(
       lambda record: record.levelno >= std_logging.WARNING or "orbax" not in record.pathname)
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except USER_ERRORS as e:

@@ -74,7 +74,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     The report dict also written to ``workdir/report.json``.
   """
   validate_config(config)
-  checkpoints.write_config(workdir, config.to_dict())
+  main_process = jax.process_index() == 0   # only one process writes files
+  if main_process:
+    checkpoints.write_config(workdir, config.to_dict())
   train, test = _load_data(config)
   info = train.info
   model = models.create(config.model, num_classes=info.num_classes,
@@ -100,7 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       steps.make_train_step(model.apply, tx, steps.LOSSES[config.method]),
       in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
       donate_argnums=0)
-  logbook = Logbook(workdir, start_step)
+  logbook = Logbook(workdir, start_step, enabled=main_process)
   progress = Progress(start_step, config.num_steps, config.batch_size)
 
   def eval_apply(variables, x):
@@ -146,9 +148,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "test_accuracy": evaluate(state),
       "num_test_examples": len(test),
   }
-  logbook.plot(f"{config.model} on {config.dataset}")
-  _write_report(workdir, report)
-  print(format_report(report))
+  if main_process:
+    logbook.plot(f"{config.model} on {config.dataset}")
+    _write_report(workdir, report)
+    print(format_report(report))
   return report
 
 

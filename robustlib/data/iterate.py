@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
+from robustlib import parallel
 from robustlib.data.dataset import Dataset
 from robustlib.data.errors import DataError
 
@@ -44,21 +45,6 @@ def _batch_axis_size(sharding: jax.sharding.Sharding, batch_shape: tuple[int, ..
         raise DataError(f"cannot shard a batch of shape {batch_shape} with {sharding}: {e}") from e
     return len({index[0].indices(batch_shape[0]) if index else (0, batch_shape[0], 1)
                 for index in index_map.values()})
-
-
-def _process_rows(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...]) -> slice:
-    """Rows of the global batch held by this process's devices (a contiguous range)."""
-    starts, stops = [], []
-    for index in sharding.addressable_devices_indices_map(global_shape).values():
-        start, stop, _ = (index[0] if index else slice(None)).indices(global_shape[0])
-        starts.append(start)
-        stops.append(stop)
-    return slice(min(starts), max(stops))
-
-
-def _place(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
-    rows = _process_rows(sharding, array.shape)
-    return jax.make_array_from_process_local_data(sharding, array[rows], array.shape)
 
 
 def batches(dataset: Dataset, batch_size: int, *, seed: int, start_step: int = 0,
@@ -130,5 +116,6 @@ def _generate(dataset: Dataset, batch_size: int, seed: int, start_step: int,
             if sharding is None:
                 yield images, labels
             else:
-                yield _place(images, sharding), _place(labels, sharding)
+                yield (parallel.place_global_batch(images, sharding),
+                       parallel.place_global_batch(labels, sharding))
         epoch, position = epoch + 1, 0

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from robustlib.models import activations
+from robustlib.models.geometry import SpatialLayer
 
 # He et al. 2015 initialization, as in the reference CIFAR ResNets.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -75,3 +76,26 @@ class PreActHead(nn.Module):
     act = activations.activation(self.activation)
     x = act(batch_norm(train, "bn")(x))
     return nn.Dense(self.num_classes, name="dense")(jnp.mean(x, axis=(1, 2)))
+
+
+def residual_spatial_layers(strides: tuple[int, ...],
+                            blocks_per_stage: int) -> tuple[SpatialLayer, ...]:
+  """The stem and block 3x3 convolutions on a residual network's main path."""
+  layers = [SpatialLayer(3, 1, 1)]
+  for stride in strides:
+    for block in range(blocks_per_stage):
+      layers += [SpatialLayer(3, stride if block == 0 else 1, 1), SpatialLayer(3, 1, 1)]
+  return tuple(layers)
+
+
+def residual_stages(x: jax.Array, widths: tuple[int, ...], strides: tuple[int, ...],
+                    blocks_per_stage: int, activation: str, train: bool) -> jax.Array:
+  """Stages of pre-activation blocks; call inside a parent's ``nn.compact`` method.
+
+  Stage ``i`` has ``blocks_per_stage`` blocks of ``widths[i]`` channels; its first
+  block has stride ``strides[i]``.
+  """
+  for width, stride in zip(widths, strides):
+    for block in range(blocks_per_stage):
+      x = PreActBlock(width, stride if block == 0 else 1, activation)(x, train)
+  return x

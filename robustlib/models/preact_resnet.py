@@ -14,7 +14,8 @@ import jax
 from robustlib.models import activations
 from robustlib.models.geometry import SpatialLayer
 from robustlib.models.normalize import Normalize
-from robustlib.models.preact_block import PreActBlock, PreActHead, conv3x3
+from robustlib.models.preact_block import (PreActHead, conv3x3, residual_spatial_layers,
+                                           residual_stages)
 
 STAGE_STRIDES = (1, 2, 2, 2)
 BLOCKS_PER_STAGE = 2
@@ -54,11 +55,7 @@ class PreActResNet18(nn.Module):
 
   def spatial_layers(self) -> tuple[SpatialLayer, ...]:
     """The stem and block convolutions on the main path, in order."""
-    layers = [SpatialLayer(3, 1, 1)]
-    for stride in STAGE_STRIDES:
-      for block in range(BLOCKS_PER_STAGE):
-        layers += [SpatialLayer(3, stride if block == 0 else 1, 1), SpatialLayer(3, 1, 1)]
-    return tuple(layers)
+    return residual_spatial_layers(STAGE_STRIDES, BLOCKS_PER_STAGE)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -73,8 +70,6 @@ class PreActResNet18(nn.Module):
     """
     x = Normalize(self.mean, self.std)(x)
     x = conv3x3(self.width, name="stem")(x)
-    for stage, stride in enumerate(STAGE_STRIDES):
-      for block in range(BLOCKS_PER_STAGE):
-        x = PreActBlock(self.width * 2**stage, stride if block == 0 else 1,
-                        self.activation)(x, train)
+    widths = tuple(self.width * 2**stage for stage in range(len(STAGE_STRIDES)))
+    x = residual_stages(x, widths, STAGE_STRIDES, BLOCKS_PER_STAGE, self.activation, train)
     return PreActHead(self.num_classes, self.activation, name="head")(x, train)

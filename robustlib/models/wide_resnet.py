@@ -14,7 +14,8 @@ import jax
 from robustlib.models import activations
 from robustlib.models.geometry import SpatialLayer
 from robustlib.models.normalize import Normalize
-from robustlib.models.preact_block import PreActBlock, PreActHead, conv3x3
+from robustlib.models.preact_block import (PreActHead, conv3x3, residual_spatial_layers,
+                                           residual_stages)
 
 STAGE_STRIDES = (1, 2, 2)
 
@@ -65,11 +66,7 @@ class WideResNet(nn.Module):
 
   def spatial_layers(self) -> tuple[SpatialLayer, ...]:
     """The stem and block convolutions on the main path, in order."""
-    layers = [SpatialLayer(3, 1, 1)]
-    for stride in STAGE_STRIDES:
-      for block in range(self.blocks_per_stage):
-        layers += [SpatialLayer(3, stride if block == 0 else 1, 1), SpatialLayer(3, 1, 1)]
-    return tuple(layers)
+    return residual_spatial_layers(STAGE_STRIDES, self.blocks_per_stage)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -84,8 +81,7 @@ class WideResNet(nn.Module):
     """
     x = Normalize(self.mean, self.std)(x)
     x = conv3x3(16, name="stem")(x)
-    for stage, stride in enumerate(STAGE_STRIDES):
-      for block in range(self.blocks_per_stage):
-        x = PreActBlock(16 * self.width * 2**stage, stride if block == 0 else 1,
-                        self.activation)(x, train)
+    widths = tuple(16 * self.width * 2**stage for stage in range(len(STAGE_STRIDES)))
+    x = residual_stages(x, widths, STAGE_STRIDES, self.blocks_per_stage, self.activation,
+                        train)
     return PreActHead(self.num_classes, self.activation, name="head")(x, train)
