@@ -32,16 +32,20 @@ def time_jax(model_name: str, dataset: str, batch_size: int, num_steps: int,
   """Returns (median images/s, compile seconds) of the jitted train step."""
   train = data.load(dataset, "train")
   info = train.info
-  model = models.create(model_name, num_classes=info.num_classes,
-                        input_shape=info.input_shape, mean=info.mean, std=info.std)
+  model = models.create(model_name,
+                        num_classes=info.num_classes,
+                        input_shape=info.input_shape,
+                        mean=info.mean,
+                        std=info.std)
   opt_cfg = default.get_config().optimizer
   tx = optim.make_optimizer(opt_cfg, num_steps * repeats)
   mesh = parallel.make_mesh()
   rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  state = jax.device_put(
-      state_lib.create(model, tx, jax.random.PRNGKey(0), info.input_shape), rep)
-  step = jax.jit(steps.make_train_step(model.apply, tx), in_shardings=(rep, shard),
-                 out_shardings=(rep, rep), donate_argnums=0)
+  state = jax.device_put(state_lib.create(model, tx, jax.random.PRNGKey(0), info.input_shape), rep)
+  step = jax.jit(steps.make_train_step(model.apply, tx),
+                 in_shardings=(rep, shard),
+                 out_shardings=(rep, rep),
+                 donate_argnums=0)
   batches = data.batches(train, batch_size, seed=0, sharding=shard)
   batch = next(batches)
   start = time.perf_counter()
@@ -67,9 +71,8 @@ def time_torch(model_name: str, batch_size: int, num_steps: int, repeats: int):
   nn = torch.nn
   if model_name != "cnn_small":
     return None
-  net = nn.Sequential(
-      nn.Conv2d(1, 16, 4, stride=2), nn.ReLU(), nn.Conv2d(16, 32, 4), nn.ReLU(),
-      nn.Flatten(), nn.Linear(3200, 100), nn.ReLU(), nn.Linear(100, 10))
+  net = nn.Sequential(nn.Conv2d(1, 16, 4, stride=2), nn.ReLU(), nn.Conv2d(16, 32, 4), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(3200, 100), nn.ReLU(), nn.Linear(100, 10))
   opt = torch.optim.Adam(net.parameters(), lr=1e-3)
   x = torch.rand(batch_size, 1, 28, 28)
   y = torch.randint(0, 10, (batch_size,))
@@ -101,8 +104,7 @@ def main(argv):
     header += f" {'pytorch img/s':>14} {'ratio':>6}"
   print(header)
   for bs in map(int, _BATCH_SIZES.value):
-    rate, compile_s = time_jax(_MODEL.value, _DATASET.value, bs, _STEPS.value,
-                               _REPEATS.value)
+    rate, compile_s = time_jax(_MODEL.value, _DATASET.value, bs, _STEPS.value, _REPEATS.value)
     row = f"{bs:>6} {rate:>16.0f} {compile_s:>10.2f}"
     if use_torch:
       torch_rate = time_torch(_MODEL.value, bs, _STEPS.value, _REPEATS.value)

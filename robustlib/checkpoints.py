@@ -22,13 +22,16 @@ class CheckpointError(ValueError):
   """A run directory or checkpoint is missing or unusable."""
 
 
-def manager(workdir: str, *, max_to_keep: int | None = 2,
+def manager(workdir: str,
+            *,
+            max_to_keep: int | None = 2,
             read_only: bool = False) -> ocp.CheckpointManager:
   """The orbax manager of ``workdir/checkpoints`` (saves are synchronous)."""
   directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=False)
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                         create=not read_only,
+                                         read_only=read_only,
+                                         enable_async_checkpointing=False)
   return ocp.CheckpointManager(directory, options=options)
 
 
@@ -63,9 +66,8 @@ def read_config(workdir: str) -> dict:
   """Reads ``workdir/config.json``."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
-    raise CheckpointError(
-        f"{workdir!r} is not a training run directory: {CONFIG_FILE} is missing "
-        "(train with `python -m training.train --workdir=DIR` first)")
+    raise CheckpointError(f"{workdir!r} is not a training run directory: {CONFIG_FILE} is missing "
+                          "(train with `python -m training.train --workdir=DIR` first)")
   with open(path) as f:
     return json.load(f)
 
@@ -87,9 +89,14 @@ def load_run(workdir: str, step: int | None = None):
 
   config = read_config(workdir)
   info = data.info(config["dataset"])
-  model = models.create(config["model"], num_classes=info.num_classes,
-                        input_shape=info.input_shape, mean=info.mean, std=info.std,
-                        **{k: _as_tuple(v) for k, v in config.get("model_kwargs", {}).items()})
+  model = models.create(config["model"],
+                        num_classes=info.num_classes,
+                        input_shape=info.input_shape,
+                        mean=info.mean,
+                        std=info.std,
+                        **{
+                            k: _as_tuple(v) for k, v in config.get("model_kwargs", {}).items()
+                        })
   template = models.init(model, jax.random.PRNGKey(0), info.input_shape)
   mngr = manager(workdir, max_to_keep=None, read_only=True)
   if mngr.latest_step() is None:
@@ -110,6 +117,5 @@ def _as_tuple(value):
 
 def _check_same_shape(expected, got):
   if expected.shape != got.shape:
-    raise CheckpointError(
-        f"checkpoint does not match the configured model: a parameter has shape "
-        f"{got.shape}, the model expects {expected.shape}")
+    raise CheckpointError(f"checkpoint does not match the configured model: a parameter has shape "
+                          f"{got.shape}, the model expects {expected.shape}")

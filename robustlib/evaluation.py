@@ -61,7 +61,10 @@ def batched_apply(
   jitted = jax.jit(fn)
   outputs = []
   num_batches = padded.shape[0] // batch_size
-  bar = tqdm(total=n, desc=desc or "evaluate", unit="ex", leave=False,
+  bar = tqdm(total=n,
+             desc=desc or "evaluate",
+             unit="ex",
+             leave=False,
              disable=not progress or num_batches < 2)
   for i in range(num_batches):
     batch = padded[i * batch_size:(i + 1) * batch_size]
@@ -104,6 +107,11 @@ def accuracy(
   def predict(*args):
     return jnp.argmax(logits_fn(*args), axis=-1)
 
-  pred = batched_apply(predict, x, batch_size=batch_size, params=params,
-                       sharding=sharding, desc="accuracy", progress=progress)
+  pred = batched_apply(predict,
+                       x,
+                       batch_size=batch_size,
+                       params=params,
+                       sharding=sharding,
+                       desc="accuracy",
+                       progress=progress)
   return float(np.mean(pred == np.asarray(y)))

@@ -21,8 +21,7 @@ def make_mesh(num_devices: int = 0) -> Mesh:
   """
   devices = jax.devices()
   if num_devices < 0 or num_devices > len(devices):
-    raise ValueError(
-        f"num_devices must be in [0, {len(devices)}] (0 = all), got {num_devices}")
+    raise ValueError(f"num_devices must be in [0, {len(devices)}] (0 = all), got {num_devices}")
   if num_devices:
     devices = devices[:num_devices]
   return Mesh(np.asarray(devices), (DATA_AXIS,))
@@ -42,9 +41,8 @@ def check_divisible(batch_size: int, mesh: Mesh, name: str = "batch_size") -> No
   """Raises ValueError unless ``batch_size`` splits evenly over the mesh."""
   n = mesh.devices.size
   if batch_size % n:
-    raise ValueError(
-        f"{name}={batch_size} must be divisible by the number of devices ({n}) "
-        "so that every device gets the same share of the batch")
+    raise ValueError(f"{name}={batch_size} must be divisible by the number of devices ({n}) "
+                     "so that every device gets the same share of the batch")
 
 
 def place_global_batch(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:

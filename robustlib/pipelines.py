@@ -25,8 +25,7 @@ from robustlib.models import check_input
 LogitsFn = Callable[[jax.Array], jax.Array]
 
 
-def as_logits_fn(model, variables: Any,
-                 input_shape: Sequence[int] | None = None) -> LogitsFn:
+def as_logits_fn(model, variables: Any, input_shape: Sequence[int] | None = None) -> LogitsFn:
   """Binds a Flax model and its variables into an eval-mode pure function.
 
   BatchNorm uses its running statistics and nothing is mutated, so the result
@@ -41,6 +40,7 @@ def as_logits_fn(model, variables: Any,
   Returns:
     ``logits_fn(x: [N, *input_shape]) -> [N, K]``.
   """
+
   def logits_fn(x: jax.Array) -> jax.Array:
     if input_shape is not None:
       check_input(x, tuple(input_shape))
@@ -51,6 +51,7 @@ def as_logits_fn(model, variables: Any,
 
 def compose(*fns: Callable[[Any], Any]) -> Callable[[Any], Any]:
   """``compose(f, g, h)(x) == f(g(h(x)))``; with no functions, the identity."""
+
   def composed(x):
     for fn in reversed(fns):
       x = fn(x)
@@ -69,24 +70,21 @@ def normalize(mean: Sequence[float], std: Sequence[float]) -> Callable[[jax.Arra
   mean_arr = jnp.asarray(mean, jnp.float32)
   std_arr = jnp.asarray(std, jnp.float32)
   if mean_arr.ndim != 1 or std_arr.shape != mean_arr.shape:
-    raise InputError(
-        f"mean and std must be vectors of equal length, got {mean_arr.shape} "
-        f"and {std_arr.shape}")
+    raise InputError(f"mean and std must be vectors of equal length, got {mean_arr.shape} "
+                     f"and {std_arr.shape}")
   if bool((std_arr <= 0).any()):
     raise InputError(f"std must be positive, got {list(map(float, std))}")
 
   def fn(x: jax.Array) -> jax.Array:
     if x.shape[-1] != mean_arr.shape[0] and mean_arr.shape[0] != 1:
-      raise InputError(
-          f"normalize has {mean_arr.shape[0]} channels but the input has "
-          f"{x.shape[-1]} (shape {x.shape})")
+      raise InputError(f"normalize has {mean_arr.shape[0]} channels but the input has "
+                       f"{x.shape[-1]} (shape {x.shape})")
     return (x - mean_arr) / std_arr
 
   return fn
 
 
-def check_logits_fn(logits_fn: LogitsFn, x_shape: Sequence[int],
-                    dtype=jnp.float32) -> int:
+def check_logits_fn(logits_fn: LogitsFn, x_shape: Sequence[int], dtype=jnp.float32) -> int:
   """Checks, without running it, that ``logits_fn`` maps ``[N, ...]`` to ``[N, K]``.
 
   Returns:
@@ -98,9 +96,8 @@ def check_logits_fn(logits_fn: LogitsFn, x_shape: Sequence[int],
   """
   out = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(tuple(x_shape), dtype))
   if not hasattr(out, "shape") or len(out.shape) != 2 or out.shape[0] != x_shape[0]:
-    raise InputError(
-        f"logits_fn must map inputs {tuple(x_shape)} to logits [N={x_shape[0]}, K], "
-        f"got {getattr(out, 'shape', type(out).__name__)}")
+    raise InputError(f"logits_fn must map inputs {tuple(x_shape)} to logits [N={x_shape[0]}, K], "
+                     f"got {getattr(out, 'shape', type(out).__name__)}")
   if not jnp.issubdtype(out.dtype, jnp.floating):
     raise InputError(f"logits_fn must return floating logits, got {out.dtype}")
   return int(out.shape[1])

@@ -8,7 +8,10 @@ from typing import Mapping, Sequence
 Series = Mapping[str, tuple[Sequence[float], Sequence[float]]]
 
 
-def save_line_plots(path: str, panels: Mapping[str, Series], *, xlabel: str = "step",
+def save_line_plots(path: str,
+                    panels: Mapping[str, Series],
+                    *,
+                    xlabel: str = "step",
                     title: str | None = None) -> str:
   """Saves one row of line-plot panels to a PNG.
 
@@ -28,8 +31,7 @@ def save_line_plots(path: str, panels: Mapping[str, Series], *, xlabel: str = "s
   fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
   for ax, (panel, series) in zip(axes[0], panels.items()):
     for label, (xs, ys) in series.items():
-      ax.plot(list(xs), list(ys), marker="o" if len(xs) < 30 else None, markersize=3,
-              label=label)
+      ax.plot(list(xs), list(ys), marker="o" if len(xs) < 30 else None, markersize=3, label=label)
     ax.set_title(panel)
     ax.set_xlabel(xlabel)
     ax.grid(alpha=0.3)

@@ -38,8 +38,12 @@ def test_rank_is_checked():
 @pytest.mark.parametrize("y, kwargs, message", [
     (np.zeros((2, 1), np.int32), {}, "vector"),
     (np.zeros(2, np.float32), {}, "integer"),
-    (np.zeros(2, np.int32), {"num_examples": 3}, "2 labels but there are 3"),
-    (np.array([0, 10]), {"num_classes": 10}, r"\[0, 10\)"),
+    (np.zeros(2, np.int32), {
+        "num_examples": 3
+    }, "2 labels but there are 3"),
+    (np.array([0, 10]), {
+        "num_classes": 10
+    }, r"\[0, 10\)"),
 ])
 def test_rejects_bad_labels(y, kwargs, message):
   with pytest.raises(checks.InputError, match=message):

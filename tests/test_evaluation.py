@@ -30,17 +30,19 @@ def test_compiles_once_across_batches_and_calls():
 
   x = np.random.rand(50, 2, 2, 1).astype(np.float32)
   for scale in (1.0, 2.0):
-    out = evaluation.batched_apply(fn, x, batch_size=16, params=jnp.float32(scale),
-                                   progress=False)
+    out = evaluation.batched_apply(fn, x, batch_size=16, params=jnp.float32(scale), progress=False)
     np.testing.assert_allclose(out, x.sum(axis=(1, 2, 3)) * scale, rtol=1e-5)
   assert traces == [(16, 2, 2, 1)]
 
 
 def test_accuracy_counts_correct_predictions():
   x = np.eye(4, dtype=np.float32).reshape(4, 2, 2, 1)
-  y = np.array([0, 1, 2, 0])          # the last one is wrong
+  y = np.array([0, 1, 2, 0])  # the last one is wrong
   acc = evaluation.accuracy(lambda v: v.reshape(4 if v.shape[0] == 4 else -1, 4),
-                            x, y, batch_size=3, progress=False)
+                            x,
+                            y,
+                            batch_size=3,
+                            progress=False)
   assert acc == pytest.approx(0.75)
 
 
@@ -48,8 +50,12 @@ def test_accuracy_with_a_sharding_pads_to_the_batch():
   mesh = parallel.make_mesh(1)
   x = np.random.rand(10, 3).astype(np.float32)
   y = np.argmax(x, axis=1)
-  acc = evaluation.accuracy(lambda v: v, x, y, batch_size=4,
-                            sharding=parallel.data_sharding(mesh), progress=False)
+  acc = evaluation.accuracy(lambda v: v,
+                            x,
+                            y,
+                            batch_size=4,
+                            sharding=parallel.data_sharding(mesh),
+                            progress=False)
   assert acc == 1.0
 
 

@@ -19,9 +19,8 @@ CIFAR_STD = (0.2471, 0.2435, 0.2616)
 
 def abstract_variables(model, input_shape):
   """Variable shapes from ``models.init`` without allocating or computing them."""
-  return jax.eval_shape(
-      functools.partial(models.init, model, input_shape=input_shape),
-      jax.random.key(0))
+  return jax.eval_shape(functools.partial(models.init, model, input_shape=input_shape),
+                        jax.random.key(0))
 
 
 def shapes(tree):
@@ -46,29 +45,53 @@ def images(input_shape, n=2, seed=0):
 #   cnn_large  28: 28 -> 28 -> 14 -> 14 -> 14, 25088;  32: ... 16, 32768
 IBP_KERNELS = {
     ("cnn_small", MNIST): {
-        "Conv_0": (4, 4, 1, 16), "Conv_1": (4, 4, 16, 32),
-        "Dense_0": (3200, 100), "Dense_1": (100, 10)},
+        "Conv_0": (4, 4, 1, 16),
+        "Conv_1": (4, 4, 16, 32),
+        "Dense_0": (3200, 100),
+        "Dense_1": (100, 10)
+    },
     ("cnn_small", CIFAR): {
-        "Conv_0": (4, 4, 3, 16), "Conv_1": (4, 4, 16, 32),
-        "Dense_0": (4608, 100), "Dense_1": (100, 10)},
+        "Conv_0": (4, 4, 3, 16),
+        "Conv_1": (4, 4, 16, 32),
+        "Dense_0": (4608, 100),
+        "Dense_1": (100, 10)
+    },
     ("cnn_medium", MNIST): {
-        "Conv_0": (3, 3, 1, 32), "Conv_1": (4, 4, 32, 32),
-        "Conv_2": (3, 3, 32, 64), "Conv_3": (4, 4, 64, 64),
-        "Dense_0": (1024, 512), "Dense_1": (512, 512), "Dense_2": (512, 10)},
+        "Conv_0": (3, 3, 1, 32),
+        "Conv_1": (4, 4, 32, 32),
+        "Conv_2": (3, 3, 32, 64),
+        "Conv_3": (4, 4, 64, 64),
+        "Dense_0": (1024, 512),
+        "Dense_1": (512, 512),
+        "Dense_2": (512, 10)
+    },
     ("cnn_medium", CIFAR): {
-        "Conv_0": (3, 3, 3, 32), "Conv_1": (4, 4, 32, 32),
-        "Conv_2": (3, 3, 32, 64), "Conv_3": (4, 4, 64, 64),
-        "Dense_0": (1600, 512), "Dense_1": (512, 512), "Dense_2": (512, 10)},
+        "Conv_0": (3, 3, 3, 32),
+        "Conv_1": (4, 4, 32, 32),
+        "Conv_2": (3, 3, 32, 64),
+        "Conv_3": (4, 4, 64, 64),
+        "Dense_0": (1600, 512),
+        "Dense_1": (512, 512),
+        "Dense_2": (512, 10)
+    },
     ("cnn_large", MNIST): {
-        "Conv_0": (3, 3, 1, 64), "Conv_1": (3, 3, 64, 64),
-        "Conv_2": (3, 3, 64, 128), "Conv_3": (3, 3, 128, 128),
+        "Conv_0": (3, 3, 1, 64),
+        "Conv_1": (3, 3, 64, 64),
+        "Conv_2": (3, 3, 64, 128),
+        "Conv_3": (3, 3, 128, 128),
         "Conv_4": (3, 3, 128, 128),
-        "Dense_0": (25088, 512), "Dense_1": (512, 10)},
+        "Dense_0": (25088, 512),
+        "Dense_1": (512, 10)
+    },
     ("cnn_large", CIFAR): {
-        "Conv_0": (3, 3, 3, 64), "Conv_1": (3, 3, 64, 64),
-        "Conv_2": (3, 3, 64, 128), "Conv_3": (3, 3, 128, 128),
+        "Conv_0": (3, 3, 3, 64),
+        "Conv_1": (3, 3, 64, 64),
+        "Conv_2": (3, 3, 64, 128),
+        "Conv_3": (3, 3, 128, 128),
         "Conv_4": (3, 3, 128, 128),
-        "Dense_0": (32768, 512), "Dense_1": (512, 10)},
+        "Dense_0": (32768, 512),
+        "Dense_1": (512, 10)
+    },
 }
 
 
@@ -88,10 +111,8 @@ def test_cnn7_is_cnn_large_with_batch_norm_after_each_conv_and_fc512(input_shape
   large = abstract_variables(models.CNNLarge(10), input_shape)
   cnn7 = abstract_variables(models.CNN7(10), input_shape)
   bn_widths = [64, 64, 128, 128, 128, 512]
-  expected_bn = {f"BatchNorm_{i}": {"scale": (w,), "bias": (w,)}
-                 for i, w in enumerate(bn_widths)}
-  expected_stats = {f"BatchNorm_{i}": {"mean": (w,), "var": (w,)}
-                    for i, w in enumerate(bn_widths)}
+  expected_bn = {f"BatchNorm_{i}": {"scale": (w,), "bias": (w,)} for i, w in enumerate(bn_widths)}
+  expected_stats = {f"BatchNorm_{i}": {"mean": (w,), "var": (w,)} for i, w in enumerate(bn_widths)}
   assert shapes(cnn7["params"]) == {**shapes(large["params"]), **expected_bn}
   assert shapes(cnn7["batch_stats"]) == expected_stats
   assert "batch_stats" not in large
@@ -172,8 +193,13 @@ SMALL_MODELS = [
     ("cnn_medium", MNIST, {}),
     ("cnn_large", MNIST, {}),
     ("cnn7", MNIST, {}),
-    ("preact_resnet18", CIFAR, {"width": 8}),
-    ("wide_resnet", CIFAR, {"depth": 10, "width": 1}),
+    ("preact_resnet18", CIFAR, {
+        "width": 8
+    }),
+    ("wide_resnet", CIFAR, {
+        "depth": 10,
+        "width": 1
+    }),
 ]
 BN_MODELS = [case for case in SMALL_MODELS if case[0] in ("cnn7", "preact_resnet18", "wide_resnet")]
 model_ids = [case[0] for case in SMALL_MODELS]
@@ -210,7 +236,8 @@ def test_forward_gives_finite_logits_per_class(name, input_shape, kwargs):
 EAGER_MODELS = [case for case in SMALL_MODELS if case[0] != "preact_resnet18"]
 
 
-@pytest.mark.parametrize("name, input_shape, kwargs", EAGER_MODELS,
+@pytest.mark.parametrize("name, input_shape, kwargs",
+                         EAGER_MODELS,
                          ids=[case[0] for case in EAGER_MODELS])
 def test_eval_mode_is_pure_and_jit_equals_eager(name, input_shape, kwargs):
   model, variables = build(name, input_shape, kwargs)
@@ -230,8 +257,8 @@ def test_train_mode_updates_batch_stats_only_when_mutable(name, input_shape, kwa
   assert logits.shape == (2, 7)
   assert set(updates) == {"batch_stats"}
   assert shapes(updates["batch_stats"]) == shapes(variables["batch_stats"])
-  changed = jax.tree.map(lambda a, b: not np.allclose(a, b),
-                         updates["batch_stats"], variables["batch_stats"])
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), updates["batch_stats"],
+                         variables["batch_stats"])
   assert all(jax.tree.leaves(changed))
   with pytest.raises(Exception, match="batch_stats"):
     model.apply(variables, x, train=True)
@@ -244,9 +271,16 @@ def test_models_without_batch_norm_have_only_params():
 
 
 @pytest.mark.parametrize("name, kwargs", [
-    ("wide_resnet", {"depth": 10, "width": 1}),
-    ("preact_resnet18", {"width": 8}),
-    ("mlp", {"hidden": (16,)}),
+    ("wide_resnet", {
+        "depth": 10,
+        "width": 1
+    }),
+    ("preact_resnet18", {
+        "width": 8
+    }),
+    ("mlp", {
+        "hidden": (16,)
+    }),
 ])
 def test_swish_variant_shares_weights_but_differs_from_relu(name, kwargs):
   relu, variables = build(name, CIFAR, kwargs)
@@ -262,12 +296,19 @@ def test_swish_variant_shares_weights_but_differs_from_relu(name, kwargs):
 def test_mlp_hidden_widths():
   model = models.create("mlp", num_classes=3, input_shape=DIGITS, hidden=(32, 16, 8))
   params = shapes(abstract_variables(model, DIGITS)["params"])
-  assert {k: p["kernel"] for k, p in params.items()} == {
-      "Dense_0": (64, 32), "Dense_1": (32, 16), "Dense_2": (16, 8), "Dense_3": (8, 3)}
+  assert {
+      k: p["kernel"] for k, p in params.items()
+  } == {
+      "Dense_0": (64, 32),
+      "Dense_1": (32, 16),
+      "Dense_2": (16, 8),
+      "Dense_3": (8, 3)
+  }
 
 
 # ---------------------------------------------------------------------------
 # Normalization is part of the model.
+
 
 def test_normalize_is_per_channel_affine():
   x = images((4, 4, 3))
@@ -278,28 +319,41 @@ def test_normalize_is_per_channel_affine():
 
 
 @pytest.mark.parametrize("name, kwargs", [
-    ("mlp", {"hidden": (16,)}),
-    ("wide_resnet", {"depth": 10, "width": 1}),
+    ("mlp", {
+        "hidden": (16,)
+    }),
+    ("wide_resnet", {
+        "depth": 10,
+        "width": 1
+    }),
 ])
 def test_model_normalizes_its_input_first(name, kwargs):
   plain, variables = build(name, CIFAR, kwargs)  # mean 0, std 1
-  normalized = models.create(name, num_classes=7, input_shape=CIFAR,
-                             mean=CIFAR_MEAN, std=CIFAR_STD, **kwargs)
+  normalized = models.create(name,
+                             num_classes=7,
+                             input_shape=CIFAR,
+                             mean=CIFAR_MEAN,
+                             std=CIFAR_STD,
+                             **kwargs)
   x = images(CIFAR)
   x_standardized = (x - jnp.asarray(CIFAR_MEAN)) / jnp.asarray(CIFAR_STD)
   out = jitted_apply(normalized)(variables, x)
-  np.testing.assert_allclose(
-      out, jitted_apply(plain)(variables, x_standardized), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out,
+                             jitted_apply(plain)(variables, x_standardized),
+                             rtol=1e-4,
+                             atol=1e-5)
   assert not np.allclose(out, jitted_apply(plain)(variables, x), atol=1e-3)
 
 
 # ---------------------------------------------------------------------------
 # Registry and validation.
 
+
 def test_registry_names_and_is_read_only():
   assert set(models.MODELS) == {
-      "mlp", "cnn_small", "cnn_medium", "cnn_large", "cnn7",
-      "preact_resnet18", "wide_resnet", "wrn28_10"}
+      "mlp", "cnn_small", "cnn_medium", "cnn_large", "cnn7", "preact_resnet18", "wide_resnet",
+      "wrn28_10"
+  }
   with pytest.raises(TypeError):
     models.MODELS["mine"] = models.MLP
 
@@ -312,8 +366,13 @@ def test_wrn28_10_fixes_depth_and_width():
 
 
 def test_create_passes_fields_to_the_model():
-  model = models.create("wide_resnet", num_classes=100, input_shape=CIFAR,
-                        mean=CIFAR_MEAN, std=CIFAR_STD, depth=34, width=2)
+  model = models.create("wide_resnet",
+                        num_classes=100,
+                        input_shape=CIFAR,
+                        mean=CIFAR_MEAN,
+                        std=CIFAR_STD,
+                        depth=34,
+                        width=2)
   assert model == models.WideResNet(100, depth=34, width=2, mean=CIFAR_MEAN, std=CIFAR_STD)
 
 
@@ -326,9 +385,9 @@ def test_digits_are_too_small_for_valid_ibp_cnns(name, smallest):
   assert f"at least {smallest}x{smallest}" in message
 
 
-@pytest.mark.parametrize("name, smallest", [
-    ("cnn_small", 10), ("cnn_medium", 16), ("cnn_large", 1), ("cnn7", 1),
-    ("mlp", 1), ("preact_resnet18", 1), ("wide_resnet", 1)])
+@pytest.mark.parametrize("name, smallest", [("cnn_small", 10), ("cnn_medium", 16), ("cnn_large", 1),
+                                            ("cnn7", 1), ("mlp", 1), ("preact_resnet18", 1),
+                                            ("wide_resnet", 1)])
 def test_minimum_input_size_is_exact(name, smallest):
   model = models.create(name, num_classes=10, input_shape=(smallest, smallest, 1))
   assert models.min_input_size(model.spatial_layers()) == smallest
@@ -345,9 +404,8 @@ def test_minimum_input_size_is_exact(name, smallest):
 def test_digits_fit_the_models_with_same_padding():
   for name in ("mlp", "cnn_large", "cnn7"):
     model = models.create(name, num_classes=10, input_shape=DIGITS)
-    logits = jax.eval_shape(
-        lambda v, x: model.apply(v, x),
-        abstract_variables(model, DIGITS), jax.ShapeDtypeStruct((5, *DIGITS), jnp.float32))
+    logits = jax.eval_shape(lambda v, x: model.apply(v, x), abstract_variables(model, DIGITS),
+                            jax.ShapeDtypeStruct((5, *DIGITS), jnp.float32))
     assert logits.shape == (5, 10), name
 
 
@@ -407,6 +465,7 @@ def test_models_reject_batches_that_are_not_rank_4():
 # ---------------------------------------------------------------------------
 # check_input.
 
+
 def test_check_input_accepts_a_matching_float_batch():
   assert models.check_input(jnp.zeros((3, *CIFAR)), CIFAR) is None
 
@@ -422,6 +481,7 @@ def test_check_input_names_expected_and_actual(x, match):
 
 
 def test_check_input_works_on_tracers():
+
   @jax.jit
   def checked(x):
     models.check_input(x, MNIST, name="batch")

@@ -13,8 +13,12 @@ SHAPE = (8, 8, 1)
 
 @pytest.fixture(scope="module")
 def mlp():
-  model = models.create("mlp", num_classes=10, input_shape=SHAPE, hidden=(16,),
-                        mean=(0.3,), std=(0.4,))
+  model = models.create("mlp",
+                        num_classes=10,
+                        input_shape=SHAPE,
+                        hidden=(16,),
+                        mean=(0.3,),
+                        std=(0.4,))
   return model, models.init(model, jax.random.PRNGKey(0), SHAPE)
 
 
@@ -30,8 +34,10 @@ def test_logits_fn_is_pure_and_jittable(mlp):
   eager = logits_fn(x)
   assert eager.shape == (4, 10)
   np.testing.assert_allclose(jax.jit(logits_fn)(x), eager, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(jax.vmap(lambda v: logits_fn(v[None])[0])(x), eager,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jax.vmap(lambda v: logits_fn(v[None])[0])(x),
+                             eager,
+                             rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_logits_fn_uses_running_statistics_of_batchnorm(bn_model):
@@ -67,8 +73,10 @@ def test_normalize_then_model_equals_model_with_statistics_inside(mlp):
   x = jnp.asarray(np.random.default_rng(2).random((3, *SHAPE)), jnp.float32)
   composed = robustlib.compose(robustlib.as_logits_fn(raw, variables),
                                robustlib.normalize((0.3,), (0.4,)))
-  np.testing.assert_allclose(composed(x), robustlib.as_logits_fn(model, variables)(x),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(composed(x),
+                             robustlib.as_logits_fn(model, variables)(x),
+                             rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_normalize_rejects_bad_statistics():
@@ -82,8 +90,7 @@ def test_normalize_rejects_bad_statistics():
 
 def test_check_logits_fn_accepts_any_callable_of_the_right_shape():
   w = jnp.ones((64, 5))
-  assert robustlib.check_logits_fn(lambda x: x.reshape(x.shape[0], -1) @ w,
-                                   (7, *SHAPE)) == 5
+  assert robustlib.check_logits_fn(lambda x: x.reshape(x.shape[0], -1) @ w, (7, *SHAPE)) == 5
   with pytest.raises(robustlib.InputError, match="logits"):
     robustlib.check_logits_fn(lambda x: x.sum(), (7, *SHAPE))
   with pytest.raises(robustlib.InputError, match="N=7"):

@@ -19,8 +19,9 @@ from training import trainer
 from training.configs import default, digits_mlp
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(
-    os.path.join(REPO_ROOT, "training", "configs", "*.py"))
+CONFIGS = sorted(
+    os.path.basename(p)[:-3]
+    for p in glob.glob(os.path.join(REPO_ROOT, "training", "configs", "*.py"))
     if not p.endswith(("__init__.py", "default.py")))
 
 
@@ -36,8 +37,12 @@ def _tiny_digits(**overrides):
 def _run(args, env=None, **kwargs):
   env = dict(os.environ, **(env or {}))
   env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+  return subprocess.Popen([sys.executable, *args],
+                          cwd=REPO_ROOT,
+                          env=env,
+                          stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT,
+                          text=True,
                           **kwargs)
 
 
@@ -68,8 +73,11 @@ def test_training_learns_the_digits(tmp_path):
   config.optimizer.learning_rate = 3e-3
   report = trainer.train_and_evaluate(config, str(tmp_path))
   assert report["test_accuracy"] > 0.85
-  losses = [json.loads(l)["loss"] for l in
-            (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+  losses = [
+      json.loads(l)["loss"]
+      for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
+      if '"train"' in l
+  ]
   assert losses[-1] < losses[0] / 2
   # The run directory gives back the trained model as a pure logits function.
   _, model, variables = checkpoints.load_run(str(tmp_path))
@@ -87,8 +95,10 @@ def test_unknown_config_field_is_an_error(tmp_path):
 
 
 def test_unknown_field_on_the_command_line_is_a_clear_error(tmp_path):
-  proc = _run(["-m", "training.train", "--config=training/configs/digits_mlp.py",
-               f"--workdir={tmp_path}", "--config.optimizer.lrr=0.1"])
+  proc = _run([
+      "-m", "training.train", "--config=training/configs/digits_mlp.py", f"--workdir={tmp_path}",
+      "--config.optimizer.lrr=0.1"
+  ])
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode != 0
   assert "lrr" in out and "Traceback" not in out
@@ -114,8 +124,10 @@ def test_a_model_that_cannot_take_the_images_is_a_clear_error(tmp_path):
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path, monkeypatch):
+
   def offline(*args, **kwargs):
     raise OSError("network unreachable")
+
   monkeypatch.setattr(urllib.request, "urlopen", offline)
   monkeypatch.setenv("ROBUSTLIB_CACHE_DIR", str(tmp_path / "cache"))
   config = _tiny_digits(dataset="mnist", data_dir=str(tmp_path / "nowhere"))
@@ -125,16 +137,20 @@ def test_missing_data_dir_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
-  overrides = ["--config.num_steps=400", "--config.checkpoint_every=40",
-               "--config.log_every=40", "--config.eval_every=400",
-               "--config.model_kwargs.hidden=(64,)"]
+  overrides = [
+      "--config.num_steps=400", "--config.checkpoint_every=40", "--config.log_every=40",
+      "--config.eval_every=400", "--config.model_kwargs.hidden=(64,)"
+  ]
   killed = tmp_path / "killed"
-  proc = _run(["-m", "training.train", "--config=training/configs/digits_mlp.py",
-               f"--workdir={killed}", *overrides], start_new_session=True)
+  proc = _run([
+      "-m", "training.train", "--config=training/configs/digits_mlp.py", f"--workdir={killed}",
+      *overrides
+  ],
+              start_new_session=True)
   deadline = time.time() + 120
   while time.time() < deadline and proc.poll() is None:
-    steps = [int(name) for name in os.listdir(killed / "checkpoints")
-             if name.isdigit()] if (killed / "checkpoints").is_dir() else []
+    steps = [int(name) for name in os.listdir(killed / "checkpoints") if name.isdigit()
+            ] if (killed / "checkpoints").is_dir() else []
     if any(40 <= s < 400 for s in steps):
       break
     time.sleep(0.02)
@@ -145,16 +161,21 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
   assert interrupted_at is not None and interrupted_at < 400
 
   for workdir in (killed, tmp_path / "straight"):
-    proc = _run(["-m", "training.train", "--config=training/configs/digits_mlp.py",
-                 f"--workdir={workdir}", *overrides])
+    proc = _run([
+        "-m", "training.train", "--config=training/configs/digits_mlp.py", f"--workdir={workdir}",
+        *overrides
+    ])
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
   report = json.loads((killed / "report.json").read_text())
   assert report["resumed_from_step"] == interrupted_at
   resumed, straight = _final_params(killed), _final_params(tmp_path / "straight")
   jax.tree.map(np.testing.assert_array_equal, resumed, straight)
-  steps = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()
-           if '"train"' in l]
+  steps = [
+      json.loads(l)["step"]
+      for l in (killed / "metrics.jsonl").read_text().splitlines()
+      if '"train"' in l
+  ]
   assert steps == sorted(set(steps)) and steps[-1] == 400
 
 

@@ -39,8 +39,7 @@ class Logbook:
     os.replace(self.path + ".tmp", self.path)
 
   def write(self, step: int, split: str, metrics: dict) -> None:
-    record = {"step": int(step), "split": split,
-              **{k: float(v) for k, v in metrics.items()}}
+    record = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()}}
     self.records.append(record)
     if not self.enabled:
       return
@@ -52,12 +51,12 @@ class Logbook:
     panels = collections.defaultdict(dict)
     for metric in ("loss", "accuracy"):
       for split in ("train", "test"):
-        pts = [(r["step"], r[metric]) for r in self.records
-               if r["split"] == split and metric in r]
+        pts = [(r["step"], r[metric]) for r in self.records if r["split"] == split and metric in r]
         if pts:
           panels[metric][split] = tuple(zip(*pts))
-    return plotting.save_line_plots(
-        os.path.join(self.workdir, CURVES_FILE), dict(panels), title=title)
+    return plotting.save_line_plots(os.path.join(self.workdir, CURVES_FILE),
+                                    dict(panels),
+                                    title=title)
 
 
 class Progress:

@@ -26,13 +26,11 @@ def make_schedule(cfg, num_steps: int) -> optax.Schedule:
   elif cfg.schedule == "cosine":
     main = optax.cosine_decay_schedule(lr, decay_steps)
   else:
-    boundaries = {int(f * num_steps) - warmup: float(cfg.decay_factor)
-                  for f in cfg.decay_boundaries}
+    boundaries = {int(f * num_steps) - warmup: float(cfg.decay_factor) for f in cfg.decay_boundaries}
     main = optax.piecewise_constant_schedule(lr, boundaries)
   if not warmup:
     return main
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
 def make_optimizer(cfg, num_steps: int) -> optax.GradientTransformation:
@@ -53,8 +51,8 @@ def make_optimizer(cfg, num_steps: int) -> optax.GradientTransformation:
     if cfg.weight_decay > 0:
       parts.append(optax.add_decayed_weights(float(cfg.weight_decay)))
     if cfg.name == "sgd":
-      parts.append(optax.sgd(schedule, momentum=float(cfg.momentum) or None,
-                             nesterov=bool(cfg.nesterov)))
+      parts.append(
+          optax.sgd(schedule, momentum=float(cfg.momentum) or None, nesterov=bool(cfg.nesterov)))
     else:
       parts.append(optax.adam(schedule))
   return optax.chain(*parts)

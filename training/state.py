@@ -42,6 +42,8 @@ def create(model, tx: optax.GradientTransformation, key: jax.Array,
   init_key, state_key = jax.random.split(key)
   variables = models.init(model, init_key, input_shape)
   params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  return TrainState(step=jnp.zeros((), jnp.int32),
+                    params=params,
                     batch_stats=variables.get("batch_stats", {}),
-                    opt_state=tx.init(params), key=state_key)
+                    opt_state=tx.init(params),
+                    key=state_key)

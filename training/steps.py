@@ -27,19 +27,20 @@ def standard_loss(apply_fn, variables, x, y, key, step):
     ``(loss, (metrics, batch_stats))``.
   """
   del step
-  logits, updates = apply_fn(variables, x, train=True, mutable=["batch_stats"],
+  logits, updates = apply_fn(variables,
+                             x,
+                             train=True,
+                             mutable=["batch_stats"],
                              rngs={"dropout": key})
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-  metrics = {"loss": loss,
-             "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+  metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
   return loss, (metrics, updates.get("batch_stats", variables.get("batch_stats", {})))
 
 
 LOSSES: dict[str, LossFn] = {"standard": standard_loss}
 
 
-def make_train_step(apply_fn, tx: optax.GradientTransformation,
-                    loss_fn: LossFn = standard_loss):
+def make_train_step(apply_fn, tx: optax.GradientTransformation, loss_fn: LossFn = standard_loss):
   """Builds the pure train step.
 
   Args:
@@ -52,6 +53,7 @@ def make_train_step(apply_fn, tx: optax.GradientTransformation,
     metrics ``loss``, ``accuracy``, ``grad_norm`` and ``learning_rate``-free
     scalars averaged over the batch.
   """
+
   def train_step(state: TrainState, batch):
     x, y = batch
     key = jax.random.fold_in(state.key, state.step)
@@ -64,8 +66,10 @@ def make_train_step(apply_fn, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=batch_stats, opt_state=opt_state)
+    new_state = state.replace(step=state.step + 1,
+                              params=params,
+                              batch_stats=batch_stats,
+                              opt_state=opt_state)
     return new_state, metrics
 
   return train_step

@@ -17,10 +17,14 @@ from robustlib import checkpoints, checks, data, models
 from training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training configuration file, e.g. training/configs/digits_mlp.py.",
+    "config",
+    None,
+    "Training configuration file, e.g. training/configs/digits_mlp.py.",
     lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics "
-                               "and the report.", required=True)
+_WORKDIR = flags.DEFINE_string("workdir",
+                               None, "Directory for checkpoints, metrics "
+                               "and the report.",
+                               required=True)
 
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first, for training "
@@ -28,8 +32,8 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "environment: TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS and friends).")
 
 # Errors about what the user asked for: shown as one line, without a stack trace.
-USER_ERRORS = (trainer.ConfigError, data.DataError, models.ModelInputError,
-               checks.InputError, checkpoints.CheckpointError)
+USER_ERRORS = (trainer.ConfigError, data.DataError, models.ModelInputError, checks.InputError,
+               checkpoints.CheckpointError)
 
 
 def parse_flags(argv):

@@ -33,8 +33,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.method not in steps.LOSSES:
     raise ConfigError(f"unknown method {config.method!r}; choose one of "
                       f"{sorted(steps.LOSSES)}")
-  for field in ("batch_size", "num_steps", "log_every", "eval_every",
-                "checkpoint_every", "eval_batch_size"):
+  for field in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every",
+                "eval_batch_size"):
     if int(config[field]) <= 0:
       raise ConfigError(f"config.{field} must be positive, got {config[field]}")
 
@@ -42,9 +42,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def _check_fields(given: dict, known: dict, prefix: str) -> None:
   for key, value in given.items():
     if key not in known:
-      raise ConfigError(
-          f"unknown config field {prefix + key!r}; known fields here: "
-          f"{', '.join(sorted(known))}")
+      raise ConfigError(f"unknown config field {prefix + key!r}; known fields here: "
+                        f"{', '.join(sorted(known))}")
     if isinstance(value, dict) and known[key] and isinstance(known[key], dict):
       _check_fields(value, known[key], f"{prefix}{key}.")
 
@@ -74,13 +73,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     The report dict also written to ``workdir/report.json``.
   """
   validate_config(config)
-  main_process = jax.process_index() == 0   # only one process writes files
+  main_process = jax.process_index() == 0  # only one process writes files
   if main_process:
     checkpoints.write_config(workdir, config.to_dict())
   train, test = _load_data(config)
   info = train.info
-  model = models.create(config.model, num_classes=info.num_classes,
-                        input_shape=info.input_shape, mean=info.mean, std=info.std,
+  model = models.create(config.model,
+                        num_classes=info.num_classes,
+                        input_shape=info.input_shape,
+                        mean=info.mean,
+                        std=info.std,
                         **config.model_kwargs.to_dict())
 
   mesh = parallel.make_mesh(config.num_devices)
@@ -98,10 +100,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Resuming from step %d of %s", int(state.step), workdir)
   start_step = int(state.step)
 
-  train_step = jax.jit(
-      steps.make_train_step(model.apply, tx, steps.LOSSES[config.method]),
-      in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
-      donate_argnums=0)
+  train_step = jax.jit(steps.make_train_step(model.apply, tx, steps.LOSSES[config.method]),
+                       in_shardings=(replicated, sharded),
+                       out_shardings=(replicated, replicated),
+                       donate_argnums=0)
   logbook = Logbook(workdir, start_step, enabled=main_process)
   progress = Progress(start_step, config.num_steps, config.batch_size)
 
@@ -109,20 +111,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return model.apply(variables, x, train=False)
 
   def evaluate(st) -> float:
-    return evaluation.accuracy(eval_apply, test.images, test.labels,
-                               params=st.variables(), batch_size=config.eval_batch_size,
-                               sharding=sharded, progress=False)
+    return evaluation.accuracy(eval_apply,
+                               test.images,
+                               test.labels,
+                               params=st.variables(),
+                               batch_size=config.eval_batch_size,
+                               sharding=sharded,
+                               progress=False)
 
-  batches = data.batches(train, config.batch_size, seed=config.seed,
-                         start_step=start_step, sharding=sharded)
+  batches = data.batches(train,
+                         config.batch_size,
+                         seed=config.seed,
+                         start_step=start_step,
+                         sharding=sharded)
   pending = []
   start_time = time.perf_counter()
   for step in range(start_step + 1, config.num_steps + 1):
     state, metrics = train_step(state, next(batches))
     pending.append(metrics)
     if step % config.log_every == 0 or step == config.num_steps:
-      mean = {k: float(np.mean(v)) for k, v in
-              jax.device_get(jax.tree.map(lambda *m: np.stack(m), *pending)).items()}
+      mean = {
+          k: float(np.mean(v))
+          for k, v in jax.device_get(jax.tree.map(lambda *m: np.stack(m), *pending)).items()
+      }
       pending = []
       logbook.write(step, "train", mean)
       progress.line(step, mean)
@@ -136,17 +147,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   jax.block_until_ready(state)
 
   report = {
-      "dataset": config.dataset,
-      "model": config.model,
-      "method": config.method,
-      "steps": int(state.step),
-      "resumed_from_step": start_step,
-      "seconds": round(seconds, 2),
-      "images_per_second": round(
-          (config.num_steps - start_step) * config.batch_size / max(seconds, 1e-9), 1),
-      "num_devices": int(mesh.devices.size),
-      "test_accuracy": evaluate(state),
-      "num_test_examples": len(test),
+      "dataset":
+          config.dataset,
+      "model":
+          config.model,
+      "method":
+          config.method,
+      "steps":
+          int(state.step),
+      "resumed_from_step":
+          start_step,
+      "seconds":
+          round(seconds, 2),
+      "images_per_second":
+          round((config.num_steps - start_step) * config.batch_size / max(seconds, 1e-9), 1),
+      "num_devices":
+          int(mesh.devices.size),
+      "test_accuracy":
+          evaluate(state),
+      "num_test_examples":
+          len(test),
   }
   if main_process:
     logbook.plot(f"{config.model} on {config.dataset}")

@@ -12,7 +12,7 @@ from robustlib.data.info import DatasetInfo
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """Images and labels of one split, checked on construction.
+  """Images and labels of one split, checked on construction.
 
     Attributes:
         images: float32 ``[N, H, W, C]`` with every value finite and in ``[0, 1]``;
@@ -31,54 +31,42 @@ class Dataset:
         2
     """
 
-    images: np.ndarray
-    labels: np.ndarray
-    info: DatasetInfo
+  images: np.ndarray
+  labels: np.ndarray
+  info: DatasetInfo
 
-    def __post_init__(self) -> None:
-        name = self.info.name
-        images, labels = self.images, self.labels
-        if not isinstance(images, np.ndarray) or images.ndim != 4:
-            raise DataError(
-                f"{name}: images must be a numpy array of rank 4 [N, H, W, C]; got "
-                f"{type(images).__name__} with shape {getattr(images, 'shape', None)}."
-            )
-        if images.dtype != np.float32:
-            raise DataError(f"{name}: images must be float32; got {images.dtype}.")
-        if tuple(images.shape[1:]) != tuple(self.info.input_shape):
-            raise DataError(
-                f"{name}: image shape {tuple(images.shape[1:])} differs from "
-                f"info.input_shape {tuple(self.info.input_shape)} (expected NHWC)."
-            )
-        if not np.isfinite(images).all():
-            raise DataError(f"{name}: images contain NaN or infinite values.")
-        if images.size and (images.min() < 0.0 or images.max() > 1.0):
-            raise DataError(
-                f"{name}: pixel values must lie in [0, 1]; got range "
-                f"[{images.min()}, {images.max()}]."
-            )
-        if not isinstance(labels, np.ndarray) or labels.ndim != 1 or labels.dtype != np.int32:
-            raise DataError(
-                f"{name}: labels must be an int32 numpy array [N]; got "
-                f"{getattr(labels, 'dtype', type(labels).__name__)} with shape "
-                f"{getattr(labels, 'shape', None)}."
-            )
-        if labels.shape[0] != images.shape[0]:
-            raise DataError(
-                f"{name}: {images.shape[0]} images but {labels.shape[0]} labels."
-            )
-        if labels.size and (labels.min() < 0 or labels.max() >= self.info.num_classes):
-            raise DataError(
-                f"{name}: labels must lie in [0, {self.info.num_classes}); got range "
-                f"[{labels.min()}, {labels.max()}]."
-            )
+  def __post_init__(self) -> None:
+    name = self.info.name
+    images, labels = self.images, self.labels
+    if not isinstance(images, np.ndarray) or images.ndim != 4:
+      raise DataError(f"{name}: images must be a numpy array of rank 4 [N, H, W, C]; got "
+                      f"{type(images).__name__} with shape {getattr(images, 'shape', None)}.")
+    if images.dtype != np.float32:
+      raise DataError(f"{name}: images must be float32; got {images.dtype}.")
+    if tuple(images.shape[1:]) != tuple(self.info.input_shape):
+      raise DataError(f"{name}: image shape {tuple(images.shape[1:])} differs from "
+                      f"info.input_shape {tuple(self.info.input_shape)} (expected NHWC).")
+    if not np.isfinite(images).all():
+      raise DataError(f"{name}: images contain NaN or infinite values.")
+    if images.size and (images.min() < 0.0 or images.max() > 1.0):
+      raise DataError(f"{name}: pixel values must lie in [0, 1]; got range "
+                      f"[{images.min()}, {images.max()}].")
+    if not isinstance(labels, np.ndarray) or labels.ndim != 1 or labels.dtype != np.int32:
+      raise DataError(f"{name}: labels must be an int32 numpy array [N]; got "
+                      f"{getattr(labels, 'dtype', type(labels).__name__)} with shape "
+                      f"{getattr(labels, 'shape', None)}.")
+    if labels.shape[0] != images.shape[0]:
+      raise DataError(f"{name}: {images.shape[0]} images but {labels.shape[0]} labels.")
+    if labels.size and (labels.min() < 0 or labels.max() >= self.info.num_classes):
+      raise DataError(f"{name}: labels must lie in [0, {self.info.num_classes}); got range "
+                      f"[{labels.min()}, {labels.max()}].")
 
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
+  def __len__(self) -> int:
+    return int(self.labels.shape[0])
 
 
 def from_uint8(images: np.ndarray, labels: np.ndarray, data_info: DatasetInfo) -> Dataset:
-    """Builds a `Dataset` from raw 8-bit pixels.
+  """Builds a `Dataset` from raw 8-bit pixels.
 
     Args:
         images: uint8 ``[N, H, W, C]``, or ``[N, H, W]`` for one channel.
@@ -88,17 +76,17 @@ def from_uint8(images: np.ndarray, labels: np.ndarray, data_info: DatasetInfo) -
     Returns:
         A `Dataset` with images ``pixel / 255`` as float32 and labels as int32.
     """
-    if images.dtype != np.uint8:
-        raise DataError(f"{data_info.name}: raw images must be uint8; got {images.dtype}.")
-    scaled = images.astype(np.float32)
-    scaled /= 255.0
-    if scaled.ndim == 3:
-        scaled = scaled[..., None]
-    return Dataset(scaled, labels.astype(np.int32), data_info)
+  if images.dtype != np.uint8:
+    raise DataError(f"{data_info.name}: raw images must be uint8; got {images.dtype}.")
+  scaled = images.astype(np.float32)
+  scaled /= 255.0
+  if scaled.ndim == 3:
+    scaled = scaled[..., None]
+  return Dataset(scaled, labels.astype(np.int32), data_info)
 
 
 def shuffle(dataset: Dataset, seed: int) -> Dataset:
-    """Returns the examples of ``dataset`` in a random order.
+  """Returns the examples of ``dataset`` in a random order.
 
     Args:
         dataset: The data set to reorder; it is not modified.
@@ -108,5 +96,5 @@ def shuffle(dataset: Dataset, seed: int) -> Dataset:
     Returns:
         A new `Dataset` with the same `info`, images and labels permuted together.
     """
-    order = np.random.default_rng(seed).permutation(len(dataset))
-    return Dataset(dataset.images[order], dataset.labels[order], dataset.info)
+  order = np.random.default_rng(seed).permutation(len(dataset))
+  return Dataset(dataset.images[order], dataset.labels[order], dataset.info)

@@ -14,7 +14,7 @@ from robustlib.data.errors import DataError
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """Returns the order in which epoch ``epoch`` visits ``n`` examples.
+  """Returns the order in which epoch ``epoch`` visits ``n`` examples.
 
     Args:
         n: Number of examples.
@@ -25,32 +25,39 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
         int64 ``[n]``: ``np.random.default_rng([seed, epoch]).permutation(n)``, the same on
         every platform and numpy version that keeps the PCG64 stream.
     """
-    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
+  return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
 
 
 def _batch_axis_size(sharding: jax.sharding.Sharding, batch_shape: tuple[int, ...]) -> int:
-    """Number of shards the batch (leading) dimension is split into."""
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        spec = tuple(sharding.spec)
-        axes = spec[0] if spec else None
-        if axes is None:
-            return 1
-        axes = (axes,) if isinstance(axes, str) else tuple(axes)
-        return math.prod(sharding.mesh.shape[a] for a in axes)
-    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
-        return 1
-    try:
-        index_map = sharding.devices_indices_map(batch_shape)
-    except Exception as e:
-        raise DataError(f"cannot shard a batch of shape {batch_shape} with {sharding}: {e}") from e
-    return len({index[0].indices(batch_shape[0]) if index else (0, batch_shape[0], 1)
-                for index in index_map.values()})
+  """Number of shards the batch (leading) dimension is split into."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    spec = tuple(sharding.spec)
+    axes = spec[0] if spec else None
+    if axes is None:
+      return 1
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(sharding.mesh.shape[a] for a in axes)
+  if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+    return 1
+  try:
+    index_map = sharding.devices_indices_map(batch_shape)
+  except Exception as e:
+    raise DataError(f"cannot shard a batch of shape {batch_shape} with {sharding}: {e}") from e
+  return len({
+      index[0].indices(batch_shape[0]) if index else (0, batch_shape[0], 1)
+      for index in index_map.values()
+  })
 
 
-def batches(dataset: Dataset, batch_size: int, *, seed: int, start_step: int = 0,
-            sharding: jax.sharding.Sharding | None = None,
-            ) -> Iterator[tuple[jax.Array | np.ndarray, jax.Array | np.ndarray]]:
-    """Yields training batches forever, in an order fixed by ``seed``.
+def batches(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    seed: int,
+    start_step: int = 0,
+    sharding: jax.sharding.Sharding | None = None,
+) -> Iterator[tuple[jax.Array | np.ndarray, jax.Array | np.ndarray]]:
+  """Yields training batches forever, in an order fixed by ``seed``.
 
     With ``steps_per_epoch = len(dataset) // batch_size`` (the last partial batch of each
     epoch is dropped), step ``s`` is batch ``s % steps_per_epoch`` of epoch
@@ -83,39 +90,39 @@ def batches(dataset: Dataset, batch_size: int, *, seed: int, start_step: int = 0
         >>> it = batches(load("digits"), 128, seed=0)
         >>> images, labels = next(it)  # [128, 8, 8, 1], [128]
     """
-    n = len(dataset)
-    if batch_size <= 0 or batch_size > n:
-        raise DataError(
-            f"batch_size must be in [1, {n}] for {dataset.info.name} with {n} examples; "
-            f"got {batch_size}."
-        )
-    if start_step < 0:
-        raise DataError(f"start_step must be >= 0; got {start_step}.")
-    if sharding is not None:
-        shards = _batch_axis_size(sharding, (batch_size, *dataset.images.shape[1:]))
-        if batch_size % shards:
-            raise DataError(
-                f"batch_size {batch_size} is not divisible by the {shards} devices the batch "
-                f"axis is sharded over; use a multiple of {shards}."
-            )
-    return _generate(dataset, batch_size, seed, start_step, sharding)
+  n = len(dataset)
+  if batch_size <= 0 or batch_size > n:
+    raise DataError(f"batch_size must be in [1, {n}] for {dataset.info.name} with {n} examples; "
+                    f"got {batch_size}.")
+  if start_step < 0:
+    raise DataError(f"start_step must be >= 0; got {start_step}.")
+  if sharding is not None:
+    shards = _batch_axis_size(sharding, (batch_size, *dataset.images.shape[1:]))
+    if batch_size % shards:
+      raise DataError(f"batch_size {batch_size} is not divisible by the {shards} devices the batch "
+                      f"axis is sharded over; use a multiple of {shards}.")
+  return _generate(dataset, batch_size, seed, start_step, sharding)
 
 
-def _generate(dataset: Dataset, batch_size: int, seed: int, start_step: int,
-              sharding: jax.sharding.Sharding | None,
-              ) -> Iterator[tuple[jax.Array | np.ndarray, jax.Array | np.ndarray]]:
-    """The generator behind `batches`, whose arguments are already validated."""
-    n = len(dataset)
-    steps_per_epoch = n // batch_size
-    epoch, position = divmod(start_step, steps_per_epoch)
-    while True:
-        order = epoch_permutation(n, seed, epoch)
-        for b in range(position, steps_per_epoch):
-            chosen = order[b * batch_size:(b + 1) * batch_size]
-            images, labels = dataset.images[chosen], dataset.labels[chosen]
-            if sharding is None:
-                yield images, labels
-            else:
-                yield (parallel.place_global_batch(images, sharding),
-                       parallel.place_global_batch(labels, sharding))
-        epoch, position = epoch + 1, 0
+def _generate(
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    start_step: int,
+    sharding: jax.sharding.Sharding | None,
+) -> Iterator[tuple[jax.Array | np.ndarray, jax.Array | np.ndarray]]:
+  """The generator behind `batches`, whose arguments are already validated."""
+  n = len(dataset)
+  steps_per_epoch = n // batch_size
+  epoch, position = divmod(start_step, steps_per_epoch)
+  while True:
+    order = epoch_permutation(n, seed, epoch)
+    for b in range(position, steps_per_epoch):
+      chosen = order[b * batch_size:(b + 1) * batch_size]
+      images, labels = dataset.images[chosen], dataset.labels[chosen]
+      if sharding is None:
+        yield images, labels
+      else:
+        yield (parallel.place_global_batch(images,
+                                           sharding), parallel.place_global_batch(labels, sharding))
+    epoch, position = epoch + 1, 0

@@ -15,56 +15,65 @@ _IDX_PREFIX = {"train": "train", "test": "t10k"}
 
 
 def _check_count(data_info: DatasetInfo, split: str, count: int, where: str) -> None:
-    expected = data_info.split_size(split)
-    if count != expected:
-        raise DataError(
-            f"wrong count: {where} holds {count} examples, but the {split} split of "
-            f"{data_info.name} has {expected}."
-        )
+  expected = data_info.split_size(split)
+  if count != expected:
+    raise DataError(f"wrong count: {where} holds {count} examples, but the {split} split of "
+                    f"{data_info.name} has {expected}.")
 
 
 def _load_idx(name: str, split: str, data_dir: str | None, download: bool,
               cache_dir: str | None) -> Dataset:
-    """MNIST or Fashion-MNIST from the four official IDX gzip files."""
-    data_info = info(name)
-    prefix = _IDX_PREFIX[split]
-    images_name = f"{prefix}-images-idx3-ubyte.gz"
-    labels_name = f"{prefix}-labels-idx1-ubyte.gz"
-    paths = locate(name, SOURCES[name], (images_name, labels_name), data_dir=data_dir,
-                   download=download, cache_dir=cache_dir)
-    images, labels = idx.read_idx_pair(paths[images_name], paths[labels_name])
-    _check_count(data_info, split, len(labels), paths[images_name])
-    return from_uint8(images, labels, data_info)
+  """MNIST or Fashion-MNIST from the four official IDX gzip files."""
+  data_info = info(name)
+  prefix = _IDX_PREFIX[split]
+  images_name = f"{prefix}-images-idx3-ubyte.gz"
+  labels_name = f"{prefix}-labels-idx1-ubyte.gz"
+  paths = locate(name,
+                 SOURCES[name], (images_name, labels_name),
+                 data_dir=data_dir,
+                 download=download,
+                 cache_dir=cache_dir)
+  images, labels = idx.read_idx_pair(paths[images_name], paths[labels_name])
+  _check_count(data_info, split, len(labels), paths[images_name])
+  return from_uint8(images, labels, data_info)
 
 
 def _load_cifar10(split: str, data_dir: str | None, download: bool,
                   cache_dir: str | None) -> Dataset:
-    """CIFAR-10 from extracted python batches if present, else from the tar.gz archive."""
-    data_info = info("cifar10")
-    subdir = SOURCES["cifar10"].subdir
-    roots = [r for r in (resolve_data_dir(data_dir), resolve_cache_dir(cache_dir)) if r]
-    for root in roots:
-        batches_dir = os.path.join(root, subdir, cifar.BATCHES_DIR)
-        specs = [s for s in CIFAR10_BATCH_FILES if s.name in cifar.split_batches(split)]
-        if all(os.path.isfile(os.path.join(batches_dir, s.name)) for s in specs):
-            for spec in specs:
-                verify_file(os.path.join(batches_dir, spec.name), spec)
-            images, labels = cifar.read_cifar_dir(batches_dir, split)
-            _check_count(data_info, split, len(labels), batches_dir)
-            return from_uint8(images, labels, data_info)
-    batches = ", ".join(cifar.split_batches(split))
-    hint = (f" Alternatively put the extracted batches {batches} in "
-            f"<data_dir>/{subdir}/{cifar.BATCHES_DIR}/.")
-    paths = locate("cifar10", SOURCES["cifar10"], (cifar.ARCHIVE,), data_dir=data_dir,
-                   download=download, cache_dir=cache_dir, hint=hint)
-    images, labels = cifar.read_cifar_archive(paths[cifar.ARCHIVE], split)
-    _check_count(data_info, split, len(labels), paths[cifar.ARCHIVE])
-    return from_uint8(images, labels, data_info)
+  """CIFAR-10 from extracted python batches if present, else from the tar.gz archive."""
+  data_info = info("cifar10")
+  subdir = SOURCES["cifar10"].subdir
+  roots = [r for r in (resolve_data_dir(data_dir), resolve_cache_dir(cache_dir)) if r]
+  for root in roots:
+    batches_dir = os.path.join(root, subdir, cifar.BATCHES_DIR)
+    specs = [s for s in CIFAR10_BATCH_FILES if s.name in cifar.split_batches(split)]
+    if all(os.path.isfile(os.path.join(batches_dir, s.name)) for s in specs):
+      for spec in specs:
+        verify_file(os.path.join(batches_dir, spec.name), spec)
+      images, labels = cifar.read_cifar_dir(batches_dir, split)
+      _check_count(data_info, split, len(labels), batches_dir)
+      return from_uint8(images, labels, data_info)
+  batches = ", ".join(cifar.split_batches(split))
+  hint = (f" Alternatively put the extracted batches {batches} in "
+          f"<data_dir>/{subdir}/{cifar.BATCHES_DIR}/.")
+  paths = locate("cifar10",
+                 SOURCES["cifar10"], (cifar.ARCHIVE,),
+                 data_dir=data_dir,
+                 download=download,
+                 cache_dir=cache_dir,
+                 hint=hint)
+  images, labels = cifar.read_cifar_archive(paths[cifar.ARCHIVE], split)
+  _check_count(data_info, split, len(labels), paths[cifar.ARCHIVE])
+  return from_uint8(images, labels, data_info)
 
 
-def load(name: str, split: str = "train", *, data_dir: str | None = None,
-         download: bool = True, cache_dir: str | None = None) -> Dataset:
-    """Loads one split of a data set into memory.
+def load(name: str,
+         split: str = "train",
+         *,
+         data_dir: str | None = None,
+         download: bool = True,
+         cache_dir: str | None = None) -> Dataset:
+  """Loads one split of a data set into memory.
 
     Sources by name:
 
@@ -103,14 +112,14 @@ def load(name: str, split: str = "train", *, data_dir: str | None = None,
         >>> ds.images.shape
         (10000, 28, 28, 1)
     """
-    data_info = info(name)
-    check_split(split)
-    if name.startswith(SYNTHETIC_PREFIX):
-        images, labels = synthetic.synthetic_arrays(data_info, split)
-        return Dataset(images, labels, data_info)
-    if name == "digits":
-        images, labels = digits.load_digits_split(split)
-        return Dataset(images, labels, data_info)
-    if name == "cifar10":
-        return _load_cifar10(split, data_dir, download, cache_dir)
-    return _load_idx(name, split, data_dir, download, cache_dir)
+  data_info = info(name)
+  check_split(split)
+  if name.startswith(SYNTHETIC_PREFIX):
+    images, labels = synthetic.synthetic_arrays(data_info, split)
+    return Dataset(images, labels, data_info)
+  if name == "digits":
+    images, labels = digits.load_digits_split(split)
+    return Dataset(images, labels, data_info)
+  if name == "cifar10":
+    return _load_cifar10(split, data_dir, download, cache_dir)
+  return _load_idx(name, split, data_dir, download, cache_dir)

@@ -8,12 +8,12 @@ from typing import Callable
 import flax.linen as nn
 import jax
 
-ACTIVATIONS: types.MappingProxyType[str, Callable[[jax.Array], jax.Array]] = (
-    types.MappingProxyType({
-        "relu": nn.relu,
-        "swish": nn.swish,
-        "silu": nn.silu,
-    }))
+ACTIVATIONS: types.MappingProxyType[str, Callable[[jax.Array],
+                                                  jax.Array]] = (types.MappingProxyType({
+                                                      "relu": nn.relu,
+                                                      "swish": nn.swish,
+                                                      "silu": nn.silu,
+                                                  }))
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -32,6 +32,4 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   try:
     return ACTIVATIONS[name]
   except KeyError:
-    raise ValueError(
-        f"unknown activation {name!r}; valid names: {sorted(ACTIVATIONS)}"
-    ) from None
+    raise ValueError(f"unknown activation {name!r}; valid names: {sorted(ACTIVATIONS)}") from None

@@ -51,8 +51,7 @@ class _IBPConvNet(nn.Module):
 
   def _norm_act(self, x: jax.Array, train: bool) -> jax.Array:
     if self.batch_norm:
-      x = nn.BatchNorm(
-          use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
     return nn.relu(x)
 
   @nn.compact
@@ -69,7 +68,8 @@ class _IBPConvNet(nn.Module):
     x = Normalize(self.mean, self.std)(x)
     for spec in self.convs:
       x = nn.Conv(spec.features, (spec.kernel, spec.kernel),
-                  strides=(spec.stride, spec.stride), padding=spec.padding)(x)
+                  strides=(spec.stride, spec.stride),
+                  padding=spec.padding)(x)
       x = self._norm_act(x, train)
     x = x.reshape(x.shape[0], -1)
     for width in self.dense:
@@ -110,8 +110,8 @@ class CNNMedium(_IBPConvNet):
     std: per-channel input standard deviation.
   """
 
-  convs = (ConvSpec(32, 3, 1, "VALID"), ConvSpec(32, 4, 2, "VALID"),
-           ConvSpec(64, 3, 1, "VALID"), ConvSpec(64, 4, 2, "VALID"))
+  convs = (ConvSpec(32, 3, 1, "VALID"), ConvSpec(32, 4, 2, "VALID"), ConvSpec(64, 3, 1, "VALID"),
+           ConvSpec(64, 4, 2, "VALID"))
   dense = (512, 512)
 
 
@@ -127,9 +127,8 @@ class CNNLarge(_IBPConvNet):
     std: per-channel input standard deviation.
   """
 
-  convs = (ConvSpec(64, 3, 1, "SAME"), ConvSpec(64, 3, 1, "SAME"),
-           ConvSpec(128, 3, 2, "SAME"), ConvSpec(128, 3, 1, "SAME"),
-           ConvSpec(128, 3, 1, "SAME"))
+  convs = (ConvSpec(64, 3, 1, "SAME"), ConvSpec(64, 3, 1, "SAME"), ConvSpec(128, 3, 2, "SAME"),
+           ConvSpec(128, 3, 1, "SAME"), ConvSpec(128, 3, 1, "SAME"))
   dense = (512,)
 
 

@@ -33,21 +33,16 @@ def check_input(x, input_shape: Sequence[int], name: str = "x") -> None:
   expected = tuple(int(d) for d in input_shape)
   shape = tuple(x.shape)
   if len(shape) != 4:
-    raise ModelInputError(
-        f"{name} must be a batch [N, H, W, C] of rank 4 with [H, W, C] = "
-        f"{list(expected)}, got rank {len(shape)} with shape {shape}")
+    raise ModelInputError(f"{name} must be a batch [N, H, W, C] of rank 4 with [H, W, C] = "
+                          f"{list(expected)}, got rank {len(shape)} with shape {shape}")
   if shape[1:] != expected:
-    raise ModelInputError(
-        f"{name} must have shape [N, {', '.join(map(str, expected))}] "
-        f"(input_shape {expected}), got {shape}")
+    raise ModelInputError(f"{name} must have shape [N, {', '.join(map(str, expected))}] "
+                          f"(input_shape {expected}), got {shape}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ModelInputError(
-        f"{name} must have a floating dtype (images in [0, 1]), got {x.dtype}")
+    raise ModelInputError(f"{name} must have a floating dtype (images in [0, 1]), got {x.dtype}")
 
 
-def check_stats(
-    mean: Sequence[float], std: Sequence[float], channels: int
-) -> None:
+def check_stats(mean: Sequence[float], std: Sequence[float], channels: int) -> None:
   """Checks per-channel normalization statistics against a channel count.
 
   Args:
@@ -61,8 +56,7 @@ def check_stats(
   """
   for label, stat in (("mean", mean), ("std", std)):
     if len(stat) not in (1, channels):
-      raise ModelInputError(
-          f"{label} must have 1 or C={channels} values (one per channel), "
-          f"got {len(stat)}: {tuple(stat)}")
+      raise ModelInputError(f"{label} must have 1 or C={channels} values (one per channel), "
+                            f"got {len(stat)}: {tuple(stat)}")
   if any(float(s) == 0.0 for s in std):
     raise ModelInputError(f"std must be nonzero, got {tuple(std)}")

@@ -40,8 +40,7 @@ class Normalize(nn.Module):
         match its channel count.
     """
     if x.ndim != 4:
-      raise ModelInputError(
-          f"models take a batch [N, H, W, C] of rank 4, got shape {x.shape}")
+      raise ModelInputError(f"models take a batch [N, H, W, C] of rank 4, got shape {x.shape}")
     check_stats(self.mean, self.std, x.shape[-1])
     mean = jnp.asarray(self.mean, x.dtype)
     std = jnp.asarray(self.std, x.dtype)

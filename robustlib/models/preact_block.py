@@ -21,14 +21,17 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
   """BatchNorm with momentum 0.9 and epsilon 1e-5; running averages in eval."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      name=name)
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 def conv3x3(features: int, stride: int = 1, name: str | None = None) -> nn.Conv:
   """A 3x3 convolution without bias, padded by 1 pixel on each side."""
-  return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
-                 use_bias=False, kernel_init=conv_init, name=name)
+  return nn.Conv(features, (3, 3),
+                 strides=(stride, stride),
+                 padding=((1, 1), (1, 1)),
+                 use_bias=False,
+                 kernel_init=conv_init,
+                 name=name)
 
 
 class PreActBlock(nn.Module):
@@ -50,8 +53,11 @@ class PreActBlock(nn.Module):
     act = activations.activation(self.activation)
     out = act(batch_norm(train, "bn1")(x))
     if self.stride != 1 or x.shape[-1] != self.features:
-      shortcut = nn.Conv(self.features, (1, 1), strides=(self.stride, self.stride),
-                         use_bias=False, kernel_init=conv_init, name="shortcut")(out)
+      shortcut = nn.Conv(self.features, (1, 1),
+                         strides=(self.stride, self.stride),
+                         use_bias=False,
+                         kernel_init=conv_init,
+                         name="shortcut")(out)
     else:
       shortcut = x
     out = conv3x3(self.features, self.stride, "conv1")(out)

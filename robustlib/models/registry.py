@@ -37,7 +37,10 @@ MODELS: types.MappingProxyType[str, type[nn.Module]] = types.MappingProxyType({
 
 # Fields that a name fixes; ``create`` refuses to override them.
 _PRESETS: types.MappingProxyType[str, dict[str, Any]] = types.MappingProxyType({
-    "wrn28_10": {"depth": 28, "width": 10},
+    "wrn28_10": {
+        "depth": 28,
+        "width": 10
+    },
 })
 
 _SET_BY_CREATE = ("num_classes", "mean", "std")
@@ -45,13 +48,16 @@ _SET_BY_CREATE = ("num_classes", "mean", "std")
 
 def _options(cls: type[nn.Module]) -> list[str]:
   """The fields a model takes as keyword arguments besides those of create."""
-  return [f.name for f in dataclasses.fields(cls)
-          if f.init and f.name not in ("parent", "name", *_SET_BY_CREATE)]
+  return [
+      f.name
+      for f in dataclasses.fields(cls)
+      if f.init and f.name not in ("parent", "name", *_SET_BY_CREATE)
+  ]
 
 
-def check_input_shape(
-    model: nn.Module, input_shape: Sequence[int], name: str | None = None
-) -> None:
+def check_input_shape(model: nn.Module,
+                      input_shape: Sequence[int],
+                      name: str | None = None) -> None:
   """Checks that ``model`` can take images of shape ``input_shape``.
 
   Models of this package describe their convolutions with
@@ -71,16 +77,14 @@ def check_input_shape(
   name = name or type(model).__name__
   shape = tuple(input_shape)
   if len(shape) != 3 or not all(isinstance(d, numbers.Integral) and d > 0 for d in shape):
-    raise ModelInputError(
-        f"{name}: input_shape must be (H, W, C) of positive ints, got {shape}")
+    raise ModelInputError(f"{name}: input_shape must be (H, W, C) of positive ints, got {shape}")
   height, width, channels = shape
   layers = model.spatial_layers() if hasattr(model, "spatial_layers") else ()
   smallest = min_input_size(layers)
   if min(height, width) < smallest:
-    raise ModelInputError(
-        f"{name} cannot take input_shape {shape}: its convolutions need images "
-        f"of at least {smallest}x{smallest}, got {height}x{width} (feature map "
-        f"{output_size(height, layers)}x{output_size(width, layers)})")
+    raise ModelInputError(f"{name} cannot take input_shape {shape}: its convolutions need images "
+                          f"of at least {smallest}x{smallest}, got {height}x{width} (feature map "
+                          f"{output_size(height, layers)}x{output_size(width, layers)})")
   if hasattr(model, "mean") and hasattr(model, "std"):
     try:
       check_stats(model.mean, model.std, channels)
@@ -125,11 +129,9 @@ def create(
   options = [o for o in _options(cls) if o not in preset]
   unknown = sorted(set(kwargs) - set(options))
   if unknown:
-    raise TypeError(
-        f"{name} got unknown options {unknown}; it accepts {options} "
-        f"besides {list(_SET_BY_CREATE)}")
-  model = cls(num_classes=num_classes, mean=tuple(mean), std=tuple(std),
-              **preset, **kwargs)
+    raise TypeError(f"{name} got unknown options {unknown}; it accepts {options} "
+                    f"besides {list(_SET_BY_CREATE)}")
+  model = cls(num_classes=num_classes, mean=tuple(mean), std=tuple(std), **preset, **kwargs)
   check_input_shape(model, input_shape, name)
   return model
 
@@ -144,13 +146,12 @@ _init = jax.jit(_init_fn, static_argnums=(0, 2))
 # ResNet compile several times faster on CPU. XLA takes compiler options only
 # at the top level; inside a transformation (e.g. ``jax.eval_shape``) ``_init``
 # is used.
-_init_top_level = jax.jit(_init_fn, static_argnums=(0, 2),
+_init_top_level = jax.jit(_init_fn,
+                          static_argnums=(0, 2),
                           compiler_options={"xla_backend_optimization_level": 0})
 
 
-def init(
-    model: nn.Module, key: jax.Array, input_shape: Sequence[int]
-) -> dict[str, Any]:
+def init(model: nn.Module, key: jax.Array, input_shape: Sequence[int]) -> dict[str, Any]:
   """Initializes ``model`` for images of shape ``input_shape``, under jit.
 
   Args:

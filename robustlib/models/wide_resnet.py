@@ -52,9 +52,8 @@ class WideResNet(nn.Module):
 
   def __post_init__(self):
     if self.depth < 10 or (self.depth - 4) % 6 != 0:
-      raise ValueError(
-          f"WideResNet depth must be 6 n + 4 with n >= 1 blocks per stage "
-          f"(10, 16, 22, 28, 34, ...), got {self.depth}")
+      raise ValueError(f"WideResNet depth must be 6 n + 4 with n >= 1 blocks per stage "
+                       f"(10, 16, 22, 28, 34, ...), got {self.depth}")
     if self.width < 1:
       raise ValueError(f"WideResNet width must be positive, got {self.width}")
     activations.activation(self.activation)
@@ -82,6 +81,5 @@ class WideResNet(nn.Module):
     x = Normalize(self.mean, self.std)(x)
     x = conv3x3(16, name="stem")(x)
     widths = tuple(16 * self.width * 2**stage for stage in range(len(STAGE_STRIDES)))
-    x = residual_stages(x, widths, STAGE_STRIDES, self.blocks_per_stage, self.activation,
-                        train)
+    x = residual_stages(x, widths, STAGE_STRIDES, self.blocks_per_stage, self.activation, train)
     return PreActHead(self.num_classes, self.activation, name="head")(x, train)

@@ -19,14 +19,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = "mlp"
   config.model_kwargs = ml_collections.ConfigDict()
   config.method = "standard"
-  config.batch_size = 128          # global batch, split over the devices
+  config.batch_size = 128  # global batch, split over the devices
   config.num_steps = 1000
-  config.num_devices = 0           # 0: every local device
+  config.num_devices = 0  # 0: every local device
 
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "adam"   # sgd | adam | adamw
+  config.optimizer.name = "adam"  # sgd | adam | adamw
   config.optimizer.learning_rate = 1e-3
-  config.optimizer.schedule = "cosine"   # constant | cosine | piecewise
+  config.optimizer.schedule = "cosine"  # constant | cosine | piecewise
   config.optimizer.warmup_steps = 0
   config.optimizer.decay_boundaries = (0.5, 0.75)  # piecewise: fractions of num_steps
   config.optimizer.decay_factor = 0.1
@@ -40,5 +40,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
   config.eval_batch_size = 500
-  config.num_eval_examples = 0     # 0: the whole test split
+  config.num_eval_examples = 0  # 0: the whole test split
   return config
