@@ -87,6 +87,11 @@ def test_training_learns_the_digits(tmp_path):
                             progress=False) == pytest.approx(report["test_accuracy"])
 
 
+def test_unknown_config_variant_is_an_error():
+  with pytest.raises(ValueError, match="tny"):
+    digits_mlp.get_config("tny")
+
+
 def test_unknown_config_field_is_an_error(tmp_path):
   config = default.get_config()
   config.optimizer.lrr = 0.1

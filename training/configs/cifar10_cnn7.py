@@ -7,6 +7,7 @@ from training.configs import default
 
 
 def get_config(variant: str = ""):
+  default.check_variant(variant)
   config = default.get_config()
   config.dataset = "cifar10"
   config.model = "cnn7"
@@ -20,10 +21,5 @@ def get_config(variant: str = ""):
   config.eval_every = 3900
   config.checkpoint_every = 3900
   if variant == "tiny":
-    config.dataset = "synthetic:cifar10"
-    config.num_steps = 4
-    config.batch_size = 16
-    config.log_every = config.eval_every = config.checkpoint_every = 2
-    config.num_eval_examples = 64
-    config.eval_batch_size = 32
+    default.shrink_to_tiny(config)
   return config

@@ -42,3 +42,26 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 500
   config.num_eval_examples = 0  # 0: the whole test split
   return config
+
+
+VARIANTS = ("", "tiny")
+
+
+def check_variant(variant: str) -> None:
+  """Raises ValueError for a config variant (``--config=FILE.py:VARIANT``) that no
+  config offers."""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown config variant {variant!r}; choose one of {VARIANTS}")
+
+
+def shrink_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The ``tiny`` variant of a config: a few steps on synthetic data of the same
+  shape, for smoke tests without data files."""
+  if not config.dataset.startswith("synthetic:"):
+    config.dataset = f"synthetic:{config.dataset}"
+  config.num_steps = 4
+  config.batch_size = 16
+  config.log_every = config.eval_every = config.checkpoint_every = 2
+  config.num_eval_examples = 64
+  config.eval_batch_size = 32
+  return config

@@ -4,6 +4,7 @@ from training.configs import default
 
 
 def get_config(variant: str = ""):
+  default.check_variant(variant)
   config = default.get_config()
   config.dataset = "digits"
   config.model = "mlp"

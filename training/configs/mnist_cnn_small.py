@@ -7,6 +7,7 @@ from training.configs import default
 
 
 def get_config(variant: str = ""):
+  default.check_variant(variant)
   config = default.get_config()
   config.dataset = "mnist"
   config.model = "cnn_small"
@@ -18,10 +19,5 @@ def get_config(variant: str = ""):
   config.checkpoint_every = 2000
   config.eval_batch_size = 1000
   if variant == "tiny":
-    config.dataset = "synthetic:mnist"
-    config.num_steps = 4
-    config.batch_size = 16
-    config.log_every = config.eval_every = config.checkpoint_every = 2
-    config.num_eval_examples = 64
-    config.eval_batch_size = 32
+    default.shrink_to_tiny(config)
   return config
