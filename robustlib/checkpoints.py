@@ -94,9 +94,7 @@ def load_run(workdir: str, step: int | None = None):
                         input_shape=info.input_shape,
                         mean=info.mean,
                         std=info.std,
-                        **{
-                            k: _as_tuple(v) for k, v in config.get("model_kwargs", {}).items()
-                        })
+                        **config.get("model_kwargs", {}))
   template = models.init(model, jax.random.PRNGKey(0), info.input_shape)
   mngr = manager(workdir, max_to_keep=None, read_only=True)
   if mngr.latest_step() is None:
@@ -108,11 +106,6 @@ def load_run(workdir: str, step: int | None = None):
     variables["batch_stats"] = state["batch_stats"]
   jax.tree.map(_check_same_shape, template, variables)
   return config, model, variables
-
-
-def _as_tuple(value):
-  """JSON stores tuples as lists; Flax module attributes must be hashable."""
-  return tuple(map(_as_tuple, value)) if isinstance(value, list) else value
 
 
 def _check_same_shape(expected, got):

@@ -85,6 +85,10 @@ def test_training_learns_the_digits(tmp_path):
   logits_fn = robustlib.as_logits_fn(model, variables, test.info.input_shape)
   assert robustlib.accuracy(logits_fn, test.images, test.labels,
                             progress=False) == pytest.approx(report["test_accuracy"])
+  # Re-running a finished run trains no further and reports the same result.
+  again = trainer.train_and_evaluate(config, str(tmp_path))
+  assert again["resumed_from_step"] == again["steps"] == 300
+  assert again["test_accuracy"] == report["test_accuracy"]
 
 
 def test_unknown_config_variant_is_an_error():

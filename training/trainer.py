@@ -124,16 +124,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          seed=config.seed,
                          start_step=start_step,
                          sharding=sharded)
-  pending = []
+  pending, test_acc = [], None
   start_time = time.perf_counter()
   for step in range(start_step + 1, config.num_steps + 1):
     state, metrics = train_step(state, next(batches))
     pending.append(metrics)
     if step % config.log_every == 0 or step == config.num_steps:
-      mean = {
-          k: float(np.mean(v))
-          for k, v in jax.device_get(jax.tree.map(lambda *m: np.stack(m), *pending)).items()
-      }
+      host = jax.device_get(pending)  # metrics leave the device only here
+      mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
       pending = []
       logbook.write(step, "train", mean)
       progress.line(step, mean)
@@ -143,8 +141,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info("step %d: test accuracy %.4f", step, test_acc)
     if step % config.checkpoint_every == 0 or step == config.num_steps:
       checkpoints.save(mngr, step, state)
-  seconds = time.perf_counter() - start_time
   jax.block_until_ready(state)
+  seconds = time.perf_counter() - start_time
+  if test_acc is None:  # nothing left to train: the run had already finished
+    test_acc = evaluate(state)
 
   report = {
       "dataset":

@@ -131,6 +131,8 @@ def create(
   if unknown:
     raise TypeError(f"{name} got unknown options {unknown}; it accepts {options} "
                     f"besides {list(_SET_BY_CREATE)}")
+  # Lists (from JSON or YAML configs) become tuples: module attributes must be hashable.
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
   model = cls(num_classes=num_classes, mean=tuple(mean), std=tuple(std), **preset, **kwargs)
   check_input_shape(model, input_shape, name)
   return model
