@@ -15,7 +15,8 @@ import pytest
 
 import robustlib
 from robustlib import checkpoints, data
-from training import trainer
+from robustlib import models
+from training import optim, state as state_lib, steps, trainer
 from training.configs import default, digits_mlp
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,14 +104,18 @@ def test_unknown_config_field_is_an_error(tmp_path):
     trainer.train_and_evaluate(config, str(tmp_path))
 
 
-def test_unknown_field_on_the_command_line_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("flag, message", [
+    ("--config.optimizer.lrr=0.1", "unknown config field 'lrr'"),
+    ("--config.optimizer.name=rmsprop", "unknown optimizer 'rmsprop'"),
+])
+def test_bad_command_line_config_is_a_clear_error(flag, message, tmp_path):
   proc = _run([
       "-m", "training.train", "--config=training/configs/digits_mlp.py", f"--workdir={tmp_path}",
-      "--config.optimizer.lrr=0.1"
+      flag
   ])
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode != 0
-  assert "lrr" in out and "Traceback" not in out
+  assert message in out and "Traceback" not in out
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -191,7 +196,8 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
 MULTI_DEVICE_SCRIPT = """
 import json, sys
 import jax
-from training import trainer
+from robustlib import models
+from training import optim, state as state_lib, steps, trainer
 from training.configs import digits_mlp
 assert len(jax.devices()) == 8, jax.devices()
 curves = {}
@@ -219,3 +225,16 @@ def test_eight_devices_give_the_same_loss_curve_as_one(tmp_path):
   assert one.shape == eight.shape == (30,)
   assert one[-1] < one[0]
   np.testing.assert_allclose(eight, one, rtol=1e-4, atol=1e-5)
+
+
+def test_train_step_compiles_once_across_batches():
+  train = data.load("synthetic:digits", "train")
+  model = models.create("mlp", num_classes=10, input_shape=train.info.input_shape, hidden=(8,))
+  tx = optim.make_optimizer(default.get_config().optimizer, num_steps=10)
+  state = state_lib.create(model, tx, jax.random.PRNGKey(0), train.info.input_shape)
+  step = jax.jit(steps.make_train_step(model.apply, tx), donate_argnums=0)
+  batches = data.batches(train, 32, seed=0)
+  for _ in range(4):
+    state, metrics = step(state, next(batches))
+  assert int(state.step) == 4 and np.isfinite(float(metrics["loss"]))
+  assert step._cache_size() == 1  # pylint: disable=protected-access

@@ -37,6 +37,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 "eval_batch_size"):
     if int(config[field]) <= 0:
       raise ConfigError(f"config.{field} must be positive, got {config[field]}")
+  try:
+    optim.make_optimizer(config.optimizer, config.num_steps)
+  except ValueError as e:
+    raise ConfigError(f"config.optimizer: {e}") from None
 
 
 def _check_fields(given: dict, known: dict, prefix: str) -> None:
