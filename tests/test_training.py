@@ -67,6 +67,15 @@ def test_every_config_runs_one_tiny_training(name, tmp_path):
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["step"] for l in lines if '"train"' in l] == [1, 2]
   assert (tmp_path / "curves.png").stat().st_size > 1000
+  # The checkpoint restores the evaluated model, BatchNorm statistics included.
+  _, model, variables = checkpoints.load_run(str(tmp_path))
+  test = data.load(config.dataset, "test")
+  n = report["num_test_examples"]
+  acc = robustlib.accuracy(robustlib.as_logits_fn(model, variables),
+                           test.images[:n],
+                           test.labels[:n],
+                           progress=False)
+  assert acc == pytest.approx(report["test_accuracy"])
 
 
 def test_training_learns_the_digits(tmp_path):
