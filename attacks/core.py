@@ -1,0 +1,370 @@
+"""What every attack shares: the calling convention, input checks, projections,
+losses and the per-example best-point bookkeeping.
+
+The calling convention (a contract; later tools call exactly this)::
+
+  attack = attacks.pgd(eps=0.3, steps=40, step_size=0.01)   # a factory
+  x_adv = attack(logits_fn, x, y, key)                      # pure, jittable
+  x_adv = attack(logits_fn, x, y, key, eps=0.1)             # traced override
+  x_adv = attack(logits_fn, x, y, key, target=t)            # targeted attacks
+
+* ``logits_fn``: any JAX callable ``[N, ...] -> [N, K]``.
+* ``x``: ``[N, ...]`` floating, inside the attack's box ``bounds``.
+* ``y``: int labels ``[N]``; ``target``: int ``[N]`` for attacks built with
+  ``targeted=True`` (never equal to ``y``).
+* ``eps``: a scalar or ``[N]``; may be a traced value, so a sweep over epsilon
+  compiles once.
+* The result lies inside the epsilon-ball around ``x`` and inside the box, and per
+  example is the best point found: an adversarial point beats any
+  non-adversarial one, ties are broken by the attack's objective, and ``x``
+  itself is always a candidate.
+
+Every attack is written as ``run(logits_fn, x, y, key, eps, target) -> x_adv``
+with ``eps`` a float array ``[N]`` and wrapped by :func:`make_attack`, which
+checks concrete inputs on the host (a clear :class:`InputError` instead of a
+wrong answer), jits ``run`` once per ``logits_fn`` and input shape, and calls
+``run`` directly when it is already being traced (inside a user's ``jit``,
+``vmap`` or ``grad``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from robustlib.checks import InputError
+from robustlib.checks import check_images
+from robustlib.checks import check_labels
+
+NORMS = ("linf", "l2")
+Bounds = tuple[float, float]
+LogitsFn = Callable[[jax.Array], jax.Array]
+Run = Callable[..., jax.Array]
+
+
+class Attack(Protocol):
+  """``attack(logits_fn, x, y, key, *, eps=None, target=None) -> x_adv``."""
+
+  name: str
+  eps: float
+  norm: str
+  bounds: Bounds
+  targeted: bool
+
+  def __call__(self,
+               logits_fn: LogitsFn,
+               x: jax.Array,
+               y: jax.Array,
+               key: jax.Array,
+               *,
+               eps: Any = None,
+               target: jax.Array | None = None) -> jax.Array:
+    ...
+
+
+# ----------------------------------------------------------------------------
+# Checks.
+
+
+def is_traced(*values: Any) -> bool:
+  """True when any leaf of ``values`` is a tracer (inside jit, vmap or grad)."""
+  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(values))
+
+
+def check_norm(norm: str) -> str:
+  if norm not in NORMS:
+    raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
+  return norm
+
+
+def check_bounds(bounds: Sequence[float]) -> Bounds:
+  lo, hi = (float(b) for b in bounds)
+  if not lo < hi:
+    raise InputError(f"bounds must be (lower, upper) with lower < upper, got {tuple(bounds)}")
+  return lo, hi
+
+
+def check_eps(eps: Any, name: str = "eps") -> None:
+  """Rejects negative or non-finite epsilons (scalar or per example), if concrete."""
+  if eps is None or is_traced(eps):
+    return
+  arr = np.asarray(eps, dtype=np.float64)
+  if arr.ndim > 1:
+    raise InputError(f"{name} must be a scalar or a vector [N], got shape {arr.shape}")
+  if not np.isfinite(arr).all() or (arr < 0).any():
+    raise InputError(f"{name} must be finite and >= 0, got {eps}")
+
+
+def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+    raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  return int(value)
+
+
+def check_logits_shape(logits: jax.Array, num_examples: int, min_classes: int = 2) -> int:
+  """Trace-time check of ``logits_fn``'s output; returns the number of classes K."""
+  if logits.ndim != 2 or logits.shape[0] != num_examples:
+    raise InputError(f"logits_fn must map [N, ...] to logits [N, K]; for N={num_examples} "
+                     f"it returned shape {tuple(logits.shape)}")
+  if not jnp.issubdtype(logits.dtype, jnp.floating):
+    raise InputError(f"logits_fn must return floating logits, got dtype {logits.dtype}")
+  num_classes = logits.shape[1]
+  if num_classes < min_classes:
+    raise InputError(f"this attack needs at least {min_classes} classes, "
+                     f"logits_fn returns {num_classes}")
+  return num_classes
+
+
+def per_example_eps(eps: Any, num_examples: int, dtype=jnp.float32) -> jax.Array:
+  """Broadcasts a scalar or ``[N]`` epsilon to a float array ``[N]``."""
+  eps = jnp.asarray(eps, dtype=dtype)
+  if eps.ndim > 1 or (eps.ndim == 1 and eps.shape[0] != num_examples):
+    raise InputError(f"eps must be a scalar or a vector [N] with N={num_examples}, "
+                     f"got shape {eps.shape}")
+  return jnp.broadcast_to(eps, (num_examples,))
+
+
+def _check_concrete_inputs(x, y, eps, target, bounds: Bounds, targeted: bool) -> None:
+  check_images(x, bounds=bounds, name="x")
+  check_labels(y, num_examples=np.shape(x)[0], name="y")
+  check_eps(eps)
+  if targeted:
+    if target is None:
+      raise InputError("this attack is targeted: pass target= (int labels [N])")
+    check_labels(target, num_examples=np.shape(x)[0], name="target")
+    same = np.flatnonzero(np.asarray(target) == np.asarray(y))
+    if same.size:
+      raise InputError(f"target must differ from the true label y; they are equal for "
+                       f"{same.size} examples (first at index {int(same[0])})")
+  elif target is not None:
+    raise InputError("target= was given to an untargeted attack; build it with targeted=True")
+
+
+def _check_static_inputs(x, y, target) -> None:
+  if jnp.ndim(x) < 1 or jnp.ndim(y) != 1 or jnp.shape(y)[0] != jnp.shape(x)[0]:
+    raise InputError(f"x must be [N, ...] and y int labels [N]; got shapes "
+                     f"{jnp.shape(x)} and {jnp.shape(y)}")
+  if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
+    raise InputError(f"y must hold integer class labels, got dtype {jnp.result_type(y)}")
+  if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    raise InputError(f"x must have a floating dtype, got {jnp.result_type(x)}")
+  if target is not None and jnp.shape(target) != jnp.shape(y):
+    raise InputError(f"target must have the shape of y {jnp.shape(y)}, got {jnp.shape(target)}")
+
+
+# ----------------------------------------------------------------------------
+# The wrapper every factory returns.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AttackFn:
+  """A configured attack; see the module docstring for the calling convention.
+
+  Attributes:
+    run: ``run(logits_fn, x, y, key, eps[N], target) -> x_adv``, pure.
+    name: the attack's name as reports print it.
+    eps: the default epsilon.
+    norm: ``"linf"`` or ``"l2"``.
+    bounds: the input box.
+    targeted: whether calls take ``target=``.
+    min_classes: the fewest classes the attack's loss is defined for.
+  """
+  run: Run
+  name: str
+  eps: float
+  norm: str
+  bounds: Bounds
+  targeted: bool = False
+  min_classes: int = 2
+
+  def __post_init__(self):
+    jitted = jax.jit(self._checked_run, static_argnums=0)
+    object.__setattr__(self, "_jitted", jitted)
+
+  def _checked_run(self, logits_fn, x, y, key, eps, target):
+    clean_logits = logits_fn(x)
+    check_logits_shape(clean_logits, x.shape[0], self.min_classes)
+    x_adv = self.run(logits_fn, x, y, key, eps, target)
+    return x_adv, jnp.isfinite(clean_logits).all(), clean_logits.shape[1]
+
+  def __call__(self, logits_fn, x, y, key, *, eps=None, target=None):
+    eps = self.eps if eps is None else eps
+    _check_static_inputs(x, y, target)
+    if is_traced(x, y, key, eps, target):
+      clean_logits = jax.eval_shape(logits_fn, x)
+      check_logits_shape(clean_logits, x.shape[0], self.min_classes)
+      return self.run(logits_fn, x, y, key, per_example_eps(eps, x.shape[0], x.dtype), target)
+    _check_concrete_inputs(x, y, eps, target, self.bounds, self.targeted)
+    x = jnp.asarray(x)
+    x_adv, finite, num_classes = self._jitted(logits_fn, x, jnp.asarray(y), key,
+                                              per_example_eps(eps, x.shape[0], x.dtype),
+                                              None if target is None else jnp.asarray(target))
+    if not bool(finite):
+      raise InputError("logits_fn returned NaN or infinite logits on the clean inputs x")
+    check_labels(y, num_classes=int(num_classes), name="y")
+    if target is not None:
+      check_labels(target, num_classes=int(num_classes), name="target")
+    return x_adv
+
+
+def make_attack(run: Run,
+                *,
+                name: str,
+                eps: float,
+                norm: str = "linf",
+                bounds: Sequence[float] = (0.0, 1.0),
+                targeted: bool = False,
+                min_classes: int = 2) -> AttackFn:
+  """Validates a factory's hyper-parameters and wraps ``run`` as an attack."""
+  check_eps(eps)
+  return AttackFn(run=run,
+                  name=name,
+                  eps=float(eps),
+                  norm=check_norm(norm),
+                  bounds=check_bounds(bounds),
+                  targeted=targeted,
+                  min_classes=min_classes)
+
+
+# ----------------------------------------------------------------------------
+# Geometry.
+
+
+def _expand(v: jax.Array, like: jax.Array) -> jax.Array:
+  """``[N]`` -> ``[N, 1, ..., 1]`` broadcastable against ``like``."""
+  return jnp.reshape(v, v.shape + (1,) * (like.ndim - 1))
+
+
+def l2_norm(v: jax.Array) -> jax.Array:
+  """Per-example L2 norm: ``[N, ...] -> [N]``."""
+  return jnp.sqrt(jnp.sum(jnp.square(v.reshape(v.shape[0], -1)), axis=1))
+
+
+def project(x_adv: jax.Array, x: jax.Array, eps: jax.Array, norm: str, bounds: Bounds) -> jax.Array:
+  """Projects onto the ``norm`` ball of radius ``eps`` [N] around ``x``, then the box.
+
+  Clipping to the box after the ball keeps the point in the ball (``x`` is in the
+  box, so clipping only shrinks each coordinate's distance to ``x``).
+  """
+  delta = x_adv - x
+  if norm == "linf":
+    e = _expand(eps, x)
+    delta = jnp.clip(delta, -e, e)
+  else:
+    n = l2_norm(delta)
+    scale = jnp.minimum(1.0, eps / jnp.maximum(n, 1e-12))
+    delta = delta * _expand(scale, x)
+  return jnp.clip(x + delta, bounds[0], bounds[1])
+
+
+def random_init(key: jax.Array, x: jax.Array, eps: jax.Array, norm: str,
+                bounds: Bounds) -> jax.Array:
+  """A uniform random point of the ``norm`` ball around ``x``, clipped to the box."""
+  if norm == "linf":
+    e = _expand(eps, x)
+    delta = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0) * e
+  else:
+    k_dir, k_rad = jax.random.split(key)
+    d = jax.random.normal(k_dir, x.shape, x.dtype)
+    dim = np.prod(x.shape[1:])
+    radius = eps * jax.random.uniform(k_rad, (x.shape[0],), x.dtype)**(1.0 / dim)
+    delta = d * _expand(radius / jnp.maximum(l2_norm(d), 1e-12), x)
+  return jnp.clip(x + delta, bounds[0], bounds[1])
+
+
+# ----------------------------------------------------------------------------
+# Losses: ``loss(logits [N, K], y [N], target [N] | None) -> [N]``, higher is
+# more adversarial.
+
+
+def _top_other(logits: jax.Array, label: jax.Array) -> jax.Array:
+  """``max_{j != label} logits_j`` per example."""
+  mask = jax.nn.one_hot(label, logits.shape[-1], dtype=bool)
+  return jnp.max(jnp.where(mask, -jnp.inf, logits), axis=-1)
+
+
+def _take(logits: jax.Array, label: jax.Array) -> jax.Array:
+  return jnp.take_along_axis(logits, label[:, None], axis=-1)[:, 0]
+
+
+def cross_entropy_loss(logits, y, target=None):
+  """Untargeted: ``CE(logits, y)``; targeted: ``-CE(logits, target)``."""
+  logp = jax.nn.log_softmax(logits)
+  if target is None:
+    return -_take(logp, y)
+  return _take(logp, target)
+
+
+def margin_loss(logits, y, target=None):
+  """Untargeted: ``max_{j != y} z_j - z_y``; targeted: ``z_t - z_y`` (C&W, Gowal et al.)."""
+  if target is None:
+    return _top_other(logits, y) - _take(logits, y)
+  return _take(logits, target) - _take(logits, y)
+
+
+def dlr_loss(logits, y, target=None):
+  """Difference of logits ratio (Croce & Hein 2020), untargeted or targeted.
+
+  Untargeted: ``-(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3)``; targeted:
+  ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)``, with ``z_pi`` the sorted logits.
+  Needs K >= 3 (untargeted) or K >= 4 (targeted).
+  """
+  z = jnp.sort(logits, axis=-1)[:, ::-1]
+  if target is None:
+    return -(_take(logits, y) - _top_other(logits, y)) / (z[:, 0] - z[:, 2] + 1e-12)
+  return -(_take(logits, y) - _take(logits, target)) / (z[:, 0] - 0.5 * (z[:, 2] + z[:, 3]) + 1e-12)
+
+
+LOSSES = {"ce": cross_entropy_loss, "margin": margin_loss, "dlr": dlr_loss}
+MIN_CLASSES = {"ce": 2, "margin": 2, "dlr": 3}
+
+
+def get_loss(name: str, targeted: bool = False) -> tuple[Callable, int]:
+  """Returns ``(loss_fn, min_classes)`` for ``"ce" | "margin" | "dlr"``."""
+  if name not in LOSSES:
+    raise InputError(f"loss must be one of {sorted(LOSSES)}, got {name!r}")
+  return LOSSES[name], MIN_CLASSES[name] + (1 if targeted and name == "dlr" else 0)
+
+
+def is_adversarial(logits: jax.Array, y: jax.Array, target: jax.Array | None = None) -> jax.Array:
+  """``[N]`` bool: misclassified (untargeted) or classified as ``target``."""
+  pred = jnp.argmax(logits, axis=-1)
+  return pred != y if target is None else pred == target
+
+
+# ----------------------------------------------------------------------------
+# The best point per example.
+
+
+class Best(NamedTuple):
+  """Per-example best candidate so far.
+
+  Attributes:
+    x: ``[N, ...]`` the best point.
+    adversarial: ``[N]`` bool, whether it fools the model.
+    score: ``[N]`` the attack's objective at it (higher is better).
+  """
+  x: jax.Array
+  adversarial: jax.Array
+  score: jax.Array
+
+
+def init_best(x: jax.Array, adversarial: jax.Array, score: jax.Array) -> Best:
+  """The bookkeeping starts from ``x`` itself, so the result is never worse than ``x``."""
+  return Best(x, adversarial, score)
+
+
+def update_best(best: Best, x: jax.Array, adversarial: jax.Array, score: jax.Array) -> Best:
+  """Keeps, per example, the better of ``best`` and the candidate.
+
+  A candidate wins if it is adversarial and the best is not, or if both agree
+  on adversarialness and its score is strictly higher.
+  """
+  better = (adversarial & ~best.adversarial) | ((adversarial == best.adversarial) &
+                                                (score > best.score))
+  return Best(jnp.where(_expand(better, x), x, best.x), best.adversarial | adversarial,
+              jnp.where(better, score, best.score))
