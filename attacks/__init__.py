@@ -5,3 +5,23 @@ its hyper-parameters and returns a pure ``attack(logits_fn, x, y, key) -> x_adv`
 """
 
 __all__: list[str] = []
+
+# Gradient attacks.
+from attacks.fgsm import fgsm
+from attacks.pgd import pgd
+
+__all__ += ["fgsm", "pgd"]
+
+# Minimum-norm and black-box attacks: FAB, Square, SPSA.
+from attacks.fab import fab
+from attacks.spsa import spsa, spsa_gradient
+from attacks.square import SquareResult, square, square_search
+
+__all__ += ["SquareResult", "fab", "spsa", "spsa_gradient", "square", "square_search"]
+
+# Evaluation: cascades, AutoAttack, evaluate, diagnostics.
+from attacks.autoattack import Cascade, autoattack, cascade
+from attacks.diagnostics import AttackWarning, diagnose
+from attacks.evaluation import Report, evaluate
+
+__all__ += ["AttackWarning", "Cascade", "Report", "autoattack", "cascade", "diagnose", "evaluate"]

@@ -3,4 +3,24 @@
 Depends on ``robustlib`` only.
 """
 
-__all__: list[str] = []
+from verify.alpha_crown import alpha_crown
+from verify.certification import certify, margin_bounds
+from verify.crown import crown, crown_ibp
+from verify.graph import UnsupportedPrimitiveError
+from verify.ibp import SUPPORTED_PRIMITIVES, ibp
+from verify.interval import Interval, linf_ball
+from verify.specs import margin_spec
+
+__all__: list[str] = [
+    "Interval",
+    "SUPPORTED_PRIMITIVES",
+    "UnsupportedPrimitiveError",
+    "alpha_crown",
+    "certify",
+    "crown",
+    "crown_ibp",
+    "ibp",
+    "linf_ball",
+    "margin_bounds",
+    "margin_spec",
+]

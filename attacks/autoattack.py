@@ -1,0 +1,214 @@
+"""Cascades of attacks, and AutoAttack (Croce & Hein, ICML 2020).
+
+A cascade runs its attacks one after the other, each only on the points that are
+still robust: correctly classified and unbroken by every earlier attack. Arrays
+keep a fixed shape throughout (a point that is already broken is masked, not
+removed), so nothing recompiles as points fall; a stage is skipped entirely
+(``lax.cond``) once no point of the batch is left.
+
+A cascade is itself an attack (it follows the calling convention of
+:mod:`attacks.core` and returns, per example, the first adversarial point found,
+or the last stage's best point when none is), and :func:`attacks.evaluate`
+reads its ``stages`` to report the robust accuracy after each of them.
+
+Example::
+
+  suite = attacks.autoattack(eps=8 / 255)                  # APGD-CE, APGD-T, FAB-T, Square
+  x_adv = suite(logits_fn, x, y, jax.random.key(0))
+  report = attacks.evaluate(logits_fn, x, y, suite, key=jax.random.key(0))
+  report.stage_accuracy                                    # [E, 4]: after each stage
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from attacks import core
+from robustlib.checks import InputError
+
+VERSIONS = ("standard", "rand")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Cascade(core.AttackFn):
+  """An attack made of stages run one after the other on the still-robust points.
+
+  Attributes:
+    stages: the attacks, in the order they run (all untargeted, one norm and
+      one box).
+    (the other attributes are those of :class:`attacks.core.AttackFn`.)
+  """
+  stages: tuple[core.AttackFn, ...] = ()
+
+
+def run_stages(stages: Sequence[core.AttackFn],
+               logits_fn: core.LogitsFn,
+               x: jax.Array,
+               y: jax.Array,
+               key: jax.Array,
+               eps: jax.Array,
+               valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Runs ``stages`` as a cascade; the array program behind :class:`Cascade`.
+
+  Args:
+    stages: untargeted attacks.
+    logits_fn: ``[N, ...] -> [N, K]``.
+    x: inputs ``[N, ...]``.
+    y: labels ``[N]``.
+    key: PRNG key; stage ``s`` gets ``fold_in(key, s)`` (so the first stage of a
+      cascade sees exactly what the same attack run alone sees).
+    eps: ``[N]`` radii.
+    valid: optional ``[N]`` bool; rows that are False (padding) count as not
+      robust, so they never keep a stage running.
+
+  Returns:
+    ``(x_adv [N, ...], correct [N] bool, robust [S, N] bool)``: per example the
+    first adversarial point found (``x`` where ``x`` is misclassified; the last
+    stage's point where no stage succeeded), whether ``x`` is classified
+    correctly, and whether it is still robust after each stage.
+  """
+  pred = jnp.argmax(logits_fn(x), axis=-1)
+  correct = pred == y
+  robust = correct if valid is None else correct & valid
+  x_best = x
+  flags = []
+  for s, stage in enumerate(stages):
+    stage_key = jax.random.fold_in(key, s)
+
+    def attack(carry, stage=stage, stage_key=stage_key):
+      robust, x_best = carry
+      x_stage = stage(logits_fn, x, y, stage_key, eps=eps)
+      broken = jnp.argmax(logits_fn(x_stage), axis=-1) != y
+      # Rows robust so far take this stage's point: the first adversarial one or
+      # the latest non-adversarial best; broken rows keep their first success.
+      x_best = jnp.where(core._expand(robust, x), x_stage, x_best)  # pylint: disable=protected-access
+      return robust & ~broken, x_best
+
+    robust, x_best = jax.lax.cond(robust.any(), attack, lambda carry: carry, (robust, x_best))
+    flags.append(robust)
+  robust_flags = jnp.stack(flags) if flags else jnp.zeros((0,) + y.shape, bool)
+  return x_best, correct, robust_flags
+
+
+def flatten(suite: Any) -> tuple[core.AttackFn, ...]:
+  """The stages of a suite: one attack, a :class:`Cascade` or a list of either."""
+  if isinstance(suite, Cascade):
+    return tuple(suite.stages)
+  if isinstance(suite, core.AttackFn):
+    return (suite,)
+  if isinstance(suite, (list, tuple)) and suite:
+    return tuple(stage for item in suite for stage in flatten(item))
+  raise InputError(f"a suite is an attack, a non-empty list of attacks or attacks.autoattack(...); "
+                   f"got {type(suite).__name__}")
+
+
+def cascade(suite: Any, *, eps: float | None = None, name: str | None = None) -> Cascade:
+  """Composes attacks into one that runs each on the points still robust.
+
+  Args:
+    suite: an attack, a list of attacks or cascades (flattened in order).
+    eps: the cascade's default epsilon; by default the stages' common one (an
+      error if they differ). A call's ``eps`` goes to every stage.
+    name: the cascade's name; by default the stage names joined with ``+``.
+
+  Returns:
+    A :class:`Cascade`: callable like any attack, with its ``stages``.
+
+  Raises:
+    InputError: for targeted stages (a cascade is untargeted), stages that
+      disagree on the norm or the box, or on ``eps`` when none is given.
+  """
+  stages = flatten(suite)
+  targeted = [s.name for s in stages if s.targeted]
+  if targeted:
+    raise InputError(f"a cascade runs untargeted attacks (each picks its own targets, like "
+                     f"apgd_t); these take target=: {targeted}")
+  for attribute in ("norm", "bounds"):
+    values = {getattr(s, attribute) for s in stages}
+    if len(values) > 1:
+      raise InputError(f"the attacks of a cascade must share one {attribute}; got " +
+                       ", ".join(f"{s.name}: {getattr(s, attribute)}" for s in stages))
+  if eps is None:
+    values = sorted({s.eps for s in stages})
+    if len(values) > 1:
+      raise InputError(f"the attacks of the cascade have different eps {values}; pass eps=")
+    eps = values[0]
+
+  def run(logits_fn, x, y, key, eps, target):
+    del target  # untargeted
+    return run_stages(stages, logits_fn, x, y, key, eps)[0]
+
+  return Cascade(run=run,
+                 name=name or "+".join(s.name for s in stages),
+                 eps=float(eps),
+                 norm=stages[0].norm,
+                 bounds=stages[0].bounds,
+                 targeted=False,
+                 min_classes=max(s.min_classes for s in stages),
+                 stages=stages)
+
+
+def autoattack(eps: float,
+               norm: str = "linf",
+               version: str = "standard",
+               bounds: Sequence[float] = (0.0, 1.0),
+               *,
+               steps: int = 100,
+               num_targets: int = 9,
+               queries: int = 5000,
+               eot_samples: int = 20) -> Cascade:
+  """AutoAttack (Croce & Hein, "Reliable evaluation of adversarial robustness with
+  an ensemble of diverse parameter-free attacks", ICML 2020).
+
+  ``version="standard"``: APGD-CE (1 restart, 100 steps), APGD-T (targeted DLR
+  over the top 9 other classes, 1 restart, 100 steps), FAB-T (9 targets, 1
+  restart, 100 steps) and Square (5000 queries, ``p_init=0.8``), each on the
+  points the previous ones left robust. ``version="rand"`` (randomized models):
+  APGD-CE and APGD-DLR, each averaging gradients over 20 samples (EOT).
+
+  Args:
+    eps: radius of the threat model.
+    norm: ``"linf"`` or ``"l2"``.
+    version: ``"standard"`` or ``"rand"``.
+    bounds: the input box.
+    steps, num_targets, queries, eot_samples: AutoAttack's fixed values by
+      default; smaller values (quick tests) are no longer AutoAttack.
+
+  Returns:
+    A :class:`Cascade` named ``"autoattack"``.
+  """
+  core.check_eps(eps)
+  core.check_norm(norm)
+  bounds = core.check_bounds(bounds)
+  if version not in VERSIONS:
+    raise InputError(f"autoattack version must be one of {VERSIONS}, got {version!r} ('plus' "
+                     "and 'custom' are not offered: build a list of attacks instead)")
+  for value, field in ((steps, "steps"), (num_targets, "num_targets"), (queries, "queries"),
+                       (eot_samples, "eot_samples")):
+    core.check_positive_int(value, field)
+  # The attack modules are imported here, not at the top, so that this module
+  # (and evaluate) do not depend on which attacks a build ships.
+  import attacks  # pylint: disable=import-outside-toplevel
+  needed = ("apgd", "apgd_t", "fab", "square") if version == "standard" else ("apgd", "eot")
+  missing = [name for name in needed if not hasattr(attacks, name)]
+  if missing:
+    raise InputError(f"autoattack version {version!r} needs attacks.{', attacks.'.join(missing)}, "
+                     "which this build lacks")
+  common = dict(eps=eps, norm=norm, bounds=bounds)
+  if version == "standard":
+    stages = [
+        attacks.apgd(loss="ce", steps=steps, restarts=1, **common),
+        attacks.apgd_t(steps=steps, restarts=1, num_targets=num_targets, **common),
+        attacks.fab(steps=steps, restarts=1, num_targets=num_targets, **common),
+        attacks.square(queries=queries, p_init=0.8, **common),
+    ]
+  else:
+    stages = [
+        attacks.eot(attacks.apgd(loss=loss, steps=steps, restarts=1, **common), samples=eot_samples)
+        for loss in ("ce", "dlr")
+    ]
+  return cascade(stages, eps=eps, name="autoattack" if version == "standard" else "autoattack-rand")

@@ -1,0 +1,103 @@
+"""Evaluates a trained model under attack: ``python -m attacks.evaluate --workdir=DIR``.
+
+Loads the latest checkpoint of the training run in ``--workdir`` (its
+``config.json`` names the model and the data set), runs the suite on the first
+``--num_examples`` test examples for each epsilon, prints a table (epsilon,
+clean accuracy, robust accuracy after each attack, robust accuracy) and writes
+``DIR/attacks.json`` and ``DIR/attacks.png``. A rerun after an interruption
+resumes from ``DIR/attacks_state/``.
+
+Examples::
+
+  python -m attacks.evaluate --workdir=runs/digits_mlp --suite=autoattack --eps=0.05,0.1
+  python -m attacks.evaluate --workdir=runs/digits_mlp --suite=fgsm,pgd --norm=l2 --eps=0.5,1
+
+``--config=FILE.py[:VARIANT]`` (a training config) is optional and only picks the
+data (its ``dataset`` and ``data_dir``); the weights always come from the
+checkpoint in ``--workdir``, and the config must name the run's model. An
+untrained model is never evaluated.
+"""
+
+import logging as std_logging
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from attacks import evaluation
+from robustlib import checkpoints, checks, data, models
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (with a checkpoint).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Optional training config file: picks the data set and data_dir; must name "
+    "the run's model.")
+_SUITE = flags.DEFINE_string(
+    "suite", "autoattack", "Attack names separated by commas (a cascade): "
+    f"{', '.join(evaluation.SUITES)}.")
+_EPS = flags.DEFINE_list("eps", ["0.1"], "Radii, separated by commas (a sweep compiles once).")
+_NORM = flags.DEFINE_enum("norm", "linf", ["linf", "l2"], "Threat model.")
+_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 1000, "First test examples to use (0: all).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Examples per batch.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory (default: the run's).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the attacks' PRNG key.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results go (default: --workdir).")
+_RESUME = flags.DEFINE_bool("resume", True, "Keep resumable state and resume from it.")
+
+USER_ERRORS = (checks.InputError, checkpoints.CheckpointError, data.DataError,
+               models.ModelInputError)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or "orbax" not in record.pathname)
+  try:
+    eps = [float(e) for e in _EPS.value]
+  except ValueError:
+    raise app.UsageError(f"--eps must be numbers separated by commas, got {_EPS.value}") from None
+  dataset, data_dir = None, _DATA_DIR.value
+  try:
+    if _CONFIG.value is not None:
+      run_config = checkpoints.read_config(_WORKDIR.value)
+      given = (_CONFIG.value.model, _CONFIG.value.model_kwargs.to_dict())
+      trained = (run_config["model"], run_config.get("model_kwargs", {}))
+      if _normalize(given) != _normalize(trained):
+        raise app.UsageError(f"--config names the model {given}, but the checkpoint in "
+                             f"--workdir holds {trained}")
+      dataset, data_dir = _CONFIG.value.dataset, data_dir or _CONFIG.value.data_dir or None
+    report = evaluation.evaluate_run(_WORKDIR.value,
+                                     suite=_SUITE.value,
+                                     eps=eps,
+                                     norm=_NORM.value,
+                                     num_examples=_NUM_EXAMPLES.value,
+                                     batch_size=_BATCH_SIZE.value,
+                                     data_dir=data_dir,
+                                     dataset=dataset,
+                                     seed=_SEED.value,
+                                     output_dir=_OUTPUT_DIR.value,
+                                     resume=_RESUME.value)
+  except USER_ERRORS as e:
+    raise app.UsageError(f"{type(e).__name__}: {e}") from None
+  print(f"{report.suite} ({report.norm}) on {report.num_examples} examples, "
+        f"{report.seconds:.1f} s")
+  print(report.table())
+  for message in report.warnings:
+    print(f"WARNING: {message}")
+  sys.stdout.flush()
+
+
+def _normalize(value):
+  """Lists and tuples compare equal (JSON turns tuples into lists)."""
+  if isinstance(value, (list, tuple)):
+    return [_normalize(v) for v in value]
+  if isinstance(value, dict):
+    return {k: _normalize(v) for k, v in value.items()}
+  return value
+
+
+flags.mark_flag_as_required("workdir")
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,556 @@
+"""``evaluate``: the robust accuracy of a model under an attack, a cascade of
+attacks or AutoAttack, over a data set, for one epsilon or a sweep.
+
+The data is cut into fixed-size batches (the last one padded, padded rows
+masked) and each batch goes through one jitted function whose epsilon is a
+traced argument, so a whole sweep compiles once. After each batch the
+per-example results so far can be written atomically to ``state_dir``; a rerun
+with the same suite, epsilons, key, batch size, data and model resumes there.
+
+Example::
+
+  report = attacks.evaluate(logits_fn, x, y, attacks.autoattack(eps=0.3),
+                            eps=[0.1, 0.2, 0.3], key=jax.random.key(0))
+  print(report.table())
+  report.robust_accuracy        # (E,) overall robust accuracy per epsilon
+  report.stage_accuracy         # (E, S) after each attack of the cascade
+  report.robust_flags           # bool [E, N]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from attacks import core
+from attacks import diagnostics
+from attacks.autoattack import cascade, flatten, run_stages
+from robustlib import plotting
+from robustlib.checks import InputError, check_images, check_labels
+from robustlib.evaluation import pad_to_multiple
+from robustlib.pipelines import check_logits_fn
+
+_LOG = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Report:
+  """What :func:`evaluate` measured. ``E`` epsilons, ``S`` stages, ``N`` examples.
+
+  Attributes:
+    suite: the suite's name.
+    norm: ``"linf"`` or ``"l2"``.
+    eps: the epsilons ``(E,)``.
+    stage_names: the cascade's attacks in order ``(S,)``.
+    num_examples: ``N``.
+    clean_accuracy: accuracy on the unperturbed inputs.
+    robust_accuracy: ``(E,)`` fraction of examples correct and unbroken by every
+      attack, per epsilon.
+    stage_accuracy: ``(E, S)`` robust accuracy after each stage (non-increasing
+      along a row; the last column is ``robust_accuracy``).
+    clean_flags: bool ``[N]``, correctly classified.
+    robust_flags: bool ``[E, N]``, robust against the whole suite.
+    stage_flags: bool ``[E, S, N]``, still robust after each stage.
+    seconds: wall time of this call.
+    resumed_from_batch: batches read from a saved state instead of computed.
+    warnings: the diagnostics' messages (also emitted as ``AttackWarning``).
+  """
+  suite: str
+  norm: str
+  eps: tuple[float, ...]
+  stage_names: tuple[str, ...]
+  num_examples: int
+  clean_accuracy: float
+  robust_accuracy: tuple[float, ...]
+  stage_accuracy: tuple[tuple[float, ...], ...]
+  clean_flags: np.ndarray
+  robust_flags: np.ndarray
+  stage_flags: np.ndarray
+  seconds: float
+  resumed_from_batch: int = 0
+  warnings: tuple[str, ...] = ()
+
+  def to_dict(self, flags: bool = True) -> dict:
+    """Plain values (lists, floats, strings) ready for ``json.dump``.
+
+    Args:
+      flags: include the per-example flags (``N`` and ``E * S * N`` booleans, as
+        0/1 integers).
+    """
+    out = {
+        "suite": self.suite,
+        "norm": self.norm,
+        "eps": list(self.eps),
+        "stage_names": list(self.stage_names),
+        "num_examples": self.num_examples,
+        "clean_accuracy": self.clean_accuracy,
+        "robust_accuracy": list(self.robust_accuracy),
+        "stage_accuracy": [list(row) for row in self.stage_accuracy],
+        "seconds": self.seconds,
+        "resumed_from_batch": self.resumed_from_batch,
+        "warnings": list(self.warnings),
+    }
+    if flags:
+      out["clean_flags"] = self.clean_flags.astype(int).tolist()
+      out["robust_flags"] = self.robust_flags.astype(int).tolist()
+      out["stage_flags"] = self.stage_flags.astype(int).tolist()
+    return out
+
+  def to_json(self, flags: bool = True) -> str:
+    """:meth:`to_dict` as a JSON string."""
+    return json.dumps(self.to_dict(flags), indent=1)
+
+  def table(self) -> str:
+    """A text table: one row per epsilon; clean, after each stage, robust."""
+    names = list(self.stage_names) if len(self.stage_names) > 1 else []
+    header = ["eps", "clean"] + [f"after {n}" for n in names] + ["robust"]
+    rows = [[f"{e:g}", f"{self.clean_accuracy:.2%}"] + [f"{a:.2%}"
+                                                        for a in stages[:len(names)]] +
+            [f"{robust:.2%}"]
+            for e, stages, robust in zip(self.eps, self.stage_accuracy, self.robust_accuracy)]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header] + rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _evaluate_batch(stages, logits_fn, x, y, valid, key, eps):
+  """One batch, one epsilon (traced scalar): ``(correct [B], robust [S, B])``."""
+  eps = core.per_example_eps(eps, x.shape[0], x.dtype)
+  _, correct, robust = run_stages(stages, logits_fn, x, y, key, eps, valid)
+  return correct, robust
+
+
+# Compiled once per (stages, logits_fn) and input shape; epsilon is traced.
+evaluate_batch = jax.jit(_evaluate_batch, static_argnums=(0, 1))
+
+
+def _check_eps_list(eps: Any, stages: Sequence[core.AttackFn]) -> tuple[float, ...]:
+  if eps is None:
+    values = sorted({s.eps for s in stages})
+    if len(values) > 1:
+      raise InputError(f"the attacks of the suite have different eps {values}; pass eps=")
+    return (values[0],)
+  arr = np.asarray(eps, dtype=np.float64)
+  if arr.ndim > 1 or arr.size == 0:
+    raise InputError(f"eps must be one value or a non-empty list of values, got {eps!r}")
+  core.check_eps(arr)
+  return tuple(float(e) for e in np.atleast_1d(arr))
+
+
+def _describe(obj: Any, depth: int = 0) -> str:
+  """A stable description of an attack's configuration, for the state fingerprint."""
+  if depth > 6:
+    return type(obj).__name__
+  if obj is None or isinstance(obj, (bool, int, float, str, np.number)):
+    return repr(obj)
+  if isinstance(obj, (tuple, list)):
+    return "(" + ",".join(_describe(o, depth + 1) for o in obj) + ")"
+  if isinstance(obj, dict):
+    return "{" + ",".join(f"{k}:{_describe(v, depth + 1)}" for k, v in sorted(obj.items())) + "}"
+  if isinstance(obj, core.AttackFn):
+    fields = [f.name for f in dataclasses.fields(obj)]
+    return type(obj).__name__ + _describe({f: getattr(obj, f) for f in fields}, depth + 1)
+  if isinstance(obj, functools.partial):
+    return "partial" + _describe((obj.func, obj.args, obj.keywords), depth + 1)
+  if isinstance(obj, (np.ndarray, jax.Array)) and not isinstance(obj, jax.core.Tracer):
+    if obj.size <= 64 and not jnp.issubdtype(obj.dtype, jax.dtypes.prng_key):
+      return f"array{np.asarray(obj).tolist()}"
+    return f"array{obj.shape}{obj.dtype}"
+  code = getattr(obj, "__code__", None)
+  if code is not None:
+    cells = []
+    for cell in getattr(obj, "__closure__", None) or ():
+      try:
+        cells.append(_describe(cell.cell_contents, depth + 1))
+      except ValueError:  # an empty cell
+        cells.append("<empty>")
+    defaults = _describe(getattr(obj, "__defaults__", None), depth + 1)
+    return f"{obj.__module__}.{obj.__qualname__}{defaults}[{','.join(cells)}]"
+  return type(obj).__name__
+
+
+def _fingerprint(stages, eps, key, batch_size, x, y, first_logits) -> str:
+  h = hashlib.sha256()
+  for part in (f"v{STATE_VERSION}", _describe(stages), repr(eps), str(batch_size), str(x.shape),
+               str(x.dtype)):
+    h.update(part.encode())
+    h.update(b"\0")
+  h.update(np.asarray(jax.random.key_data(key)).tobytes())
+  h.update(np.ascontiguousarray(x).tobytes())
+  h.update(np.ascontiguousarray(y).tobytes())
+  # The model: its outputs on the first batch (a changed model starts afresh).
+  h.update(np.round(np.asarray(first_logits, np.float64), 4).tobytes())
+  return h.hexdigest()
+
+
+def _load_state(path: str, fingerprint: str):
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path) as state:
+      if str(state["fingerprint"]) != fingerprint:
+        return None
+      return int(state["done"]), state["clean"].copy(), state["stages"].copy()
+  except (OSError, KeyError, ValueError) as e:
+    _LOG.warning("ignoring unreadable evaluation state %s (%s)", path, e)
+    return None
+
+
+def _save_state(path: str, fingerprint: str, done: int, clean: np.ndarray,
+                stages: np.ndarray) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "wb") as f:
+    np.savez(f,
+             fingerprint=np.asarray(fingerprint),
+             done=np.asarray(done),
+             clean=clean,
+             stages=stages)
+  os.replace(tmp, path)
+
+
+def _unique_names(stages: Sequence[core.AttackFn]) -> tuple[str, ...]:
+  names = []
+  for stage in stages:
+    name, i = stage.name, 2
+    while name in names:
+      name, i = f"{stage.name}#{i}", i + 1
+    names.append(name)
+  return tuple(names)
+
+
+def _key(key: Any) -> jax.Array:
+  if isinstance(key, (int, np.integer)):
+    return jax.random.key(int(key))
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  if not (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or
+          (key.dtype == jnp.uint32 and key.shape == (2,))):
+    raise InputError(f"key must be a PRNG key (jax.random.key(seed)), got {key.dtype}{key.shape}")
+  return key
+
+
+def evaluate(logits_fn: core.LogitsFn,
+             x,
+             y,
+             suite: Any,
+             *,
+             key: Any,
+             eps: float | Sequence[float] | None = None,
+             batch_size: int = 256,
+             norm: str | None = None,
+             plot_path: str | None = None,
+             state_dir: str | None = None,
+             state_every: int = 1,
+             progress: bool = True,
+             run_diagnostics: bool = True,
+             callback: Callable[[int, int], None] | None = None) -> Report:
+  """Robust accuracy of ``logits_fn`` on ``(x, y)`` under ``suite``.
+
+  Each attack of a cascade runs on the points still robust (masked in a fixed
+  shape); a point counts as robust when it is classified correctly and no
+  attack's result fools the model. With several epsilons (a sweep) the same
+  compiled batch function runs for each: epsilon is a traced argument.
+
+  Args:
+    logits_fn: pure ``[N, ...] -> [N, K]``, returning logits.
+    x: inputs ``[N, ...]`` inside the attacks' box.
+    y: integer labels ``[N]``.
+    suite: an attack, a list of attacks (a cascade) or ``attacks.autoattack(...)``;
+      all untargeted, sharing one norm and box.
+    key: a PRNG key (or an int seed); batch ``b``, epsilon ``j`` use
+      ``fold_in(fold_in(key, b), j)``, so results do not depend on resuming.
+    eps: one radius or a list; by default the suite's.
+    batch_size: rows per call (the last batch is padded).
+    norm: if given, must be the suite's norm (a guard against mixing up units).
+    plot_path: where to save a PNG of robust accuracy against epsilon.
+    state_dir: directory for resumable state; a rerun with the same
+      arguments, data and model resumes after the last saved batch.
+    state_every: save the state every this many batches (and at the end).
+    progress: show a progress bar with rate and ETA (INFO log lines are
+      written either way).
+    run_diagnostics: run :func:`attacks.diagnostics.diagnose` on the first batch.
+    callback: ``callback(batches_done, num_batches)`` after each computed batch
+      (after its state is saved).
+
+  Returns:
+    A :class:`Report`.
+
+  Raises:
+    InputError: for bad inputs, a suite that is not one, a norm mismatch, or a
+      model with too few classes for an attack of the suite (before any work).
+  """
+  start = time.time()
+  stages = flatten(suite)
+  eps_list = _check_eps_list(eps, stages)
+  suite_name = suite.name if isinstance(suite, core.AttackFn) else "+".join(s.name for s in stages)
+  cascade(stages, eps=eps_list[0])  # validates: untargeted, one norm, one box
+  if norm is not None and core.check_norm(norm) != stages[0].norm:
+    raise InputError(f"norm={norm!r} but the suite attacks in {stages[0].norm!r}")
+  x = np.asarray(x)
+  y = np.asarray(y)
+  check_images(x, bounds=stages[0].bounds, name="x")
+  check_labels(y, num_examples=x.shape[0], name="y")
+  if x.shape[0] == 0:
+    raise InputError("evaluate needs at least one example")
+  batch_size = min(core.check_positive_int(batch_size, "batch_size"), x.shape[0])
+  core.check_positive_int(state_every, "state_every")
+  key = _key(key)
+  num_classes = check_logits_fn(logits_fn, (batch_size,) + x.shape[1:], x.dtype)
+  diagnostics.check_num_classes(num_classes, stages)
+  check_labels(y, num_classes=num_classes, name="y")
+
+  n = x.shape[0]
+  xp, yp = pad_to_multiple(x, batch_size), pad_to_multiple(y, batch_size)
+  valid = np.arange(xp.shape[0]) < n
+  num_batches = xp.shape[0] // batch_size
+  names = _unique_names(stages)
+  num_eps, num_stages = len(eps_list), len(stages)
+
+  messages: tuple[str, ...] = ()
+  if run_diagnostics:
+    messages = diagnostics.diagnose(logits_fn, xp[:batch_size], yp[:batch_size], stages)
+
+  clean = np.zeros(xp.shape[0], bool)
+  robust = np.zeros((num_eps, num_stages, xp.shape[0]), bool)
+  done = 0
+  state_path = fingerprint = None
+  if state_dir is not None:
+    os.makedirs(state_dir, exist_ok=True)
+    first_logits = jax.jit(lambda v: logits_fn(v))(xp[:batch_size])  # pylint: disable=unnecessary-lambda
+    fingerprint = _fingerprint(stages, eps_list, key, batch_size, x, y, first_logits)
+    state_path = os.path.join(state_dir, f"evaluate-{fingerprint[:16]}.npz")
+    loaded = _load_state(state_path, fingerprint)
+    if loaded is not None:
+      done, clean, robust = loaded
+      _LOG.info("resuming the evaluation from %s: %d of %d batches done", state_path, done,
+                num_batches)
+  resumed = done
+
+  eps_arrays = [jnp.asarray(e, x.dtype) for e in eps_list]
+  bar = tqdm(total=n,
+             initial=min(done * batch_size, n),
+             desc=suite_name,
+             unit="ex",
+             leave=False,
+             disable=not progress)
+  loop_start = time.time()
+  for b in range(done, num_batches):
+    rows = slice(b * batch_size, (b + 1) * batch_size)
+    batch_key = jax.random.fold_in(key, b)
+    outputs = [
+        evaluate_batch(stages, logits_fn, xp[rows], yp[rows], valid[rows],
+                       jax.random.fold_in(batch_key, j), e) for j, e in enumerate(eps_arrays)
+    ]
+    outputs = jax.device_get(outputs)
+    clean[rows] = outputs[0][0]
+    for j, (_, flags) in enumerate(outputs):
+      robust[j, :, rows] = flags
+    done = b + 1
+    seen = min(done * batch_size, n)
+    running = robust[:, -1, :seen].mean(axis=1)
+    bar.set_postfix_str("robust " + " ".join(f"{a:.1%}" for a in running), refresh=False)
+    bar.update(seen - bar.n)
+    rate = (done - resumed) * batch_size / max(time.time() - loop_start, 1e-9)
+    eta = max(n - seen, 0) / max(rate, 1e-9)
+    _LOG.info("%s: batch %d/%d, robust accuracy so far %s | %.1f ex/s | ETA %.0f s", suite_name,
+              done, num_batches, ", ".join(f"{a:.2%}" for a in running), rate, eta)
+    if state_path is not None and (done % state_every == 0 or done == num_batches):
+      _save_state(state_path, fingerprint, done, clean, robust)
+    if callback is not None:
+      callback(done, num_batches)
+  bar.close()
+
+  clean, robust = clean[:n], robust[:, :, :n]
+  clean_accuracy = float(clean.mean())
+  stage_accuracy = robust.mean(axis=2)
+  masking = [
+      f"eps={e:g}: {m}" for e, row in zip(eps_list, stage_accuracy)
+      for m in diagnostics.check_gradient_masking(names, row, clean_accuracy)
+  ]
+  diagnostics.warn(masking)
+  messages += tuple(masking)
+  report = Report(suite=suite_name,
+                  norm=stages[0].norm,
+                  eps=eps_list,
+                  stage_names=names,
+                  num_examples=n,
+                  clean_accuracy=clean_accuracy,
+                  robust_accuracy=tuple(float(a) for a in stage_accuracy[:, -1]),
+                  stage_accuracy=tuple(tuple(float(a) for a in row) for row in stage_accuracy),
+                  clean_flags=clean,
+                  robust_flags=robust[:, -1, :].copy(),
+                  stage_flags=robust,
+                  seconds=time.time() - start,
+                  resumed_from_batch=resumed,
+                  warnings=messages)
+  if plot_path is not None:
+    save_plot(report, plot_path)
+  return report
+
+
+def save_plot(report: Report, path: str) -> str:
+  """Saves robust accuracy against epsilon (clean, after each stage) as a PNG."""
+  eps = list(report.eps)
+  series = {"clean": (eps, [report.clean_accuracy] * len(eps))}
+  if len(report.stage_names) > 1:
+    for s, name in enumerate(report.stage_names[:-1]):
+      series[f"after {name}"] = (eps, [row[s] for row in report.stage_accuracy])
+  series[f"robust ({report.suite})"] = (eps, list(report.robust_accuracy))
+  return plotting.save_line_plots(path, {"robust accuracy": series},
+                                  xlabel=f"epsilon ({report.norm})",
+                                  title=f"{report.suite}, {report.num_examples} examples")
+
+
+# ----------------------------------------------------------------------------
+# Suites by name, and evaluating a training run (what ``python -m attacks.evaluate``
+# does).
+
+# name -> (factory in the attacks package, keyword arguments besides eps/norm/bounds).
+SUITES: dict[str, tuple[str, dict]] = {
+    "fgsm": ("fgsm", {}),
+    "pgd": ("pgd", {}),
+    "multitargeted": ("multitargeted", {}),
+    "apgd": ("apgd", {
+        "loss": "ce"
+    }),
+    "apgd_ce": ("apgd", {
+        "loss": "ce"
+    }),
+    "apgd_dlr": ("apgd", {
+        "loss": "dlr"
+    }),
+    "apgd_t": ("apgd_t", {}),
+    "fab": ("fab", {}),
+    "square": ("square", {}),
+    "spsa": ("spsa", {}),
+    "autoattack": ("autoattack", {}),
+    "autoattack_rand": ("autoattack", {
+        "version": "rand"
+    }),
+}
+
+
+def build_suite(spec: str | Sequence[str],
+                *,
+                eps: float,
+                norm: str = "linf",
+                bounds: Sequence[float] = (0.0, 1.0)) -> list[core.AttackFn]:
+  """Attacks by name, with their factories' default settings.
+
+  Args:
+    spec: names separated by commas (``"fgsm,pgd"``: a cascade) or a list; see
+      :data:`SUITES`.
+    eps: the attacks' default radius (:func:`evaluate` passes its own).
+    norm: ``"linf"`` or ``"l2"``.
+    bounds: the input box.
+
+  Returns:
+    The attacks, in order.
+  """
+  import attacks  # pylint: disable=import-outside-toplevel
+  names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else list(spec)
+  unknown = [name for name in names if name not in SUITES]
+  if unknown or not names:
+    raise InputError(f"unknown attack {unknown[0] if unknown else ''!r} in the suite; choose from "
+                     f"{sorted(SUITES)} (a comma-separated list is a cascade)")
+  suite = []
+  for name in names:
+    factory_name, kwargs = SUITES[name]
+    factory = getattr(attacks, factory_name, None)
+    if factory is None:
+      raise InputError(f"attack {name!r} needs attacks.{factory_name}, which this build lacks")
+    suite.append(factory(eps=eps, norm=norm, bounds=tuple(bounds), **kwargs))
+  return suite
+
+
+def _write_json(path: str, content: dict) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(content, f, indent=1)
+  os.replace(tmp, path)
+
+
+def evaluate_run(workdir: str,
+                 *,
+                 suite: str | Sequence[str],
+                 eps: Sequence[float],
+                 norm: str = "linf",
+                 num_examples: int = 0,
+                 batch_size: int = 256,
+                 data_dir: str | None = None,
+                 dataset: str | None = None,
+                 seed: int = 0,
+                 output_dir: str | None = None,
+                 resume: bool = True,
+                 progress: bool = True) -> Report:
+  """Evaluates a training run's latest checkpoint on its data set's test split.
+
+  Args:
+    workdir: a directory written by a training run (``config.json`` and
+      ``checkpoints/``), read with ``robustlib.checkpoints.load_run``.
+    suite: attack names (see :func:`build_suite`).
+    eps: the radii.
+    norm: ``"linf"`` or ``"l2"``.
+    num_examples: the first this many test examples (0: all).
+    batch_size: rows per call.
+    data_dir: where the data files are (default: the run's, then
+      ``ROBUSTLIB_DATA_DIR``).
+    dataset: another data set with the same input shape and classes (default:
+      the run's).
+    seed: seeds the attacks' PRNG key.
+    output_dir: where ``attacks.json``, ``attacks.png`` and the resumable state
+      (``attacks_state/``) go; default ``workdir``.
+    resume: keep and reuse the resumable state.
+    progress: show a progress bar.
+
+  Returns:
+    The :class:`Report`; ``attacks.json`` holds it with the run's details.
+  """
+  from robustlib import as_logits_fn, checkpoints, data  # pylint: disable=import-outside-toplevel
+  config, model, variables = checkpoints.load_run(workdir)
+  dataset = dataset or config["dataset"]
+  info = data.info(config["dataset"])
+  if dataset != config["dataset"]:
+    other = data.info(dataset)
+    if (other.input_shape, other.num_classes) != (info.input_shape, info.num_classes):
+      raise InputError(f"the run was trained on {config['dataset']!r} ({info.input_shape}, "
+                       f"{info.num_classes} classes); {dataset!r} does not match")
+  test = data.load(dataset, "test", data_dir=data_dir or config.get("data_dir") or None)
+  images, labels = test.images, test.labels
+  if num_examples:
+    images, labels = images[:num_examples], labels[:num_examples]
+  logits_fn = as_logits_fn(model, variables, info.input_shape)
+  attacks_list = build_suite(suite, eps=max(eps), norm=norm)
+  output_dir = output_dir or workdir
+  os.makedirs(output_dir, exist_ok=True)
+  report = evaluate(logits_fn,
+                    images,
+                    labels,
+                    attacks_list if len(attacks_list) > 1 else attacks_list[0],
+                    key=jax.random.key(seed),
+                    eps=list(eps),
+                    batch_size=batch_size,
+                    norm=norm,
+                    plot_path=os.path.join(output_dir, "attacks.png"),
+                    state_dir=os.path.join(output_dir, "attacks_state") if resume else None,
+                    progress=progress)
+  content = report.to_dict()
+  content.update(workdir=os.path.abspath(workdir),
+                 dataset=dataset,
+                 model=config["model"],
+                 seed=seed,
+                 batch_size=batch_size)
+  _write_json(os.path.join(output_dir, "attacks.json"), content)
+  return report

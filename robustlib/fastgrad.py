@@ -1,0 +1,279 @@
+"""Faster input-gradients of convolutions inside loops, for any JAX function.
+
+On XLA's CPU backend the input-gradient of a convolution inside ``lax.fori_loop``
+or ``lax.scan`` runs several times slower than the same gradient outside a loop:
+JAX's transpose rule expresses it as a convolution with the kernel reversed
+inside the program and its in/out channel roles swapped through the dimension
+numbers, and the layout XLA then picks for the kernel is slow. This module
+rewrites a function so that every convolution whose kernel does not depend on
+the input gets a custom VJP whose input-gradient is a plain convolution with a
+kernel that was flipped spatially and had its in/out channels swapped once, at
+preparation time (before the loop). Results are bit-identical in the forward
+pass; gradients agree to float rounding (see ``PERFORMANCE.md``).
+
+Example::
+
+  fast_fn = fastgrad.prepare(logits_fn, x)   # once, before the loop
+  def body(i, z):
+    g = jax.grad(lambda v: loss(fast_fn(v)))(z)
+    ...
+
+How it works: ``fn`` is traced to a jaxpr for inputs shaped like the example.
+The part of the jaxpr that does not depend on the inputs (the weights, their
+casts and reshapes) is evaluated once, in :func:`prepare` — concretely, or
+inside whatever trace ``prepare`` is called in (e.g. a jitted training step
+whose parameters are tracers). The prepared function evaluates the rest equation
+by equation, re-binding every primitive unchanged except
+``conv_general_dilated`` with an input-independent kernel, and inlining nested
+``jit`` calls so their convolutions are found too. Calls with custom derivative
+rules (``custom_jvp``/``custom_vjp``, e.g. ``jax.nn.relu``) are re-bound as they
+are: their rules, not their bodies, define their gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+from jax import lax
+import numpy as np
+
+from robustlib import jax_internals as jint
+
+# Call primitives whose body is inlined (their gradient is their body's gradient).
+_INLINED_CALLS = ("jit", "pjit", "closed_call", "core_call")
+_CONV = "conv_general_dilated"
+
+
+class _Unknown:
+  """Marks a value that depends on the prepared function's inputs."""
+
+  def __repr__(self):
+    return "<input-dependent>"
+
+
+_UNKNOWN = _Unknown()
+
+# ----------------------------------------------------------------------------
+# The convolution with a prepared input-gradient.
+
+
+def _dilate_shape(shape, dilation):
+  return tuple(0 if d == 0 else 1 + r * (d - 1) for d, r in zip(shape, dilation))
+
+
+def _transposed_kernel(rhs: jax.Array, params: dict[str, Any]) -> jax.Array:
+  """The kernel of the input-gradient convolution, laid out like ``rhs``.
+
+  JAX's transpose rule uses ``rev(rhs)`` with the rhs spec's in/out feature
+  dimensions swapped; here the swap is a physical transpose, done once, so the
+  gradient convolution reads the kernel with the forward pass's dimension numbers.
+  """
+  _, rhs_spec, _ = params["dimension_numbers"]
+  groups = params["feature_group_count"]
+  out_dim, in_dim = rhs_spec[0], rhs_spec[1]
+  if groups > 1:
+    # Move the group axis from the output features into the input features.
+    shape = list(rhs.shape)
+    shape[out_dim:out_dim + 1] = [groups, shape[out_dim] // groups]
+    rhs = lax.reshape(rhs, shape)
+    perm = [i for i in range(rhs.ndim) if i != out_dim]
+    dst = in_dim  # the in-feature axis's index once the group axis is taken out
+    perm.insert(dst, out_dim)
+    new_shape = list(np.delete(rhs.shape, out_dim))
+    new_shape[dst] *= rhs.shape[out_dim]
+    rhs = lax.reshape(rhs, new_shape, perm)
+  spatial = tuple(rhs_spec[2:])
+  rhs = lax.rev(rhs, spatial)
+  perm = list(range(rhs.ndim))
+  perm[out_dim], perm[in_dim] = perm[in_dim], perm[out_dim]
+  return lax.transpose(rhs, perm)
+
+
+def _make_fast_conv(params: dict[str, Any]) -> Callable[..., jax.Array]:
+  """``conv(lhs, rhs, rhs_t)``: the original convolution, with a VJP that uses ``rhs_t``."""
+  lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+  primitive = jint.primitives.conv_general_dilated_p
+
+  def forward(lhs, rhs):
+    return primitive.bind(lhs, rhs, **params)
+
+  @jax.custom_vjp
+  def conv(lhs, rhs, rhs_t):
+    del rhs_t
+    return forward(lhs, rhs)
+
+  def conv_fwd(lhs, rhs, rhs_t):
+    return forward(lhs, rhs), (lhs, rhs, rhs_t)
+
+  def conv_bwd(residuals, g):
+    lhs, rhs, rhs_t = residuals
+    lhs_sdims = [lhs.shape[d] for d in lhs_spec[2:]]
+    rhs_sdims = [rhs.shape[d] for d in rhs_spec[2:]]
+    out_sdims = [g.shape[d] for d in out_spec[2:]]
+    in_dilated = _dilate_shape(lhs_sdims, params["lhs_dilation"])
+    window_dilated = _dilate_shape(rhs_sdims, params["rhs_dilation"])
+    out_dilated = _dilate_shape(out_sdims, params["window_strides"])
+    before = [w - lo - 1 for w, (lo, _) in zip(window_dilated, params["padding"])]
+    after = [
+        i + w - 1 - o - b for i, w, o, b in zip(in_dilated, window_dilated, out_dilated, before)
+    ]
+    kernel = rhs_t if rhs_t.dtype == g.dtype else lax.convert_element_type(rhs_t, g.dtype)
+    g_lhs = lax.conv_general_dilated(g,
+                                     kernel,
+                                     window_strides=params["lhs_dilation"],
+                                     padding=list(zip(before, after)),
+                                     lhs_dilation=params["window_strides"],
+                                     rhs_dilation=params["rhs_dilation"],
+                                     dimension_numbers=lax.ConvDimensionNumbers(
+                                         out_spec, rhs_spec, lhs_spec),
+                                     feature_group_count=params["feature_group_count"],
+                                     precision=params["precision"],
+                                     preferred_element_type=params["preferred_element_type"])
+    if g_lhs.dtype != lhs.dtype:
+      g_lhs = lax.convert_element_type(g_lhs, lhs.dtype)
+    # The kernel's gradient (e.g. adversarial training through the attack) as JAX computes it.
+    _, rhs_vjp = jax.vjp(lambda r: forward(lhs, r), rhs)
+    (g_rhs,) = rhs_vjp(g)
+    return g_lhs, g_rhs, jax.numpy.zeros_like(rhs_t)
+
+  conv.defvjp(conv_fwd, conv_bwd)
+  return conv
+
+
+def _is_replaceable(eqn) -> bool:
+  return (eqn.primitive.name == _CONV and eqn.params["batch_group_count"] == 1 and
+          len(eqn.invars[0].aval.shape) >= 3)
+
+
+# ----------------------------------------------------------------------------
+# The interpreter.
+
+
+def _bind(eqn, invals):
+  bind_params = eqn.primitive.get_bind_params(eqn.params)
+  subfuns = ()
+  if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
+    subfuns, bind_params = bind_params
+  with jint.source_info_util.user_context(eqn.source_info.traceback), eqn.ctx.manager:
+    ans = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+  return list(ans) if eqn.primitive.multiple_results else [ans]
+
+
+def _inner_jaxpr(eqn):
+  """The closed body of an inlinable call, or None."""
+  if eqn.primitive.name not in _INLINED_CALLS:
+    return None
+  inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+  if isinstance(inner, jint.ClosedJaxpr):
+    return inner
+  if isinstance(inner, jint.Jaxpr):
+    return jint.ClosedJaxpr(inner, ())
+  return None
+
+
+def _contains_conv(jaxpr) -> bool:
+  for eqn in jaxpr.eqns:
+    if _is_replaceable(eqn):
+      return True
+    inner = _inner_jaxpr(eqn)
+    if inner is not None and _contains_conv(inner.jaxpr):
+      return True
+  return False
+
+
+class _Plan:
+  """What preparation found: values of input-independent equations, and kernels.
+
+  Keys are paths of equation indices (one per level of inlined calls), so a
+  body called twice with different arguments is planned per call site.
+  """
+
+  def __init__(self):
+    self.known: dict[tuple[int, ...], list[Any]] = {}
+    self.kernels: dict[tuple[int, ...], tuple[jax.Array, jax.Array, Callable]] = {}
+    self.num_convs = 0
+
+
+def _interpret(jaxpr, consts, args, path, plan: _Plan, planning: bool):
+  """Evaluates ``jaxpr``; while planning, ``_UNKNOWN`` marks input-dependent values."""
+  env: dict[Any, Any] = {}
+
+  def read(v):
+    return v.val if isinstance(v, jint.Literal) else env[v]
+
+  def write(v, val):
+    env[v] = val
+
+  for v, c in zip(jaxpr.constvars, consts):
+    write(v, c)
+  for v, a in zip(jaxpr.invars, args):
+    write(v, a)
+  for i, eqn in enumerate(jaxpr.eqns):
+    key = path + (i,)
+    if not planning and key in plan.known:
+      outs = plan.known[key]
+    else:
+      invals = [read(v) for v in eqn.invars]
+      inner = _inner_jaxpr(eqn)
+      unknown = planning and any(val is _UNKNOWN for val in invals)
+      if planning and not unknown:
+        outs = _bind(eqn, invals)
+        plan.known[key] = outs
+      elif inner is not None and _contains_conv(inner.jaxpr):
+        outs = _interpret(inner.jaxpr, inner.consts, invals, key, plan, planning)
+      elif planning:
+        if _is_replaceable(eqn) and invals[1] is not _UNKNOWN:
+          rhs = invals[1]
+          plan.kernels[key] = (rhs, _transposed_kernel(rhs,
+                                                       eqn.params), _make_fast_conv(eqn.params))
+          plan.num_convs += 1
+        outs = [_UNKNOWN] * len(eqn.outvars)
+      elif key in plan.kernels:
+        rhs, rhs_t, conv = plan.kernels[key]
+        outs = [conv(invals[0], rhs, rhs_t)]
+      else:
+        outs = _bind(eqn, invals)
+    for v, val in zip(eqn.outvars, outs):
+      write(v, val)
+  return [read(v) for v in jaxpr.outvars]
+
+
+def prepare(fn: Callable[..., Any], *example_args: Any) -> Callable[..., Any]:
+  """Returns ``fn`` with fast, prepared input-gradients of its convolutions.
+
+  Call it once, outside the loop that differentiates the result (inside the
+  same ``jit`` is fine: the kernels are then prepared by ops placed before the
+  loop). Works for any JAX function of array arguments (pytrees allowed):
+  Flax models (NHWC/HWIO), any ``dimension_numbers``, strides, padding,
+  input and kernel dilation and feature groups.
+
+  Args:
+    fn: a JAX function ``fn(*args) -> outputs``, e.g. ``logits_fn(x)``.
+    *example_args: arguments shaped like those the prepared function will get
+      (values are not used, only shapes and dtypes).
+
+  Returns:
+    A function with ``fn``'s signature and results; ``fn`` itself when it has
+    no convolution with an input-independent kernel. Called with arguments of
+    other shapes or dtypes than the examples, it calls ``fn``.
+  """
+  closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*example_args)
+  if not _contains_conv(closed.jaxpr):
+    return fn
+  in_tree = jax.tree.structure(example_args)
+  in_avals = [(np.shape(a), jax.numpy.result_type(a)) for a in jax.tree.leaves(example_args)]
+  out_tree = jax.tree.structure(out_shape)
+  plan = _Plan()
+  _interpret(closed.jaxpr, closed.consts, [_UNKNOWN] * len(closed.jaxpr.invars), (), plan, True)
+  if not plan.num_convs:
+    return fn
+
+  def prepared(*args):
+    leaves, tree = jax.tree.flatten(args)
+    if tree != in_tree or [(np.shape(a), jax.numpy.result_type(a)) for a in leaves] != in_avals:
+      return fn(*args)
+    outs = _interpret(closed.jaxpr, closed.consts, leaves, (), plan, False)
+    return jax.tree.unflatten(out_tree, outs)
+
+  return prepared

@@ -1,0 +1,585 @@
+"""Backward linear bound propagation: CROWN and CROWN-IBP.
+
+A lower bound on ``A . y + bias`` for a node ``y`` is pushed backward through
+the graph: through an affine operation ``y = f(x) = L x + f(0)`` the coefficients
+become ``L^T A`` (computed with the operation's VJP, so every linear primitive
+is handled by JAX's own transpose rule) and ``A . f(0)`` joins the bias; through
+a nonlinearity its linear relaxation (lower line where ``A >= 0``, upper line
+where ``A < 0``) replaces it. At an input box, ``A . center - |A| . radius``.
+Upper bounds are lower bounds of the negated specification.
+
+Coefficients are stored as ``[S, N, ...]``: one row per specification, with the
+batch axis kept (examples are independent, as in a network in eval mode).
+
+References:
+  Zhang et al., "Efficient Neural Network Robustness Certification with General
+  Activation Functions" (CROWN), NeurIPS 2018.
+  Zhang et al., "Towards Stable and Efficient Training of Verifiably Robust
+  Neural Networks" (CROWN-IBP), ICLR 2020.
+  Xu et al., "Automatic Perturbation Analysis for Scalable Certified Robustness
+  and Beyond" (auto_LiRPA), NeurIPS 2020.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+from robustlib.checks import InputError
+from verify.ibp import is_supported as _ibp_supported
+from verify.ibp import propagate as ibp_propagate
+from verify import relaxations as rx
+from verify.graph import Graph
+from verify.graph import Node
+from verify.graph import UnsupportedPrimitiveError
+from verify.graph import ancestors
+from verify.graph import consumers
+from verify.graph import build_graph
+from verify.interval import Interval
+
+# Operations affine in their bounded operands whatever they are.
+AFFINE = {
+    "convert_element_type", "copy", "copy_p", "reshape", "broadcast_in_dim", "transpose", "squeeze",
+    "expand_dims", "slice", "concatenate", "pad", "reduce_sum", "reduce_window_sum", "cumsum",
+    "split", "add", "add_any", "sub", "neg", "select_n", "dynamic_slice", "gather",
+    "reduce_precision", "real"
+}
+# Operations that pass their operand through unchanged (their VJP would be zero).
+IDENTITY = {"stop_gradient", "optimization_barrier"}
+# Bilinear: affine when exactly one operand is bounded.
+BILINEAR = {"mul", "dot_general", "conv_general_dilated"}
+# Linear (no constant term) when affine.
+LINEAR = {
+    "convert_element_type", "copy", "copy_p", "reshape", "broadcast_in_dim", "transpose", "squeeze",
+    "expand_dims", "reduce_sum", "reduce_window_sum", "cumsum", "split", "neg", "dynamic_slice",
+    "gather", "reduce_precision", "real", "mul", "dot_general", "conv_general_dilated", "div",
+    "slice"
+}
+# Operations that mix elements (IBP of them is exact only on a one-to-one image of the input).
+MIXING = {"dot_general", "conv_general_dilated", "reduce_sum", "reduce_window_sum", "cumsum"}
+# One-to-one elementwise or structural operations.
+ONE_TO_ONE = {
+    "convert_element_type", "copy", "copy_p", "reshape", "transpose", "squeeze", "expand_dims",
+    "slice", "neg", "add", "sub", "mul", "div", "reduce_precision", "real", "stop_gradient",
+    "optimization_barrier", "dynamic_slice", "split"
+}
+POOL_MAX = {"reduce_window_max", "reduce_max"}
+
+DEFAULT_BUDGET = 1 << 25  # elements of one coefficient array before chunking
+
+
+def node_kind(node: Node) -> str:
+  """'input', 'identity', 'affine', 'relu', 'elementwise', 'pool' or 'unsupported'."""
+  name = node.name
+  nb = len(node.bounded_inputs)
+  if name == "input":
+    return "input"
+  if name in IDENTITY:
+    return "identity"
+  if name in AFFINE:
+    if name == "select_n" and 0 in node.bounded_inputs:
+      return "unsupported"
+    if name in ("dynamic_slice", "gather") and node.bounded_inputs != [0]:
+      return "unsupported"
+    return "affine"
+  if name in BILINEAR:
+    return "affine" if nb == 1 else "unsupported"
+  if name == "div":
+    return "affine" if node.bounded_inputs == [0] else "unsupported"
+  if name in ("max", "min"):
+    return "relu" if nb == 1 else "unsupported"
+  if name in rx.ELEMENTWISE:
+    return "elementwise"
+  if name == "integer_pow":
+    return "elementwise" if node.params["y"] >= 0 else "unsupported"
+  if name in POOL_MAX:
+    if name == "reduce_window_max" and any(d != 1 for d in node.params["base_dilation"]):
+      return "unsupported"
+    return "pool"
+  return "unsupported"
+
+
+def is_supported(name: str) -> bool:
+  return _ibp_supported(name)
+
+
+def _check_crown_node(node: Node) -> None:
+  if node_kind(node) == "unsupported":
+    raise UnsupportedPrimitiveError(
+        f"CROWN has no linear relaxation for {node.describe()} with bounded operands "
+        f"{node.bounded_inputs}; use verify.ibp for it")
+
+
+def _sum_rest(x: jax.Array) -> jax.Array:
+  """Sums ``[S, N, ...]`` over the trailing axes to ``[S, N]``."""
+  return jnp.sum(x, axis=tuple(range(2, x.ndim))) if x.ndim > 2 else x
+
+
+def concretize(A: jax.Array, box: Interval) -> jax.Array:
+  """Lower bound of ``A . x`` for ``x`` in ``box``: ``A . c - |A| . r`` as ``[S, N]``."""
+  c, r = box.center, box.radius
+  return _sum_rest(A * c[None]) - _sum_rest(jnp.abs(A) * r[None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Max pooling as a selection of one element per window.
+
+
+def _window_stack(node: Node, x: jax.Array, pad_value) -> jax.Array:
+  """``[*out_shape, W]``: the W elements of every pooling window of ``x``."""
+  if node.name == "reduce_max":
+    axes = tuple(node.params["axes"])
+    keep = [d for d in range(x.ndim) if d not in axes]
+    xt = jnp.transpose(x, keep + list(axes))
+    return xt.reshape(tuple(x.shape[d] for d in keep) + (-1,))
+  p = node.params
+  dims, strides, padding = p["window_dimensions"], p["window_strides"], p["padding"]
+  wdil = p["window_dilation"]
+  xp = lax.pad(x, jnp.asarray(pad_value, x.dtype), [(lo, hi, 0) for lo, hi in padding])
+  out_shape = node.shape
+  slices = []
+  for offs in itertools.product(*[range(k) for k in dims]):
+    start = [o * d for o, d in zip(offs, wdil)]
+    limit = [s + (n - 1) * st + 1 for s, n, st in zip(start, out_shape, strides)]
+    slices.append(lax.slice(xp, start, limit, strides))
+  return jnp.stack(slices, axis=-1)
+
+
+def _pool_relaxation(node: Node, box: Interval):
+  """One-hot selection mask ``[*out, W]``, whether it is also the upper bound, the upper const."""
+  lo = _window_stack(node, box.lower, -jnp.inf)
+  hi = _window_stack(node, box.upper, -jnp.inf)
+  idx = jnp.argmax(lo, axis=-1)
+  mask = jax.nn.one_hot(idx, lo.shape[-1], dtype=box.lower.dtype)
+  best_lower = jnp.max(lo, axis=-1)
+  other_upper = jnp.max(jnp.where(mask > 0, -jnp.inf, hi), axis=-1)
+  dominated = best_lower >= other_upper
+  return mask, dominated, jnp.max(hi, axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The backward pass.
+
+
+def _elementwise_relaxation(node: Node, box: Interval, alpha=None) -> rx.Relaxation:
+  l, u = box.lower, box.upper
+  name = node.name
+  if name in ("max", "min"):
+    pos = node.bounded_inputs[0]
+    c = node.inputs[1 - pos]
+    c = jnp.broadcast_to(jnp.asarray(c, l.dtype), l.shape)
+    if name == "max":
+      return rx.relu_like(l, u, c, alpha)
+    return rx.negate_input(rx.relu_like(-u, -l, -c, alpha))
+  if name == "integer_pow":
+    return rx.power_relax(node.params["y"])(l, u)
+  return rx.ELEMENTWISE[name](l, u)
+
+
+def relu_alpha_init(node: Node, box: Interval) -> jax.Array:
+  """The adaptive lower slope CROWN uses for a ``max``/``min`` node with input ``box``."""
+  l, u = box.lower, box.upper
+  pos = node.bounded_inputs[0]
+  c = jnp.broadcast_to(jnp.asarray(node.inputs[1 - pos], l.dtype), l.shape)
+  if node.name == "max":
+    return rx.relu_default_alpha(l, u, c)
+  return rx.relu_default_alpha(-u, -l, -c)
+
+
+def backward(start: Node,
+             A0: jax.Array,
+             bounds: dict[int, Interval],
+             stop: frozenset[int] = frozenset(),
+             alphas: dict[int, jax.Array] | None = None) -> jax.Array:
+  """Lower bound of ``A0 . start`` given bounds on the inputs of nonlinear nodes.
+
+  Args:
+    start: the node whose linear function is bounded.
+    A0: ``[S, *start.shape]`` coefficients (batch axis second).
+    bounds: interval of every input node, of every node feeding a nonlinearity
+      on the way, and of every node in ``stop``.
+    stop: nodes where propagation stops and their interval is used instead.
+    alphas: optional lower slopes ``[S, *shape]`` for ``max``/``min`` nodes by index.
+
+  Returns:
+    ``[S, N]`` lower bounds.
+  """
+  order = ancestors(start)
+  acc: dict[int, jax.Array] = {start.index: A0}
+  total = jnp.zeros(A0.shape[:2], A0.dtype)
+
+  def add(node: Node, A: jax.Array):
+    if node.index in acc:
+      acc[node.index] = acc[node.index] + A
+    else:
+      acc[node.index] = A
+
+  for node in reversed(order):
+    A = acc.pop(node.index, None)
+    if A is None:
+      continue
+    if node.index in stop or node.name == "input":
+      total = total + concretize(A, bounds[node.index])
+      continue
+    kind = node_kind(node)
+    if kind == "identity":
+      add(node.inputs[node.bounded_inputs[0]], A)
+    elif kind == "affine":
+      pos = node.bounded_inputs
+      zeros = [jnp.zeros(node.inputs[p].shape, node.inputs[p].dtype) for p in pos]
+      out0, vjp = jax.vjp(node.apply_bounded, *zeros)
+      cts = jax.vmap(vjp)(A.astype(out0.dtype))
+      for p, ct in zip(pos, cts):
+        add(node.inputs[p], ct)
+      if node.name not in LINEAR:
+        total = total + _sum_rest(A * out0[None])
+    elif kind in ("relu", "elementwise"):
+      x = node.inputs[node.bounded_inputs[0]]
+      alpha = None if alphas is None else alphas.get(node.index)
+      r = _elementwise_relaxation(node, bounds[x.index], alpha)
+      pos_part = A >= 0
+      add(x, jnp.where(pos_part, A * r.lw, A * r.uw))
+      total = total + _sum_rest(jnp.where(pos_part, A * r.lb, A * r.ub))
+    elif kind == "pool":
+      x = node.inputs[0]
+      mask, dominated, upper_const = _pool_relaxation(node, bounds[x.index])
+      coef = jnp.where(A >= 0, A, jnp.where(dominated, A, 0.0))
+      total = total + _sum_rest(jnp.where((A < 0) & ~dominated, A * upper_const, 0.0))
+
+      def select(v, mask=mask, node=node):
+        return jnp.sum(_window_stack(node, v, 0.0) * mask, axis=-1)
+
+      _, vjp = jax.vjp(select, jnp.zeros(x.shape, x.dtype))
+      (ct,) = jax.vmap(vjp)(coef)
+      add(x, ct)
+    else:
+      _check_crown_node(node)
+  return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Intermediate bounds.
+
+
+def relaxed_inputs(graph: Graph) -> list[Node]:
+  """Nodes whose bounds some relaxation needs, in topological order."""
+  need: dict[int, Node] = {}
+  for node in graph.nodes:
+    kind = node_kind(node)
+    if kind in ("relu", "elementwise", "pool"):
+      x = node.inputs[node.bounded_inputs[0]]
+      need[x.index] = x
+  return [need[i] for i in sorted(need)]
+
+
+def ibp_exact_nodes(graph: Graph) -> set[int]:
+  """Nodes whose IBP bounds are exact: a single mixing affine map of a box, then elementwise."""
+  raw: dict[int, bool] = {}
+  exact: dict[int, bool] = {}
+  for node in graph.nodes:
+    ins = [node.inputs[p] for p in node.bounded_inputs]
+    if node.name == "input":
+      raw[node.index] = exact[node.index] = True
+    elif node.name in ONE_TO_ONE and len(ins) == 1 and node_kind(node) in ("affine", "identity"):
+      raw[node.index] = raw[ins[0].index]
+      exact[node.index] = exact[ins[0].index]
+    elif node.name in ("broadcast_in_dim", "pad") and len(ins) == 1:
+      raw[node.index] = False
+      exact[node.index] = exact[ins[0].index]
+    elif node.name in MIXING and len(ins) == 1 and node_kind(node) == "affine":
+      raw[node.index] = False
+      exact[node.index] = raw[ins[0].index]
+    else:
+      raw[node.index] = exact[node.index] = False
+  return {i for i, e in exact.items() if e}
+
+
+def _default_chunk(node: Node, budget: int = DEFAULT_BUDGET) -> int:
+  """Rows per backward pass keeping one coefficient array under ``budget`` elements."""
+  biggest = max(math.prod(a.shape) for a in ancestors(node))
+  return max(1, budget // (2 * max(biggest, 1)))
+
+
+def node_bounds_by_backward(node: Node,
+                            bounds: dict[int, Interval],
+                            chunk_size: int | None = None,
+                            needed: jax.Array | None = None,
+                            fallback: Interval | None = None) -> Interval:
+  """CROWN bounds of the elements of ``node`` (identity specification, in chunks).
+
+  Args:
+    node: a node ``[N, ...]``.
+    bounds: bounds needed by the backward pass (inputs, earlier relaxations).
+    chunk_size: neurons per backward pass (each pass bounds them from both sides).
+    needed: optional bool ``[N, ...]``: only these elements get a backward pass;
+      the others take ``fallback``. Each example's needed elements are processed
+      first, and chunks past the largest count are skipped at run time.
+    fallback: bounds for the elements that are not needed.
+
+  Returns:
+    `Interval` of the node's shape.
+  """
+  n, rest = node.shape[0], node.shape[1:]
+  m = math.prod(rest)
+  dtype = node.dtype
+  chunk = min(chunk_size or _default_chunk(node), m)
+  n_chunks = -(-m // chunk)
+  if needed is None:
+    order = jnp.broadcast_to(jnp.arange(m), (n, m))
+    count = m
+  else:
+    flat = needed.reshape(n, m)
+    order = jnp.argsort(~flat, axis=1, stable=True)
+    count = jnp.max(jnp.sum(flat, axis=1))
+  padded = jnp.pad(order, ((0, 0), (0, n_chunks * chunk - m)))
+
+  def run_rows(idx):  # [N, chunk] neuron indices -> [2 chunk, N]
+    rows = jnp.transpose(jax.nn.one_hot(idx, m, dtype=dtype), (1, 0, 2))
+    A = jnp.concatenate([rows, -rows], axis=0).reshape((2 * idx.shape[1], n) + rest)
+    return backward(node, A, bounds)
+
+  if n_chunks == 1:
+    out = run_rows(padded)[None]
+  else:
+
+    def run(c):
+      idx = lax.dynamic_slice_in_dim(padded, c * chunk, chunk, axis=1)
+      if needed is None:
+        return run_rows(idx)
+      return lax.cond(c * chunk < count, run_rows, lambda _: jnp.zeros((2 * chunk, n), dtype), idx)
+
+    out = lax.map(run, jnp.arange(n_chunks))  # [chunks, 2 chunk, N]
+  lower_sorted = out[:, :chunk].reshape(-1, n)[:m].T  # [N, m] in `order`
+  upper_sorted = -out[:, chunk:].reshape(-1, n)[:m].T
+  inverse = jnp.argsort(order, axis=1)
+  lower = jnp.take_along_axis(lower_sorted, inverse, axis=1).reshape(node.shape)
+  upper = jnp.take_along_axis(upper_sorted, inverse, axis=1).reshape(node.shape)
+  if needed is not None:
+    lower = jnp.where(needed, lower, fallback.lower)
+    upper = jnp.where(needed, upper, fallback.upper)
+  return Interval(lower, upper)
+
+
+def _unstable(node: Node, users: list[Node], box: Interval) -> jax.Array | None:
+  """Elements whose relaxation depends on their bounds; None if all may (not all ReLUs)."""
+  mask = jnp.zeros(node.shape, bool)
+  for user in users:
+    kind = node_kind(user)
+    if kind in ("affine", "identity"):
+      continue
+    if kind != "relu":
+      return None
+    pos = user.bounded_inputs[0]
+    c = jnp.broadcast_to(jnp.asarray(user.inputs[1 - pos], node.dtype), node.shape)
+    mask = mask | ((box.lower < c) & (box.upper > c))
+  return mask
+
+
+def intermediate_bounds(graph: Graph,
+                        boxes: list[Interval],
+                        method: str,
+                        chunk_size: int | None = None,
+                        intersect: bool = False) -> dict[int, Interval]:
+  """Bounds of the inputs of every nonlinearity: from IBP (``crown_ibp``) or CROWN.
+
+  With ``crown``, every such node gets a backward pass (auto_LiRPA's default),
+  except a node that is a single affine map of the input box, whose IBP bounds
+  are exact. Only elements left unstable by IBP get a backward pass when the
+  node feeds ReLUs only (the others are stable either way, as auto_LiRPA's
+  sparse intermediate bounds). ``intersect`` also intersects with IBP bounds
+  (tighter; auto_LiRPA does not).
+
+  Returns a dict with the input boxes and those bounds (and, for ``crown_ibp``,
+  every node's IBP bounds).
+  """
+  for node in graph.nodes:
+    _check_crown_node(node)
+  ibp_bounds = ibp_propagate(graph, boxes)
+  if method == "crown_ibp":
+    return ibp_bounds
+  bounds = {n.index: b for n, b in zip(graph.inputs, boxes)}
+  exact = ibp_exact_nodes(graph)
+  users = consumers(graph)
+  for node in relaxed_inputs(graph):
+    if node.index in bounds:
+      continue
+    if node.index in exact:
+      bounds[node.index] = ibp_bounds[node.index]
+      continue
+    _check_batch_first(node, graph)
+    ib = ibp_bounds[node.index]
+    needed = _unstable(node, users[node.index], ib)
+    b = node_bounds_by_backward(node, bounds, chunk_size, needed, ib)
+    if intersect:
+      b = Interval(jnp.maximum(b.lower, ib.lower), jnp.minimum(b.upper, ib.upper))
+    bounds[node.index] = b
+  return bounds
+
+
+def _check_batch_first(node: Node, graph: Graph) -> None:
+  n = graph.inputs[0].shape[0] if graph.inputs[0].shape else None
+  if not node.shape or node.shape[0] != n:
+    raise InputError(f"backward bound propagation needs the batch axis first on every "
+                     f"nonlinearity input; {node.describe()} has shape {node.shape}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def _prepare(fn: Callable, interval: Interval, spec):
+  if not isinstance(interval, Interval):
+    raise InputError(f"expected an Interval of inputs [N, ...], got {type(interval).__name__}")
+  if len(interval.shape) < 1:
+    raise InputError("the input interval needs a leading batch axis")
+  graph, boxes = build_graph(fn, [interval], is_supported)
+  if len(graph.outputs) != 1:
+    raise InputError(f"fn must return one array [N, K], got {len(graph.outputs)} outputs")
+  out = graph.outputs[0]
+  out_shape = tuple(out.shape) if isinstance(out, Node) else tuple(jnp.shape(out))
+  n = interval.shape[0]
+  if not out_shape or out_shape[0] != n:
+    raise InputError(f"fn must keep the batch axis first: input batch {n}, output shape "
+                     f"{out_shape}")
+  if spec is not None:
+    spec = jnp.asarray(spec)
+    if spec.ndim != 3 or spec.shape[0] != n or (len(out_shape)
+                                                != 2) or spec.shape[2] != out_shape[1]:
+      raise InputError(f"spec must have shape [N={n}, S, K={out_shape[1:]}] for outputs of shape "
+                       f"{out_shape}, got {tuple(spec.shape)}")
+  return graph, boxes, out, out_shape, spec
+
+
+def _spec_rows(out_shape, spec, dtype):
+  """``[S, N, *rest]`` rows to bound from below, and how to read the result."""
+  n, rest = out_shape[0], out_shape[1:]
+  if spec is None:
+    k = math.prod(rest)
+    eye = jnp.eye(k, dtype=dtype)
+    rows = jnp.concatenate([eye, -eye], axis=0)  # [2K, K]
+    A = jnp.broadcast_to(rows[:, None, :], (2 * k, n, k)).reshape((2 * k, n) + rest)
+    return A, True
+  return jnp.transpose(spec, (1, 0, 2)).astype(dtype), False
+
+
+def _output_backward(out, A, bounds, chunk_size, stop=frozenset()):
+  """Lower bounds ``[S, N]`` of the rows ``A`` of the output, chunked over rows."""
+  if not isinstance(out, Node):
+    return _sum_rest(A * jnp.asarray(out)[None])
+  chunk = chunk_size or _default_chunk(out)
+  s = A.shape[0]
+  if s <= chunk:
+    return backward(out, A, bounds, stop)
+  n_chunks = -(-s // chunk)
+  pad = n_chunks * chunk - s
+  if pad:
+    A = jnp.concatenate([A, jnp.zeros((pad,) + A.shape[1:], A.dtype)])
+  res = lax.map(lambda a: backward(out, a, bounds, stop),
+                A.reshape((n_chunks, chunk) + A.shape[1:]))
+  return res.reshape((n_chunks * chunk,) + res.shape[2:])[:s]
+
+
+def _bound(fn, interval, spec, method, chunk_size, intersect=False):
+  graph, boxes, out, out_shape, spec = _prepare(fn, interval, spec)
+  bounds = intermediate_bounds(graph, boxes, method, chunk_size, intersect)
+  A, logits = _spec_rows(out_shape, spec, interval.dtype)
+  if not logits:
+    # Upper bounds are lower bounds of the negated specification.
+    A = jnp.concatenate([A, -A], axis=0)
+  rows = _output_backward(out, A, bounds, chunk_size)
+  k = rows.shape[0] // 2
+  lower, upper = rows[:k].T, -rows[k:].T
+  if logits:
+    lower, upper = lower.reshape(out_shape), upper.reshape(out_shape)
+  return Interval(lower, jnp.maximum(upper, lower))
+
+
+def crown(fn: Callable,
+          interval: Interval,
+          spec: jax.typing.ArrayLike | None = None,
+          chunk_size: int | None = None,
+          intersect_ibp: bool = False) -> Interval:
+  """CROWN bounds on ``spec @ fn(x)`` for ``x`` in ``interval``.
+
+  Every input of a nonlinearity gets bounds from its own backward pass (as
+  auto_LiRPA's CROWN); a first affine layer of the input gets its (exact) IBP
+  bounds, and elements of a ReLU input that IBP finds stable keep IBP bounds.
+
+  Args:
+    fn: ``fn(x) -> [N, K]``, made of supported primitives, examples independent.
+    interval: the input box ``[N, ...]``.
+    spec: ``C`` of shape ``[N, S, K]``; None for bounds on ``fn(x)`` itself.
+    chunk_size: specification rows (or neurons) per backward pass; None picks a
+      size keeping one coefficient array under ~128 MB.
+    intersect_ibp: also intersect intermediate bounds with IBP's (sound and
+      tighter; auto_LiRPA does not, so False reproduces its numbers).
+
+  Returns:
+    `Interval` ``[N, S]`` on ``C @ fn(x)`` (``[N, K]`` without a spec).
+
+  Example:
+    >>> b = verify.crown(logits_fn, verify.linf_ball(x, 0.03), verify.margin_spec(y, 10))
+  """
+  return _bound(fn, interval, spec, "crown", chunk_size, intersect_ibp)
+
+
+def crown_ibp(fn: Callable,
+              interval: Interval,
+              spec: jax.typing.ArrayLike | None = None,
+              chunk_size: int | None = None,
+              intersect_ibp: bool = False) -> Interval:
+  """CROWN-IBP bounds: IBP bounds for intermediate nodes, CROWN from the output.
+
+  Same arguments and result as `crown` (``intersect_ibp`` has no effect); the
+  cheap method for certified training.
+  """
+  return _bound(fn, interval, spec, "crown_ibp", chunk_size, intersect_ibp)
+
+
+def lower_bounds(fn: Callable,
+                 interval: Interval,
+                 spec: jax.typing.ArrayLike,
+                 method: str,
+                 chunk_size: int | None = None) -> jax.Array:
+  """Only the lower bounds ``[N, S]`` of ``spec @ fn(x)`` (half the work of `crown`)."""
+  graph, boxes, out, out_shape, spec = _prepare(fn, interval, spec)
+  if method == "ibp":
+    bounds = ibp_propagate(graph, boxes)
+    stop = fold_frontier(out)
+    A = jnp.transpose(spec, (1, 0, 2)).astype(interval.dtype)
+    if not isinstance(out, Node):
+      return _sum_rest(A * jnp.asarray(out)[None]).T
+    return backward(out, A, bounds, stop).T
+  bounds = intermediate_bounds(graph, boxes, method, chunk_size)
+  A, _ = _spec_rows(out_shape, spec, interval.dtype)
+  return _output_backward(out, A, bounds, chunk_size).T
+
+
+def fold_frontier(out: Node) -> frozenset[int]:
+  """Where IBP with a specification stops folding it backward.
+
+  The specification is folded through the output's trailing elementwise affine
+  operations and into the last matrix product or convolution (as auto_LiRPA folds
+  ``C`` into a final linear layer); IBP bounds are used from there on.
+  """
+  stop: set[int] = set()
+  stack, seen = [out], set()
+  while stack:
+    node = stack.pop()
+    if node.index in seen:
+      continue
+    seen.add(node.index)
+    kind = node_kind(node)
+    if kind in ("affine", "identity") and node.name in MIXING:
+      stop.update(node.inputs[p].index for p in node.bounded_inputs)
+    elif kind in ("affine", "identity") and node.name in ONE_TO_ONE | {"broadcast_in_dim"}:
+      stack.extend(node.inputs[p] for p in node.bounded_inputs)
+    else:
+      stop.add(node.index)
+  return frozenset(stop)

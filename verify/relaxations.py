@@ -1,0 +1,192 @@
+"""Linear relaxations of nonlinear primitives, for backward bound propagation.
+
+For an elementwise primitive ``y = f(x)`` with ``l <= x <= u`` a relaxation is a
+pair of lines ``lw * x + lb <= f(x) <= uw * x + ub`` valid on ``[l, u]``. The
+table follows CROWN (Zhang et al., "Efficient Neural Network Robustness
+Certification with General Activation Functions", NeurIPS 2018) and auto_LiRPA
+(Xu et al., "Automatic Perturbation Analysis for Scalable Certified Robustness
+and Beyond", NeurIPS 2020):
+
+- ReLU / ``max(x, c)``: upper line is the chord; lower line ``c + a (x - c)``
+  with the adaptive slope ``a = 1`` where ``u - c >= c - l`` else ``0`` (or a
+  slope ``a`` in [0, 1] optimised by alpha-CROWN). ``min(x, c) = -max(-x, -c)``.
+- convex functions (exp, even powers, expm1): chord above, tangent at the
+  midpoint below; concave ones (log, log1p, sqrt): the other way round.
+- S-shaped functions (tanh, logistic): on one side of the inflection point as
+  convex/concave; across it, the tangent line through the far end point found
+  by bisection (taking the end of the bracket on the sound side), or the chord.
+- abs: identity or negation where the sign is fixed; otherwise chord above and
+  ``+-x`` below.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+class Relaxation(NamedTuple):
+  """``lw * x + lb <= f(x) <= uw * x + ub`` on the input interval (arrays of its shape)."""
+  lw: jax.Array
+  lb: jax.Array
+  uw: jax.Array
+  ub: jax.Array
+
+
+_TINY = 1e-12
+
+
+def _deriv(f: Callable, x: jax.Array) -> jax.Array:
+  return jax.jvp(f, (x,), (jnp.ones_like(x),))[1]
+
+
+def _chord(f: Callable, l, u):
+  """Slope and intercept of the chord of ``f`` between ``l`` and ``u``."""
+  width = u - l
+  narrow = width <= _TINY
+  fl, fu = f(l), f(u)
+  slope = jnp.where(narrow, _deriv(f, l), (fu - fl) / jnp.where(narrow, 1.0, width))
+  return slope, fl - slope * l
+
+
+def _tangent(f: Callable, d):
+  slope = _deriv(f, d)
+  return slope, f(d) - slope * d
+
+
+def convex(f: Callable) -> Callable[..., Relaxation]:
+  """Relaxation of a convex function: tangent at the midpoint below, chord above."""
+
+  def relax(l, u):
+    uw, ub = _chord(f, l, u)
+    lw, lb = _tangent(f, (l + u) / 2)
+    return Relaxation(lw, lb, uw, ub)
+
+  return relax
+
+
+def concave(f: Callable) -> Callable[..., Relaxation]:
+  """Relaxation of a concave function: chord below, tangent at the midpoint above."""
+
+  def relax(l, u):
+    lw, lb = _chord(f, l, u)
+    uw, ub = _tangent(f, (l + u) / 2)
+    return Relaxation(lw, lb, uw, ub)
+
+  return relax
+
+
+def _s_shaped_upper(f: Callable, l, u, iters: int = 24):
+  """Upper line of an S-shaped ``f`` (convex below 0, concave above 0) on [l, u]."""
+  # Concave side: tangent at the midpoint. Convex side: chord.
+  t_w, t_b = _tangent(f, (l + u) / 2)
+  c_w, c_b = _chord(f, l, u)
+
+  # Across 0: the tangent at d in [0, u] through (l, f(l)) is above f on [l, u] for any d
+  # with g(d) = f(d) + f'(d) (l - d) - f(l) >= 0; g(0) <= 0. If g(u) < 0, the chord is.
+  def g(d):
+    return f(d) + _deriv(f, d) * (l - d) - f(l)
+
+  hi0 = jnp.maximum(u, 0.0)
+  lo0 = jnp.zeros_like(u)
+
+  def body(_, bracket):
+    lo, hi = bracket
+    mid = (lo + hi) / 2
+    ok = g(mid) >= 0
+    return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+  _, d = lax.fori_loop(0, iters, body, (lo0, hi0))
+  d_w, d_b = _tangent(f, d)
+  use_chord = g(hi0) < 0
+  m_w = jnp.where(use_chord, c_w, d_w)
+  m_b = jnp.where(use_chord, c_b, d_b)
+  w = jnp.where(l >= 0, t_w, jnp.where(u <= 0, c_w, m_w))
+  b = jnp.where(l >= 0, t_b, jnp.where(u <= 0, c_b, m_b))
+  return w, b
+
+
+def s_shaped(f: Callable, symmetry: float) -> Callable[..., Relaxation]:
+  """Relaxation of an S-shaped function with ``f(-x) = symmetry - f(x)``."""
+
+  def relax(l, u):
+    uw, ub = _s_shaped_upper(f, l, u)
+    # f(x) = s - f(-x) >= s - (w (-x) + b) = w x + s - b, with (w, b) the upper line on [-u, -l].
+    w, b = _s_shaped_upper(f, -u, -l)
+    return Relaxation(w, symmetry - b, uw, ub)
+
+  return relax
+
+
+def relu_like(l, u, c, alpha=None) -> Relaxation:
+  """Relaxation of ``max(x, c)`` (ReLU for ``c = 0``); ``alpha`` the lower slope if given."""
+  c = jnp.broadcast_to(c, l.shape).astype(l.dtype)
+  active = l >= c
+  inactive = u <= c
+  width = jnp.where(active | inactive, 1.0, u - l)
+  up_w = jnp.where(active, 1.0, jnp.where(inactive, 0.0, (u - c) / width))
+  up_b = jnp.where(active, 0.0, jnp.where(inactive, c, c - up_w * l))
+  if alpha is None:
+    alpha = (u - c >= c - l).astype(l.dtype)
+  lo_w = jnp.where(active, 1.0, jnp.where(inactive, 0.0, alpha))
+  lo_b = c * (1.0 - lo_w)
+  return Relaxation(lo_w, lo_b, up_w, up_b)
+
+
+def relu_default_alpha(l, u, c) -> jax.Array:
+  """The adaptive lower slope of ``max(x, c)``: 1 where ``u - c >= c - l``, else 0."""
+  c = jnp.broadcast_to(c, l.shape).astype(l.dtype)
+  return (u - c >= c - l).astype(l.dtype)
+
+
+def negate_input(relax: Relaxation) -> Relaxation:
+  """From a relaxation of ``g(z)`` at ``z = -x``, one of ``-g(-x)`` in ``x``."""
+  # -g(-x) >= -(uw (-x) + ub) = uw x - ub; -g(-x) <= lw x - lb.
+  return Relaxation(relax.uw, -relax.ub, relax.lw, -relax.lb)
+
+
+def abs_relax(l, u) -> Relaxation:
+  pos, neg = l >= 0, u <= 0
+  width = jnp.where(pos | neg, 1.0, u - l)
+  cw = (u + l) / width  # chord from (l, -l) to (u, u)
+  cb = -l - cw * l
+  uw = jnp.where(pos, 1.0, jnp.where(neg, -1.0, cw))
+  ub = jnp.where(pos | neg, 0.0, cb)
+  lw = jnp.where(pos, 1.0, jnp.where(neg, -1.0, jnp.where(u >= -l, 1.0, -1.0)))
+  return Relaxation(lw, jnp.zeros_like(l), uw, ub)
+
+
+def power_relax(n: int) -> Callable[..., Relaxation]:
+  """Relaxation of ``x ** n`` for an integer ``n >= 1``."""
+  f = lambda x: x**n
+
+  def relax(l, u):
+    if n == 1:
+      one, zero = jnp.ones_like(l), jnp.zeros_like(l)
+      return Relaxation(one, zero, one, zero)
+    if n % 2 == 0:
+      return convex(f)(l, u)
+    cv, cc = convex(f)(l, u), concave(f)(l, u)
+    zero = jnp.zeros_like(l)
+    # Across zero: constant bounds l**n <= x**n <= u**n (x**n is increasing).
+    const = Relaxation(zero, f(l), zero, f(u))
+    pick = lambda a, b, c: jnp.where(l >= 0, a, jnp.where(u <= 0, b, c))
+    return Relaxation(*(pick(a, b, c) for a, b, c in zip(cv, cc, const)))
+
+  return relax
+
+
+ELEMENTWISE: dict[str, Callable[..., Relaxation]] = {
+    "tanh": s_shaped(jnp.tanh, 0.0),
+    "logistic": s_shaped(jax.nn.sigmoid, 1.0),
+    "exp": convex(jnp.exp),
+    "expm1": convex(jnp.expm1),
+    "log": concave(jnp.log),
+    "log1p": concave(jnp.log1p),
+    "sqrt": concave(jnp.sqrt),
+    "abs": abs_relax,
+    "square": power_relax(2),
+}
