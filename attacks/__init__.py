@@ -7,10 +7,13 @@ its hyper-parameters and returns a pure ``attack(logits_fn, x, y, key) -> x_adv`
 __all__: list[str] = []
 
 # Gradient attacks.
+from attacks.apgd import apgd, apgd_t
+from attacks.eot import Randomized, eot
 from attacks.fgsm import fgsm
+from attacks.multitargeted import multitargeted
 from attacks.pgd import pgd
 
-__all__ += ["fgsm", "pgd"]
+__all__ += ["Randomized", "apgd", "apgd_t", "eot", "fgsm", "multitargeted", "pgd"]
 
 # Minimum-norm and black-box attacks: FAB, Square, SPSA.
 from attacks.fab import fab

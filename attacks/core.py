@@ -323,8 +323,15 @@ LOSSES = {"ce": cross_entropy_loss, "margin": margin_loss, "dlr": dlr_loss}
 MIN_CLASSES = {"ce": 2, "margin": 2, "dlr": 3}
 
 
-def get_loss(name: str, targeted: bool = False) -> tuple[Callable, int]:
-  """Returns ``(loss_fn, min_classes)`` for ``"ce" | "margin" | "dlr"``."""
+def get_loss(name: str | Callable, targeted: bool = False) -> tuple[Callable, int]:
+  """Returns ``(loss_fn, min_classes)`` for ``"ce" | "margin" | "dlr"`` or a callable.
+
+  A callable ``loss(logits [N, K], y [N], target [N] | None) -> [N]`` (higher is
+  more adversarial) is used as it is, e.g. TRADES' KL divergence to the clean
+  prediction.
+  """
+  if callable(name):
+    return name, 2
   if name not in LOSSES:
     raise InputError(f"loss must be one of {sorted(LOSSES)}, got {name!r}")
   return LOSSES[name], MIN_CLASSES[name] + (1 if targeted and name == "dlr" else 0)

@@ -170,7 +170,7 @@ def pgd(
     norm: str = "linf",
     restarts: int = 1,
     random_start: bool = True,
-    loss: str = "ce",
+    loss: str | Callable = "ce",
     targeted: bool = False,
     optimizer: optax.GradientTransformation | None = None,
     bounds: Sequence[float] = (0.0, 1.0)
@@ -186,7 +186,8 @@ def pgd(
     restarts: independent runs (scanned); the best point over all is returned.
     random_start: start each restart from a uniform random point of the ball
       (else from ``x``).
-    loss: ``"ce"``, ``"margin"`` or ``"dlr"`` (see :mod:`attacks.core`).
+    loss: ``"ce"``, ``"margin"``, ``"dlr"`` (see :mod:`attacks.core`) or a callable
+      ``loss(logits, y, target) -> [N]`` to ascend.
     targeted: calls take ``target=`` and the loss pushes toward it; success is
       being classified as the target.
     optimizer: an ``optax.GradientTransformation`` used as the step rule (it
@@ -235,7 +236,8 @@ def pgd(
     best, _ = jax.lax.scan(restart, best, jax.random.split(key, restarts))
     return best.x
 
-  name = "pgd" + ("" if loss == "ce" else f"-{loss}") + ("-targeted" if targeted else "")
+  loss_name = getattr(loss, "__name__", "custom") if callable(loss) else loss
+  name = "pgd" + ("" if loss == "ce" else f"-{loss_name}") + ("-targeted" if targeted else "")
   return core.make_attack(run,
                           name=name,
                           eps=eps,

@@ -141,6 +141,56 @@ def _make_fast_conv(params: dict[str, Any]) -> Callable[..., jax.Array]:
   return conv
 
 
+def _canonical_params(params: dict[str, Any], ndim: int) -> dict[str, Any]:
+  """``params`` with channels-last dimension numbers (NHWC / HWIO / NHWC for 2-D)."""
+  spatial = tuple(range(1, ndim - 1))
+  act = (0, ndim - 1) + spatial
+  kernel = (ndim - 1, ndim - 2) + tuple(range(ndim - 2))
+  return dict(params, dimension_numbers=lax.ConvDimensionNumbers(act, kernel, act))
+
+
+def _channels_last(rhs: jax.Array, params: dict[str, Any]) -> tuple[Callable, jax.Array, Callable]:
+  """(to_canonical(lhs), canonical kernel, from_canonical(out)) for one convolution.
+
+  XLA's CPU convolutions inside loops are fast only channels-last: a convolution
+  in another layout (e.g. PyTorch's NCHW / OIHW) is computed channels-last
+  between two transposes of its activations, its kernel transposed once here.
+  """
+  lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+  lhs_perm = (lhs_spec[0],) + tuple(lhs_spec[2:]) + (lhs_spec[1],)
+  rhs_perm = tuple(rhs_spec[2:]) + (rhs_spec[1], rhs_spec[0])
+  out_order = (out_spec[0],) + tuple(out_spec[2:]) + (out_spec[1],)
+  out_perm = tuple(int(i) for i in np.argsort(out_order))
+
+  def maybe_transpose(v, perm):
+    return v if perm == tuple(range(len(perm))) else lax.transpose(v, perm)
+
+  return (lambda lhs: maybe_transpose(lhs, lhs_perm), maybe_transpose(rhs, rhs_perm),
+          lambda out: maybe_transpose(out, out_perm))
+
+
+def conv_with_fast_transpose(rhs: jax.Array, params: dict[str,
+                                                          Any]) -> Callable[[jax.Array], jax.Array]:
+  """``conv(lhs)``: ``conv_general_dilated(lhs, rhs, **params)`` with a fast input-gradient.
+
+  Its VJP (and linear transpose) with respect to ``lhs`` is a channels-last
+  convolution with a kernel flipped and transposed here, once; use it where a
+  convolution's transpose runs many times (attack steps, backward bound passes).
+
+  Args:
+    rhs: the kernel, laid out as ``params["dimension_numbers"]`` says.
+    params: the parameters of a ``conv_general_dilated`` with ``batch_group_count == 1``.
+
+  Returns:
+    ``conv(lhs) -> out``, equal to the original convolution.
+  """
+  to_canonical, rhs_c, from_canonical = _channels_last(rhs, params)
+  canonical = _canonical_params(params, rhs.ndim)
+  rhs_t = _transposed_kernel(rhs_c, canonical)
+  fast = _make_fast_conv(canonical)
+  return lambda lhs: from_canonical(fast(to_canonical(lhs), rhs_c, rhs_t))
+
+
 def _is_replaceable(eqn) -> bool:
   return (eqn.primitive.name == _CONV and eqn.params["batch_group_count"] == 1 and
           len(eqn.invars[0].aval.shape) >= 3)
@@ -191,7 +241,7 @@ class _Plan:
 
   def __init__(self):
     self.known: dict[tuple[int, ...], list[Any]] = {}
-    self.kernels: dict[tuple[int, ...], tuple[jax.Array, jax.Array, Callable]] = {}
+    self.convs: dict[tuple[int, ...], Callable[[jax.Array], jax.Array]] = {}
     self.num_convs = 0
 
 
@@ -224,14 +274,11 @@ def _interpret(jaxpr, consts, args, path, plan: _Plan, planning: bool):
         outs = _interpret(inner.jaxpr, inner.consts, invals, key, plan, planning)
       elif planning:
         if _is_replaceable(eqn) and invals[1] is not _UNKNOWN:
-          rhs = invals[1]
-          plan.kernels[key] = (rhs, _transposed_kernel(rhs,
-                                                       eqn.params), _make_fast_conv(eqn.params))
+          plan.convs[key] = conv_with_fast_transpose(invals[1], eqn.params)
           plan.num_convs += 1
         outs = [_UNKNOWN] * len(eqn.outvars)
-      elif key in plan.kernels:
-        rhs, rhs_t, conv = plan.kernels[key]
-        outs = [conv(invals[0], rhs, rhs_t)]
+      elif key in plan.convs:
+        outs = [plan.convs[key](invals[0])]
       else:
         outs = _bind(eqn, invals)
     for v, val in zip(eqn.outvars, outs):

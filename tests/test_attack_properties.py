@@ -9,8 +9,6 @@ queries), on random shapes, radii and boxes (one case per seed):
 * the same key gives identical results;
 * it compiles once: three batches of one shape, with different radii passed as
   a traced ``eps``, trace the model's function no more than the first did.
-
-Attacks not yet in the package are skipped with the reason.
 """
 
 import inspect
@@ -21,7 +19,6 @@ import numpy as np
 import pytest
 
 import attacks
-from attacks import core
 
 NUM_CLASSES = 10
 
@@ -87,16 +84,12 @@ VARIANTS = {
     }, "linf", False),
 }
 SEEDS = (0, 1, 2)
-REQUIRES = {"autoattack": ("autoattack", "apgd", "apgd_t", "fab", "square")}
 # Names in attacks.__all__ that are not attack factories.
 NOT_FACTORIES = {"AttackWarning", "Cascade", "Report", "cascade", "diagnose", "evaluate"}
 
 
 def build(variant: str, eps: float, bounds):
   factory_name, kwargs, norm, _ = VARIANTS[variant]
-  missing = [n for n in REQUIRES.get(factory_name, (factory_name,)) if n not in attacks.__all__]
-  if missing:
-    pytest.skip(f"attacks.{', attacks.'.join(missing)} not in the package yet")
   factory = getattr(attacks, factory_name)
   return factory(eps=eps, norm=norm, bounds=bounds, **kwargs)
 

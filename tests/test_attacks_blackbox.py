@@ -10,17 +10,15 @@ gradient; on a small trained MLP Square is about as strong as PGD.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
+import attack_models
 import attacks
 from attacks import core
 from attacks.square import p_selection
-from robustlib import data
 from robustlib.checks import InputError
 
-NUM_CLASSES = 10
-SHAPE = (8, 8, 1)
+NUM_CLASSES = attack_models.NUM_CLASSES
 
 # ----------------------------------------------------------------------------
 # Fixtures.
@@ -30,96 +28,22 @@ SHAPE = (8, 8, 1)
 def linear():
   """A 10-class linear model on 8x8x1 inputs, points far from the box faces and
   their exact minimum L-inf and L2 distances to a wrong decision."""
-  rng = np.random.default_rng(0)
-  w = jnp.asarray(rng.normal(size=(64, NUM_CLASSES)), jnp.float32)
-  bias = jnp.asarray(rng.normal(size=NUM_CLASSES) * 0.1, jnp.float32)
-
-  def logits_fn(x):
-    return (x.reshape(x.shape[0], -1) - 0.5) @ w + bias
-
-  x = jnp.asarray(rng.uniform(0.4, 0.6, size=(8,) + SHAPE), jnp.float32)
-  z = logits_fn(x)
-  y = jnp.argmax(z, axis=1)
-  gap = jnp.take_along_axis(z, y[:, None], axis=1) - z  # z_y - z_t
-  diff = w.T[None, :, :] - w.T[y][:, None, :]  # w_t - w_y: [N, K, D]
-  own = jnp.arange(NUM_CLASSES)[None] == y[:, None]
-  dist = {
-      norm: jnp.min(jnp.where(own, jnp.inf, gap / jnp.linalg.norm(diff, ord=q, axis=-1)), axis=1)
-      for norm, q in (("linf", 1), ("l2", 2))
-  }
-  # The nearest wrong decision stays inside the box: [0.4, 0.6] +- distance.
-  assert float(dist["linf"].max()) < 0.3
-  assert len(np.unique(np.asarray(y))) >= 4
-  return logits_fn, x, y, dist
-
-
-def _mlp_apply(params, x):
-  h = x.reshape(x.shape[0], -1)
-  for i, (w, b) in enumerate(params):
-    h = h @ w + b
-    if i < len(params) - 1:
-      h = jax.nn.relu(h)
-  return h
+  logits_fn, x, y, pairwise = attack_models.linear()
+  return logits_fn, x, y, {norm: d.min(axis=1) for norm, d in pairwise.items()}
 
 
 @pytest.fixture(scope="module")
 def digits_mlp():
-  """A 64-32-10 MLP fitted to the digits training split, and 64 test points."""
-  train = data.load("digits", "train")
-  test = data.load("digits", "test")
-  key = jax.random.PRNGKey(0)
-  params = []
-  for fan_in, fan_out in ((64, 32), (32, NUM_CLASSES)):
-    key, sub = jax.random.split(key)
-    params.append(
-        (jax.random.normal(sub, (fan_in, fan_out)) * np.sqrt(2.0 / fan_in), jnp.zeros(fan_out)))
-  optimizer = optax.adam(1e-2)
-  images, labels = jnp.asarray(train.images), jnp.asarray(train.labels)
-
-  def loss(p):
-    return optax.softmax_cross_entropy_with_integer_labels(_mlp_apply(p, images), labels).mean()
-
-  @jax.jit
-  def fit(params):
-
-    def step(carry, _):
-      params, state = carry
-      updates, state = optimizer.update(jax.grad(loss)(params), state)
-      return (optax.apply_updates(params, updates), state), None
-
-    (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), None, length=150)
-    return params
-
-  params = fit(params)
-
-  def logits_fn(x):
-    return _mlp_apply(params, x)
-
-  x, y = jnp.asarray(test.images[:64]), jnp.asarray(test.labels[:64])
-  return logits_fn, x, y
+  return attack_models.digits_mlp()
 
 
-def _accuracy(logits_fn, x, y):
-  return float(jnp.mean(jnp.argmax(logits_fn(x), axis=1) == y))
+_accuracy = attack_models.accuracy
+_norm = attack_models.lp_norm
 
 
-def _pgd_reference(logits_fn, x, y, eps, steps=40):
-  """L-inf PGD on the cross-entropy from x (attacks.pgd when the package has it)."""
-  if hasattr(attacks, "pgd"):
-    return attacks.pgd(eps=eps, steps=steps, step_size=2.5 * eps / steps)(logits_fn, x, y,
-                                                                          jax.random.PRNGKey(0))
-  grad = jax.grad(lambda z: jnp.sum(core.cross_entropy_loss(logits_fn(z), y)))
-  e = jnp.full((x.shape[0],), eps)
-
-  def step(_, z):
-    return core.project(z + 2.5 * eps / steps * jnp.sign(grad(z)), x, e, "linf", (0.0, 1.0))
-
-  return jax.jit(lambda x: jax.lax.fori_loop(0, steps, step, x))(x)
-
-
-def _norm(v, norm):
-  v = v.reshape(v.shape[0], -1)
-  return jnp.max(jnp.abs(v), axis=1) if norm == "linf" else jnp.linalg.norm(v, axis=1)
+def _pgd(logits_fn, x, y, eps, steps=40):
+  """L-inf PGD on the cross-entropy from a random start."""
+  return attacks.pgd(eps=eps, steps=steps)(logits_fn, x, y, jax.random.PRNGKey(0))
 
 
 # ----------------------------------------------------------------------------
@@ -249,7 +173,7 @@ def test_square_on_trained_mlp_is_close_to_pgd(digits_mlp):
   square_acc = _accuracy(logits_fn,
                          attacks.square(eps, queries=1000)(logits_fn, x, y, jax.random.PRNGKey(0)),
                          y)
-  pgd_acc = _accuracy(logits_fn, _pgd_reference(logits_fn, x, y, eps), y)
+  pgd_acc = _accuracy(logits_fn, _pgd(logits_fn, x, y, eps), y)
   assert square_acc <= clean - 0.3  # a moderate eps that PGD uses well
   assert abs(square_acc - pgd_acc) <= 0.1, (square_acc, pgd_acc)
 
@@ -308,26 +232,13 @@ def test_spsa_gradient_does_not_depend_on_the_chunking(linear):
                                atol=1e-5)
 
 
-def _largest_intermediate(jaxpr) -> int:
-  largest = 0
-  for eqn in jaxpr.eqns:
-    for var in eqn.outvars:
-      largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()))))
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (list, tuple)) else [param]:
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          largest = max(largest, _largest_intermediate(inner))
-  return largest
-
-
 def test_spsa_gradient_memory_is_bounded_by_the_chunk(linear):
   _, x, _, _ = linear
 
   def largest(num_samples, chunk_size):
     fn = lambda x: attacks.spsa_gradient(
         _smooth_loss, x, jax.random.PRNGKey(0), num_samples=num_samples, chunk_size=chunk_size)
-    return _largest_intermediate(jax.make_jaxpr(fn)(x).jaxpr)
+    return attack_models.largest_intermediate(jax.make_jaxpr(fn)(x).jaxpr)
 
   per_direction = x.size  # one Rademacher direction for the whole batch
   assert largest(1024, 8) <= 2 * 8 * per_direction
@@ -362,7 +273,7 @@ def test_spsa_on_trained_mlp_is_close_to_pgd(digits_mlp):
   eps = 0.1
   attack = attacks.spsa(eps, steps=30, num_samples=32, chunk_size=32)
   spsa_acc = _accuracy(logits_fn, attack(logits_fn, x, y, jax.random.PRNGKey(0)), y)
-  pgd_acc = _accuracy(logits_fn, _pgd_reference(logits_fn, x, y, eps), y)
+  pgd_acc = _accuracy(logits_fn, _pgd(logits_fn, x, y, eps), y)
   assert spsa_acc <= _accuracy(logits_fn, x, y) - 0.3
   assert spsa_acc <= pgd_acc + 0.15, (spsa_acc, pgd_acc)
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import attack_models
 import attacks
 from attacks import core, diagnostics
 from attacks.autoattack import Cascade, cascade
@@ -340,17 +341,10 @@ def test_a_gradient_free_attack_beating_the_white_box_ones_is_flagged(problem):
 
 
 # ----------------------------------------------------------------------------
-# AutoAttack and the script, once the attacks they need are in the package.
-
-
-def _require(*names):
-  missing = [n for n in names if not hasattr(attacks, n)]
-  if missing:
-    pytest.skip(f"attacks.{', attacks.'.join(missing)} not in the package yet")
+# AutoAttack and the script.
 
 
 def test_autoattack_is_the_standard_cascade():
-  _require("apgd", "apgd_t", "fab", "square")
   suite = attacks.autoattack(eps=0.1)
   assert isinstance(suite, Cascade) and suite.name == "autoattack"
   assert len(suite.stages) == 4 and suite.norm == "linf" and suite.eps == 0.1
@@ -359,23 +353,9 @@ def test_autoattack_is_the_standard_cascade():
     attacks.autoattack(eps=0.1, version="plus")
 
 
-def train_digits_mlp(tmp_path_factory) -> pathlib.Path:
-  """A digits MLP trained for 300 steps by the training script (shared within a session)."""
-  workdir = tmp_path_factory.getbasetemp() / "digits_mlp_300"
-  if not (workdir / "report.json").exists():
-    subprocess.run([
-        sys.executable, "-m", "training.train", "--config=training/configs/digits_mlp.py",
-        f"--workdir={workdir}", "--config.num_steps=300"
-    ],
-                   cwd=REPO,
-                   check=True,
-                   capture_output=True)
-  return workdir
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-  return train_digits_mlp(tmp_path_factory)
+  return attack_models.trained_digits_mlp(tmp_path_factory)
 
 
 def _script(*args):
@@ -386,7 +366,6 @@ def _script(*args):
 
 
 def test_script_evaluates_a_training_run_end_to_end(trained_run, tmp_path):
-  _require("fgsm", "pgd")
   out = _script(f"--workdir={trained_run}", f"--output_dir={tmp_path}", "--suite=fgsm,pgd",
                 "--eps=0,0.05,0.1", "--num_examples=60", "--batch_size=32")
   assert out.returncode == 0, out.stderr[-3000:]

@@ -10,25 +10,17 @@ inside the ball otherwise.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
+import attack_models
 import attacks
 from attacks import core
 from attacks.fab import project_onto_hyperplane as _project
-
-project_onto_hyperplane = jax.jit(_project, static_argnums=(3, 4))
-from robustlib import data
 from robustlib.checks import InputError
 
-NUM_CLASSES = 10
-SHAPE = (8, 8, 1)
+project_onto_hyperplane = jax.jit(_project, static_argnums=(3, 4))
 
-
-def _norm(v, norm):
-  v = v.reshape(v.shape[0], -1)
-  return jnp.max(jnp.abs(v), axis=1) if norm == "linf" else jnp.linalg.norm(v, axis=1)
-
+_norm = attack_models.lp_norm
 
 # ----------------------------------------------------------------------------
 # The projection onto a hyperplane inside the box.
@@ -115,26 +107,7 @@ def test_projection_without_active_box_is_the_textbook_formula():
 
 @pytest.fixture(scope="module")
 def linear():
-  rng = np.random.default_rng(0)
-  w = jnp.asarray(rng.normal(size=(64, NUM_CLASSES)), jnp.float32)
-  bias = jnp.asarray(rng.normal(size=NUM_CLASSES) * 0.1, jnp.float32)
-
-  def logits_fn(x):
-    return (x.reshape(x.shape[0], -1) - 0.5) @ w + bias
-
-  x = jnp.asarray(rng.uniform(0.4, 0.6, size=(8,) + SHAPE), jnp.float32)
-  z = logits_fn(x)
-  y = jnp.argmax(z, axis=1)
-  gap = jnp.take_along_axis(z, y[:, None], axis=1) - z
-  diff = w.T[None, :, :] - w.T[y][:, None, :]
-  own = jnp.arange(NUM_CLASSES)[None] == y[:, None]
-  pairwise = {
-      norm: jnp.where(own, jnp.inf, gap / jnp.linalg.norm(diff, ord=q, axis=-1))
-      for norm, q in (("linf", 1), ("l2", 2))
-  }
-  assert float(pairwise["linf"].min(axis=1).max()) < 0.3  # the box stays inactive
-  assert len(np.unique(np.asarray(y))) >= 4
-  return logits_fn, x, y, pairwise
+  return attack_models.linear()
 
 
 @pytest.fixture(scope="module")
@@ -246,53 +219,7 @@ def test_fab_restarts_never_do_worse(linear):
 
 @pytest.fixture(scope="module")
 def digits_mlp():
-  """A 64-32-10 MLP fitted to the digits training split, and 64 test points."""
-  train = data.load("digits", "train")
-  test = data.load("digits", "test")
-  key = jax.random.PRNGKey(0)
-  params = []
-  for fan_in, fan_out in ((64, 32), (32, NUM_CLASSES)):
-    key, sub = jax.random.split(key)
-    params.append(
-        (jax.random.normal(sub, (fan_in, fan_out)) * np.sqrt(2.0 / fan_in), jnp.zeros(fan_out)))
-
-  def apply(params, x):
-    h = jax.nn.relu(x.reshape(x.shape[0], -1) @ params[0][0] + params[0][1])
-    return h @ params[1][0] + params[1][1]
-
-  optimizer = optax.adam(1e-2)
-  images, labels = jnp.asarray(train.images), jnp.asarray(train.labels)
-
-  @jax.jit
-  def fit(params):
-
-    def step(carry, _):
-      params, state = carry
-      grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-          apply(p, images), labels).mean())(params)
-      updates, state = optimizer.update(grads, state)
-      return (optax.apply_updates(params, updates), state), None
-
-    (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), None, length=150)
-    return params
-
-  params = fit(params)
-  x, y = jnp.asarray(test.images[:64]), jnp.asarray(test.labels[:64])
-  return (lambda z: apply(params, z)), x, y
-
-
-def _pgd_reference(logits_fn, x, y, eps, steps=40):
-  """L-inf PGD on the cross-entropy from x (attacks.pgd when the package has it)."""
-  if hasattr(attacks, "pgd"):
-    return attacks.pgd(eps=eps, steps=steps, step_size=2.5 * eps / steps)(logits_fn, x, y,
-                                                                          jax.random.PRNGKey(0))
-  grad = jax.grad(lambda z: jnp.sum(core.cross_entropy_loss(logits_fn(z), y)))
-  e = jnp.full((x.shape[0],), eps)
-
-  def step(_, z):
-    return core.project(z + 2.5 * eps / steps * jnp.sign(grad(z)), x, e, "linf", (0.0, 1.0))
-
-  return jax.jit(lambda x: jax.lax.fori_loop(0, steps, step, x))(x)
+  return attack_models.digits_mlp()
 
 
 def test_fab_t_on_trained_mlp_is_close_to_pgd(digits_mlp):
@@ -302,7 +229,7 @@ def test_fab_t_on_trained_mlp_is_close_to_pgd(digits_mlp):
   assert clean > 0.85
   attack = attacks.fab(0.1, steps=50, num_targets=9)
   fab_acc = accuracy(attack(logits_fn, x, y, jax.random.PRNGKey(0)))
-  pgd_acc = accuracy(_pgd_reference(logits_fn, x, y, 0.1))
+  pgd_acc = accuracy(attacks.pgd(eps=0.1, steps=40)(logits_fn, x, y, jax.random.PRNGKey(0)))
   assert fab_acc <= clean - 0.3
   assert abs(fab_acc - pgd_acc) <= 0.1, (fab_acc, pgd_acc)
 

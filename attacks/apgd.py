@@ -1,0 +1,346 @@
+"""Auto-PGD (Croce & Hein, ICML 2020, "Reliable evaluation of adversarial
+robustness with an ensemble of diverse parameter-free attacks"), as in AutoAttack.
+
+One run of ``N`` steps: a start on the sphere of radius ``eps`` around ``x``,
+step size ``eta = 2 eps`` per example, and momentum::
+
+  z     = P(x_k + eta * s(grad))                       s: sign (L-inf), grad / |grad|_2 (L2)
+  x_k+1 = P(x_k + a (z - x_k) + (1 - a) (x_k - x_k-1))  a = 1 at the first step, then 0.75
+
+with ``P`` the projection onto the ball and the box. At the checkpoints
+``w_j = ceil(p_j N)``, ``p_0 = 0``, ``p_1 = 0.22``,
+``p_j+1 = p_j + max(p_j - p_j-1 - 0.03, 0.06)`` (:func:`checkpoints`), an
+example's step size is halved and its iterate restarted from its highest-loss
+point when (1) the loss went up in at most a fraction ``rho = 0.75`` of the
+steps since the last checkpoint, or (2) its step size was not halved at the last
+checkpoint and its best loss has not improved since. (As in the reference code,
+(1) is tested with ``<=``, where the paper writes ``<``; the first step's loss is
+compared with the start's, where the reference reads an unset entry of its loss
+history.) Everything runs in one ``lax.fori_loop`` with per-example step sizes,
+so a batch never recompiles.
+
+The result is, per example, the best point over every iterate of every restart
+(and target): an adversarial point beats any other, ties go to the higher loss.
+
+Example::
+
+  x_adv = attacks.apgd(eps=8 / 255, loss="ce")(logits_fn, x, y, jax.random.key(0))
+  x_adv = attacks.apgd_t(eps=8 / 255)(logits_fn, x, y, jax.random.key(0))  # top-9 targets
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attacks import core
+from attacks.multitargeted import top_targets
+from attacks.pgd import expand
+from robustlib import fastgrad
+from robustlib.checks import InputError
+
+
+def checkpoints(steps: int) -> list[int]:
+  """The checkpoints ``w_1 < w_2 < ...``: numbers of steps done when progress is checked.
+
+  As AutoAttack computes them: the first interval is ``max(int(0.22 N), 1)``
+  steps, each next one ``max(int(0.03 N), 1)`` shorter, but at least
+  ``max(int(0.06 N), 1)``. For ``N = 100``: 22, 41, 57, 70, 80, 87, 93, 99.
+
+  Args:
+    steps: the number of steps ``N`` of a run.
+
+  Returns:
+    The checkpoints, increasing, each at most ``steps``.
+  """
+  interval = max(int(0.22 * steps), 1)
+  shrink, shortest = max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
+  points = []
+  while (points[-1] if points else 0) + interval <= steps:
+    points.append((points[-1] if points else 0) + interval)
+    interval = max(interval - shrink, shortest)
+  return points
+
+
+class _State(NamedTuple):
+  x_adv: jax.Array  # [N, ...] the current iterate
+  x_prev: jax.Array  # [N, ...] the iterate before it (momentum)
+  grad: jax.Array  # [N, ...] the loss gradient at x_adv
+  loss_prev: jax.Array  # [N] the loss at the last step's iterate
+  x_top: jax.Array  # [N, ...] the highest-loss point so far (restarts go there)
+  grad_top: jax.Array  # [N, ...] its gradient
+  loss_top: jax.Array  # [N] its loss
+  eta: jax.Array  # [N] step sizes
+  successes: jax.Array  # [N] steps that raised the loss since the last checkpoint
+  top_at_check: jax.Array  # [N] loss_top at the last checkpoint
+  halved_at_check: jax.Array  # [N] bool: eta was halved at the last checkpoint
+  best: core.Best
+
+
+def initial_point(key: jax.Array, x: jax.Array, eps: jax.Array, norm: str,
+                  bounds: core.Bounds) -> jax.Array:
+  """AutoAttack's start: a random direction scaled to norm ``eps``, clipped to the box."""
+  if norm == "linf":
+    t = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
+    size = jnp.max(jnp.abs(t.reshape(t.shape[0], -1)), axis=1)
+  else:
+    t = jax.random.normal(key, x.shape, x.dtype)
+    size = core.l2_norm(t)
+  return jnp.clip(x + expand(eps / (size + 1e-12), x) * t, bounds[0], bounds[1])
+
+
+def run_once(fn: core.LogitsFn,
+             x: jax.Array,
+             eps: jax.Array,
+             key: jax.Array,
+             best: core.Best,
+             *,
+             loss: Callable[[jax.Array], jax.Array],
+             judge: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+             steps: int,
+             norm: str,
+             bounds: core.Bounds,
+             momentum: float = 0.75,
+             rho: float = 0.75) -> core.Best:
+  """One APGD run from a random start; every iterate is offered to ``best``.
+
+  Args:
+    fn: ``[N, ...] -> [N, K]``.
+    x: clean inputs ``[N, ...]``.
+    eps: radii ``[N]``.
+    key: PRNG key of the start.
+    best: the bookkeeping so far.
+    loss: ``logits -> [N]``, ascended (its value also drives the step sizes).
+    judge: ``logits -> (adversarial [N], score [N])`` for ``best``.
+    steps: ``N``, gradient steps (the run costs ``N + 1`` forward and
+      backward passes).
+    norm: ``"linf"`` or ``"l2"``.
+    bounds: the box.
+    momentum: the weight ``a`` of the new step (0.75 in AutoAttack).
+    rho: the fraction of successful steps below which the step is halved.
+
+  Returns:
+    The updated :class:`attacks.core.Best`.
+  """
+  marks = checkpoints(steps)
+  is_check = np.zeros(steps, bool)
+  length = np.ones(steps, np.float32)
+  for previous, point in zip([0] + marks, marks):
+    is_check[point - 1] = True
+    length[point - 1] = point - previous
+  is_check, length = jnp.asarray(is_check), jnp.asarray(length)
+
+  def total(z):
+    logits = fn(z)
+    value = loss(logits)
+    return jnp.sum(value), (value, logits)
+
+  grad_fn = jax.grad(total, has_aux=True)
+
+  def direction(g):
+    if norm == "linf":
+      return jnp.sign(g)
+    return g / expand(core.l2_norm(g) + 1e-12, g)
+
+  def project(z):
+    return core.project(z, x, eps, norm, bounds)
+
+  x0 = initial_point(key, x, eps, norm, bounds)
+  g0, (l0, logits0) = grad_fn(x0)
+  state = _State(x_adv=x0,
+                 x_prev=x0,
+                 grad=g0,
+                 loss_prev=l0,
+                 x_top=x0,
+                 grad_top=g0,
+                 loss_top=l0,
+                 eta=2.0 * eps,
+                 successes=jnp.zeros_like(l0),
+                 top_at_check=l0,
+                 halved_at_check=jnp.ones(l0.shape, bool),
+                 best=core.update_best(best, x0, *judge(logits0)))
+
+  def body(i, s: _State) -> _State:
+    a = jnp.where(i > 0, momentum, 1.0).astype(x.dtype)
+    z = project(s.x_adv + expand(s.eta, x) * direction(s.grad))
+    z = project(s.x_adv + a * (z - s.x_adv) + (1 - a) * (s.x_adv - s.x_prev))
+    g, (value, logits) = grad_fn(z)
+    best = core.update_best(s.best, z, *judge(logits))
+    successes = s.successes + (value > s.loss_prev)
+    better = value > s.loss_top
+    x_top = jnp.where(expand(better, x), z, s.x_top)
+    grad_top = jnp.where(expand(better, x), g, s.grad_top)
+    loss_top = jnp.where(better, value, s.loss_top)
+    # The checkpoint test (only where is_check[i]).
+    check = is_check[i]
+    stalled = successes <= rho * length[i]
+    unchanged = ~s.halved_at_check & (s.top_at_check >= loss_top)
+    halve = check & (stalled | unchanged)
+    return _State(x_adv=jnp.where(expand(halve, x), x_top, z),
+                  x_prev=s.x_adv,
+                  grad=jnp.where(expand(halve, x), grad_top, g),
+                  loss_prev=value,
+                  x_top=x_top,
+                  grad_top=grad_top,
+                  loss_top=loss_top,
+                  eta=jnp.where(halve, s.eta / 2, s.eta),
+                  successes=jnp.where(check, 0.0, successes),
+                  top_at_check=jnp.where(check, loss_top, s.top_at_check),
+                  halved_at_check=jnp.where(check, halve, s.halved_at_check),
+                  best=best)
+
+  return jax.lax.fori_loop(0, steps, body, state).best
+
+
+def _check_config(norm: str, steps: Any, restarts: Any, momentum: Any, rho: Any) -> None:
+  core.check_norm(norm)
+  core.check_positive_int(steps, "steps")
+  core.check_positive_int(restarts, "restarts")
+  for value, name in ((momentum, "momentum"), (rho, "rho")):
+    if isinstance(value, bool) or not np.isscalar(value) or not 0.0 < float(value) <= 1.0:
+      raise InputError(f"{name} must be a number in (0, 1], got {value!r}")
+
+
+def apgd(eps: float,
+         steps: int = 100,
+         *,
+         norm: str = "linf",
+         loss: str = "ce",
+         restarts: int = 1,
+         targeted: bool = False,
+         momentum: float = 0.75,
+         rho: float = 0.75,
+         bounds: Sequence[float] = (0.0, 1.0)) -> core.AttackFn:
+  """APGD on the cross-entropy or the DLR loss (Croce & Hein 2020).
+
+  Args:
+    eps: default radius (a call may pass a traced ``eps=`` scalar or ``[N]``).
+    steps: steps per restart (100 in AutoAttack).
+    norm: ``"linf"`` or ``"l2"``.
+    loss: ``"ce"``, ``"dlr"`` (needs K >= 3) or ``"margin"``.
+    restarts: independent runs (scanned), each from its own random start.
+    targeted: calls take ``target=`` and the loss pulls toward it (targeted
+      DLR needs K >= 4); success is being classified as the target.
+    momentum: the weight of the new step (0.75).
+    rho: the success fraction of the checkpoint test (0.75).
+    bounds: the input box.
+
+  Returns:
+    An attack ``attack(logits_fn, x, y, key, *, eps=None, target=None) -> x_adv``.
+
+  Raises:
+    InputError: for invalid hyper-parameters.
+  """
+  _check_config(norm, steps, restarts, momentum, rho)
+  loss_fn, min_classes = core.get_loss(loss, targeted)
+  bounds = core.check_bounds(bounds)
+
+  def run(logits_fn, x, y, key, eps, target):
+    fn = fastgrad.prepare(logits_fn, x)
+    objective = lambda logits: loss_fn(logits, y, target)
+    judge = lambda logits: (core.is_adversarial(logits, y, target), objective(logits))
+    best = core.init_best(x, *judge(fn(x)))
+
+    def restart(best, k):
+      return run_once(fn,
+                      x,
+                      eps,
+                      k,
+                      best,
+                      loss=objective,
+                      judge=judge,
+                      steps=steps,
+                      norm=norm,
+                      bounds=bounds,
+                      momentum=momentum,
+                      rho=rho), None
+
+    best, _ = jax.lax.scan(restart, best, jax.random.split(key, restarts))
+    return best.x
+
+  return core.make_attack(run,
+                          name=f"apgd-{loss}" + ("-targeted" if targeted else ""),
+                          eps=eps,
+                          norm=norm,
+                          bounds=bounds,
+                          targeted=targeted,
+                          min_classes=min_classes)
+
+
+def apgd_t(eps: float,
+           steps: int = 100,
+           *,
+           norm: str = "linf",
+           num_targets: int = 9,
+           restarts: int = 1,
+           momentum: float = 0.75,
+           rho: float = 0.75,
+           bounds: Sequence[float] = (0.0, 1.0)) -> core.AttackFn:
+  """APGD-T as in AutoAttack: targeted DLR toward each of the top ``num_targets`` classes.
+
+  For each of the ``num_targets`` classes other than ``y`` with the highest
+  clean logits (capped at ``K - 1``), in order, ``restarts`` APGD runs ascend
+  the targeted DLR loss ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)``. The
+  call is untargeted: success is any misclassification, and the best point over
+  all runs is chosen by the untargeted DLR loss (one scale for every target).
+  Needs K >= 4 classes.
+
+  Args:
+    eps: default radius (a call may pass a traced ``eps=`` scalar or ``[N]``).
+    steps: steps per run (100 in AutoAttack).
+    norm: ``"linf"`` or ``"l2"``.
+    num_targets: target classes (9 in AutoAttack).
+    restarts: runs per target (1 in AutoAttack's standard version).
+    momentum: the weight of the new step (0.75).
+    rho: the success fraction of the checkpoint test (0.75).
+    bounds: the input box.
+
+  Returns:
+    An untargeted attack ``attack(logits_fn, x, y, key, *, eps=None) -> x_adv``.
+
+  Raises:
+    InputError: for invalid hyper-parameters.
+  """
+  _check_config(norm, steps, restarts, momentum, rho)
+  core.check_positive_int(num_targets, "num_targets")
+  targeted_dlr, min_classes = core.get_loss("dlr", targeted=True)
+  bounds = core.check_bounds(bounds)
+
+  def run(logits_fn, x, y, key, eps, target):
+    del target  # untargeted: the attack picks its own targets
+    fn = fastgrad.prepare(logits_fn, x)
+    clean = fn(x)
+    targets = top_targets(clean, y, num_targets)  # [N, T]
+    judge = lambda logits: (core.is_adversarial(logits, y), core.dlr_loss(logits, y))
+    best = core.init_best(x, *judge(clean))
+
+    def one_run(best, inputs):
+      t, k = inputs
+      return run_once(fn,
+                      x,
+                      eps,
+                      k,
+                      best,
+                      loss=lambda logits: targeted_dlr(logits, y, t),
+                      judge=judge,
+                      steps=steps,
+                      norm=norm,
+                      bounds=bounds,
+                      momentum=momentum,
+                      rho=rho), None
+
+    # Runs in AutoAttack's order: every restart of the first target, then the next target.
+    runs_targets = jnp.repeat(targets.T, restarts, axis=0)  # [T * restarts, N]
+    keys = jax.random.split(key, runs_targets.shape[0])
+    best, _ = jax.lax.scan(one_run, best, (runs_targets, keys))
+    return best.x
+
+  return core.make_attack(run,
+                          name="apgd-t",
+                          eps=eps,
+                          norm=norm,
+                          bounds=bounds,
+                          min_classes=min_classes)

@@ -1,0 +1,105 @@
+"""Expectation over Transformation (Athalye et al. 2018, "Synthesizing Robust
+Adversarial Examples"; "Obfuscated Gradients Give a False Sense of Security"):
+gradient attacks on randomized models.
+
+A randomized model is a pure function ``model_fn(x, key) -> logits`` that draws
+its randomness (noise, random resizing, dropout at test time, ...) from
+``key``. Wrap it as :class:`Randomized` to evaluate and attack it like any
+model::
+
+  model = attacks.Randomized(model_fn, key=jax.random.key(0))
+  logits = model(x)                 # one draw, fresh for every new input batch
+  attack = attacks.eot(attacks.pgd(eps=8 / 255), samples=20)
+  x_adv = attack(model, x, y, jax.random.key(1))
+  report = attacks.evaluate(model, x, y, attacks.autoattack(8 / 255, version="rand"))
+
+Called with ``x`` alone, a :class:`Randomized` model draws with a key derived
+from its own key and the bits of ``x``: every new input sees new randomness
+(as a deployed randomized defence does), and the same input the same draw, so
+that calls stay pure and results repeatable.
+
+:func:`eot` wraps a gradient attack: the attack runs on the average logits of
+``samples`` draws (made with the attack's key, again fresh at every new
+iterate), so each of its gradients is the average over the draws of the
+gradient of the logits -- for a loss linear in the logits, such as the
+targeted margin, exactly the average of the loss gradients. On a deterministic
+model (any other ``logits_fn``) the draws would all agree, so the wrapped attack
+runs unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from attacks import core
+from robustlib.checks import InputError
+
+RandomizedFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def input_key(key: jax.Array, x: jax.Array) -> jax.Array:
+  """``key`` folded with a hash of the bits of ``x``: a new key for every new input."""
+  bits = jax.lax.bitcast_convert_type(jax.lax.stop_gradient(x).astype(jnp.float32), jnp.uint32)
+  weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) | jnp.uint32(1)
+  return jax.random.fold_in(key, jnp.sum(bits.reshape(-1) * weights, dtype=jnp.uint32))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Randomized:
+  """A randomized model ``fn(x, key) -> logits`` usable wherever a ``logits_fn`` is.
+
+  Attributes:
+    fn: ``fn(x [N, ...], key) -> logits [N, K]``, pure.
+    key: the key of the draws made by ``model(x)``.
+  """
+  fn: RandomizedFn
+  key: jax.Array
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """One draw: ``fn(x, key)`` with ``key`` derived from :attr:`key` and ``x``."""
+    return self.fn(x, input_key(self.key, x))
+
+  def mean_logits(self, x: jax.Array, key: jax.Array, samples: int) -> jax.Array:
+    """The logits averaged over ``samples`` draws keyed by ``key`` and ``x``: ``[N, K]``."""
+    keys = jax.random.split(input_key(key, x), samples)
+    return jnp.mean(jax.vmap(lambda k: self.fn(x, k))(keys), axis=0)
+
+
+def eot(attack: core.AttackFn, samples: int = 20) -> core.AttackFn:
+  """Makes a gradient attack average over ``samples`` draws of a :class:`Randomized` model.
+
+  Args:
+    attack: a gradient attack, e.g. ``attacks.apgd(...)`` or ``attacks.pgd(...)``.
+    samples: draws per iterate (20 in AutoAttack's ``rand`` version); memory
+      grows with it (the draws are vectorised).
+
+  Returns:
+    An attack with ``attack``'s settings, named ``eot-<name>``; called with a
+    :class:`Randomized` model it attacks the mean logits of ``samples`` draws,
+    with any other ``logits_fn`` it is ``attack``.
+
+  Raises:
+    InputError: for a bad ``samples`` or something that is not an attack.
+  """
+  if not isinstance(attack, core.AttackFn):
+    raise InputError(f"eot wraps an attack (e.g. attacks.pgd(...)), got {type(attack).__name__}")
+  core.check_positive_int(samples, "samples")
+
+  def run(logits_fn, x, y, key, eps, target):
+    if not isinstance(logits_fn, Randomized):
+      return attack.run(logits_fn, x, y, key, eps, target)
+    attack_key, draw_key = jax.random.split(key)
+    averaged = lambda z: logits_fn.mean_logits(z, draw_key, samples)
+    return attack.run(averaged, x, y, attack_key, eps, target)
+
+  return core.make_attack(run,
+                          name=f"eot-{attack.name}",
+                          eps=attack.eps,
+                          norm=attack.norm,
+                          bounds=attack.bounds,
+                          targeted=attack.targeted,
+                          min_classes=attack.min_classes)

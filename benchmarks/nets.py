@@ -1,0 +1,155 @@
+"""The benchmark networks as plain JAX functions and, with the same weights, PyTorch modules.
+
+Both sides use PyTorch's layout (NCHW inputs, OIHW kernels, ``[out, in]`` linear
+weights, channel-major flatten), so weights are shared without conversion and
+both libraries see the same points. Weights are trained briefly in JAX (Adam on
+cross-entropy) so that robust accuracies are not trivially zero or one.
+
+Architectures (28x28x1 inputs):
+  * ``mlp``: 784-256-256-10, ReLU.
+  * ``cnn_small`` (Gowal et al. 2018): conv 16 4x4 s2, conv 32 4x4 s1, FC100, FC10.
+  * ``cnn_large`` (Gowal et al. 2018): conv 64, 64, 128 (s2), 128, 128, all 3x3 SAME,
+    FC512, FC10.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from robustlib import data
+
+# (kind, out, kernel, stride, padding) per layer; "fc" layers flatten first.
+ARCHITECTURES: dict[str, tuple[tuple[Any, ...], ...]] = {
+    "mlp": (("fc", 256), ("fc", 256), ("fc", 10)),
+    "cnn_small": (("conv", 16, 4, 2, 0), ("conv", 32, 4, 1, 0), ("fc", 100), ("fc", 10)),
+    "cnn_large": (("conv", 64, 3, 1, 1), ("conv", 64, 3, 1, 1), ("conv", 128, 3, 2, 1),
+                  ("conv", 128, 3, 1, 1), ("conv", 128, 3, 1, 1), ("fc", 512), ("fc", 10)),
+}
+Params = list[tuple[np.ndarray, np.ndarray]]
+
+
+def init_params(name: str, key: jax.Array, input_shape=(1, 28, 28)) -> Params:
+  """He-uniform weights in PyTorch layout."""
+  params = []
+  shape = input_shape
+  for layer in ARCHITECTURES[name]:
+    key, sub = jax.random.split(key)
+    if layer[0] == "conv":
+      _, out, k, s, p = layer
+      fan_in = shape[0] * k * k
+      w = jax.random.uniform(sub, (out, shape[0], k, k), minval=-1, maxval=1) * np.sqrt(6 / fan_in)
+      size = (shape[1] + 2 * p - k) // s + 1
+      shape = (out, size, size)
+    else:
+      fan_in = int(np.prod(shape))
+      w = jax.random.uniform(sub, (layer[1], fan_in), minval=-1, maxval=1) * np.sqrt(6 / fan_in)
+      shape = (layer[1],)
+    params.append((np.asarray(w, np.float32), np.zeros(w.shape[0], np.float32)))
+  return params
+
+
+def logits_fn(name: str, params: Params) -> Callable[[jax.Array], jax.Array]:
+  """``[N, 1, 28, 28] -> [N, 10]`` closing over ``params`` (constants of the function)."""
+  layers = ARCHITECTURES[name]
+
+  def apply(x: jax.Array) -> jax.Array:
+    return _apply(layers, [(jnp.asarray(w), jnp.asarray(b)) for w, b in params], x)
+
+  return apply
+
+
+def _apply(layers, params, x):
+  h = x
+  for i, (layer, (w, b)) in enumerate(zip(layers, params)):
+    if layer[0] == "conv":
+      _, _, _, s, p = layer
+      h = jax.lax.conv_general_dilated(h,
+                                       w, (s, s), [(p, p)] * 2,
+                                       dimension_numbers=("NCHW", "OIHW", "NCHW"))
+      h = h + b[None, :, None, None]
+    else:
+      h = h.reshape(h.shape[0], -1) @ w.T + b
+    if i < len(layers) - 1:
+      h = jax.nn.relu(h)
+  return h
+
+
+def torch_module(name: str, params: Params):
+  """The same network as a ``torch.nn.Sequential`` in eval mode, weights copied."""
+  import torch  # pylint: disable=import-outside-toplevel
+  nn = torch.nn
+  modules = []
+  in_channels = 1
+  layers = ARCHITECTURES[name]
+  flat = False
+  for i, (layer, (w, b)) in enumerate(zip(layers, params)):
+    if layer[0] == "conv":
+      _, out, k, s, p = layer
+      m = nn.Conv2d(in_channels, out, k, stride=s, padding=p)
+      in_channels = out
+    else:
+      if not flat:
+        modules.append(nn.Flatten())
+        flat = True
+      m = nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+      m.weight.copy_(torch.from_numpy(np.asarray(w)))
+      m.bias.copy_(torch.from_numpy(np.asarray(b)))
+    modules.append(m)
+    if i < len(layers) - 1:
+      modules.append(nn.ReLU())
+  return nn.Sequential(*modules).eval()
+
+
+def mnist_nchw(split: str, num: int) -> tuple[np.ndarray, np.ndarray]:
+  """The first ``num`` images of an MNIST split as ``[num, 1, 28, 28]`` float32 and labels.
+
+  MNIST comes from ``$ROBUSTLIB_DATA_DIR`` (see ``robustlib.data.load``).
+  """
+  ds = data.load("mnist", split, download=False)
+  return np.transpose(ds.images[:num], (0, 3, 1, 2)).copy(), ds.labels[:num]
+
+
+def train(name: str, steps: int, seed: int = 0, batch_size: int = 128) -> Params:
+  """Adam (1e-3) on cross-entropy for ``steps`` steps on MNIST; prints the time taken."""
+  x, y = mnist_nchw("train", 60000)
+  params = [(jnp.asarray(w), jnp.asarray(b)) for w, b in init_params(name, jax.random.key(seed))]
+  tx = optax.adam(1e-3)
+  layers = ARCHITECTURES[name]
+
+  def loss(p, xb, yb):
+    return optax.softmax_cross_entropy_with_integer_labels(_apply(layers, p, xb), yb).mean()
+
+  @jax.jit
+  def step(p, o, xb, yb):
+    g = jax.grad(loss)(p, xb, yb)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o
+
+  opt_state = tx.init(params)
+  rng = np.random.default_rng(seed)
+  start = time.perf_counter()
+  for _ in range(steps):
+    idx = rng.integers(0, x.shape[0], batch_size)
+    params, opt_state = step(params, opt_state, x[idx], y[idx])
+  jax.block_until_ready(params)
+  print(f"trained {name} for {steps} steps in {time.perf_counter() - start:.1f} s")
+  return [(np.asarray(w), np.asarray(b)) for w, b in params]
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+  """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up (compilation) call."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
