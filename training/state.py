@@ -22,12 +22,15 @@ class TrainState:
     batch_stats: BatchNorm running statistics (an empty dict for models without).
     opt_state: the optax optimizer state.
     key: the run's PRNG key (raw uint32[2]); step ``s`` uses ``fold_in(key, s)``.
+    ema_params: an exponential moving average of ``params`` (an empty dict when
+      weight averaging is off); evaluation uses it when present.
   """
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
   key: jax.Array
+  ema_params: Any = flax.struct.field(default_factory=dict)
 
   def variables(self) -> dict:
     """The model variables for ``model.apply``."""
@@ -35,10 +38,21 @@ class TrainState:
       return {"params": self.params, "batch_stats": self.batch_stats}
     return {"params": self.params}
 
+  def eval_variables(self) -> dict:
+    """The variables to evaluate: the averaged parameters when there are any."""
+    return self.variables() | ({"params": self.ema_params} if self.ema_params else {})
 
-def create(model, tx: optax.GradientTransformation, key: jax.Array,
-           input_shape: tuple[int, ...]) -> TrainState:
-  """Initializes the model and optimizer from ``key`` (a raw ``PRNGKey``)."""
+
+def create(model,
+           tx: optax.GradientTransformation,
+           key: jax.Array,
+           input_shape: tuple[int, ...],
+           ema: bool = False) -> TrainState:
+  """Initializes the model and optimizer from ``key`` (a raw ``PRNGKey``).
+
+  With ``ema``, the state also carries a moving average of the parameters,
+  starting at the initial parameters.
+  """
   init_key, state_key = jax.random.split(key)
   variables = models.init(model, init_key, input_shape)
   params = variables["params"]
@@ -46,4 +60,5 @@ def create(model, tx: optax.GradientTransformation, key: jax.Array,
                     params=params,
                     batch_stats=variables.get("batch_stats", {}),
                     opt_state=tx.init(params),
-                    key=state_key)
+                    key=state_key,
+                    ema_params=jax.tree.map(jnp.copy, params) if ema else {})

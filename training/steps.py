@@ -37,16 +37,18 @@ def standard_loss(apply_fn, variables, x, y, key, step):
   return loss, (metrics, updates.get("batch_stats", variables.get("batch_stats", {})))
 
 
-LOSSES: dict[str, LossFn] = {"standard": standard_loss}
-
-
-def make_train_step(apply_fn, tx: optax.GradientTransformation, loss_fn: LossFn = standard_loss):
+def make_train_step(apply_fn,
+                    tx: optax.GradientTransformation,
+                    loss_fn: LossFn = standard_loss,
+                    ema_decay: float = 0.0):
   """Builds the pure train step.
 
   Args:
     apply_fn: ``model.apply``.
     tx: the optimizer.
     loss_fn: the training objective (see ``LossFn``).
+    ema_decay: with a state that has ``ema_params``, each step sets them to
+      ``ema_decay * ema_params + (1 - ema_decay) * params`` (Gowal et al. 2020).
 
   Returns:
     ``train_step(state, (x [B, ...], y [B])) -> (state, metrics)``, with
@@ -66,10 +68,14 @@ def make_train_step(apply_fn, tx: optax.GradientTransformation, loss_fn: LossFn 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+    ema_params = state.ema_params
+    if ema_params:
+      ema_params = optax.incremental_update(params, ema_params, 1.0 - ema_decay)
     new_state = state.replace(step=state.step + 1,
                               params=params,
                               batch_stats=batch_stats,
-                              opt_state=opt_state)
+                              opt_state=opt_state,
+                              ema_params=ema_params)
     return new_state, metrics
 
   return train_step

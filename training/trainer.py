@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from robustlib import checkpoints, data, evaluation, models, parallel
-from training import optim, state as state_lib, steps
+from training import methods, optim, state as state_lib, steps
 from training.configs import default
 from training.logbook import Logbook, Progress
 
@@ -30,9 +30,10 @@ class ConfigError(ValueError):
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for fields the default config does not have, or bad values."""
   _check_fields(config.to_dict(), default.get_config().to_dict(), "")
-  if config.method not in steps.LOSSES:
-    raise ConfigError(f"unknown method {config.method!r}; choose one of "
-                      f"{sorted(steps.LOSSES)}")
+  try:
+    methods.check(config.robust, config.method, config.num_steps)
+  except ValueError as e:
+    raise ConfigError(f"config: {e}") from None
   for field in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every",
                 "eval_batch_size"):
     if int(config[field]) <= 0:
@@ -95,7 +96,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   replicated, sharded = parallel.replicated(mesh), parallel.data_sharding(mesh)
 
   tx = optim.make_optimizer(config.optimizer, config.num_steps)
-  state = state_lib.create(model, tx, jax.random.PRNGKey(config.seed), info.input_shape)
+  state = state_lib.create(model,
+                           tx,
+                           jax.random.PRNGKey(config.seed),
+                           info.input_shape,
+                           ema=config.robust.ema_decay > 0)
   state = jax.device_put(state, replicated)
   mngr = checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
   restored = checkpoints.restore(mngr, state)
@@ -104,7 +109,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Resuming from step %d of %s", int(state.step), workdir)
   start_step = int(state.step)
 
-  train_step = jax.jit(steps.make_train_step(model.apply, tx, steps.LOSSES[config.method]),
+  train_step = jax.jit(steps.make_train_step(model.apply, tx,
+                                             methods.make_loss(config.method, config.robust),
+                                             config.robust.ema_decay),
                        in_shardings=(replicated, sharded),
                        out_shardings=(replicated, replicated),
                        donate_argnums=0)
@@ -118,7 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return evaluation.accuracy(eval_apply,
                                test.images,
                                test.labels,
-                               params=st.variables(),
+                               params=st.eval_variables(),
                                batch_size=config.eval_batch_size,
                                sharding=sharded,
                                progress=False)

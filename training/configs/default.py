@@ -35,6 +35,22 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.weight_decay = 0.0
   config.optimizer.grad_clip_norm = 0.0  # 0: no clipping
 
+  # Robust training (training.methods): method is standard | pgd | trades | ibp | crown_ibp.
+  config.robust = ml_collections.ConfigDict()
+  config.robust.eps = 0.0  # training radius (L-inf, pixels in [0, 1]); e.g. 1.1x the test radius
+  config.robust.eval_eps = 0.0  # test radius of the robustness report (0: same as eps)
+  config.robust.warmup_steps = 0  # steps at eps = 0 before the ramp
+  config.robust.ramp_steps = 0  # steps of the ramp from 0 to eps
+  config.robust.schedule = "linear"  # linear | smooth (Shi et al. 2021)
+  config.robust.kappa_start = 1.0  # weight of the clean loss (ibp, crown_ibp), ramped with eps
+  config.robust.kappa_end = 0.5
+  config.robust.beta_start = 1.0  # weight of CROWN-IBP against IBP bounds (crown_ibp)
+  config.robust.beta_end = 0.0
+  config.robust.attack_steps = 10  # PGD steps inside the train step (pgd, trades)
+  config.robust.attack_step_size = 0.0  # 0: 2.5 eps / attack_steps
+  config.robust.trades_beta = 6.0
+  config.robust.ema_decay = 0.0  # weight averaging of the parameters (0: off)
+
   config.log_every = 100
   config.eval_every = 500
   config.checkpoint_every = 500
