@@ -28,6 +28,7 @@ CONFIGS = sorted(
 
 def _tiny_digits(**overrides):
   config = digits_mlp.get_config("tiny")
+  config.method, config.robust.eps, config.robust.eval_eps = "standard", 0.0, 0.0
   config.model_kwargs.hidden = (32,)
   config.eval_batch_size = 120
   for key, value in overrides.items():
@@ -162,7 +163,9 @@ def test_missing_data_dir_is_a_clear_error(tmp_path, monkeypatch):
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
   overrides = [
       "--config.num_steps=400", "--config.checkpoint_every=40", "--config.log_every=40",
-      "--config.eval_every=400", "--config.model_kwargs.hidden=(64,)"
+      "--config.eval_every=400", "--config.model_kwargs.hidden=(64,)",
+      "--config.robust.warmup_steps=40", "--config.robust.ramp_steps=200",
+      "--config.report.enabled=False"
   ]
   killed = tmp_path / "killed"
   proc = _run([
@@ -215,6 +218,7 @@ for n in (1, 8):
   config.model_kwargs.hidden = (32,)
   config.num_steps, config.log_every, config.eval_every = 30, 1, 30
   config.batch_size, config.eval_batch_size, config.num_devices = 64, 120, n
+  config.method, config.robust.eps, config.robust.eval_eps = "standard", 0.0, 0.0
   workdir = f"{sys.argv[1]}/devices{n}"
   report = trainer.train_and_evaluate(config, workdir)
   assert report["num_devices"] == n

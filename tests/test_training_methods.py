@@ -17,7 +17,7 @@ from training import methods, optim, schedules, state as state_lib, steps, train
 from training.configs import default, digits_mlp
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROBUST = ("pgd", "trades", "ibp", "crown_ibp")
+ROBUST = ("pgd", "trades", "ibp", "crown_ibp", "fast_ibp")
 
 # ----------------------------------------------------------------------------------------------
 # Schedules.
@@ -138,7 +138,7 @@ def test_one_step_of_each_method(digits, method):
   assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
   moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new.params, state.params)
   assert max(jax.tree.leaves(moved)) > 0
-  if method in ("ibp", "crown_ibp"):
+  if method in ("ibp", "crown_ibp", "fast_ibp"):
     assert {"robust_loss", "verified", "kappa", "eps"} <= set(metrics)
   if method in ("pgd", "trades"):
     assert "adv_accuracy" in metrics
@@ -149,6 +149,36 @@ def test_worst_case_cross_entropy_is_the_cross_entropy_of_the_worst_logits():
   worst = jnp.asarray([[0.0, -1.0, 0.5, -2.0]])  # z_hat_y = 0 first, then -margin
   expected = -jax.nn.log_softmax(worst)[0, 0]
   np.testing.assert_allclose(methods.worst_case_cross_entropy(margins)[0], expected, rtol=1e-6)
+
+
+def test_warm_up_regularizer_is_zero_for_tight_balanced_bounds_and_positive_otherwise():
+  box = verify.Interval(jnp.zeros((4, 3)), jnp.full((4, 3), 0.2))  # input radius 0.1
+  # Centres +-1 in equal numbers and spreads, radius 0.1: as tight as the input, balanced.
+  centre = jnp.asarray([[1.0, -1.0], [1.0, -1.0], [2.0, -2.0], [2.0, -2.0]])
+  balanced = verify.Interval(centre - 0.1, centre + 0.1)
+  assert float(methods.warmup_regularizer([balanced], box, 0.5)) == 0.0
+  # Bounds 100x looser than the input: the tightness term is close to 1.
+  loose = verify.Interval(centre - 10.0, centre + 10.0)
+  assert 0.9 < float(methods.warmup_regularizer([loose], box, 0.5)) <= 1.0 + 1e-6
+  # Every neuron inactive: the balance terms are maximal (2) and finite.
+  dead = verify.Interval(-centre.__abs__() - 0.2, -centre.__abs__() - 0.1)
+  assert 1.9 < float(methods.warmup_regularizer([dead], box, 0.5)) <= 2.0 + 1e-6
+
+
+def test_ibp_initialization_redraws_hidden_kernels_only():
+  model = models.create("mlp", num_classes=10, input_shape=(8, 8, 1), hidden=(300, 200))
+  params = models.init(model, jax.random.PRNGKey(0), (8, 8, 1))["params"]
+  new = methods.ibp_init(params, jax.random.PRNGKey(1))
+  kernels = [(k, v["kernel"]) for k, v in params.items() if "kernel" in v]
+  assert len(kernels) == 3
+  for name, kernel in kernels[:-1]:
+    fan_in = kernel.shape[0]
+    np.testing.assert_allclose(float(jnp.std(new[name]["kernel"])),
+                               np.sqrt(2 * np.pi) / fan_in,
+                               rtol=0.05)
+    np.testing.assert_array_equal(new[name]["bias"], params[name]["bias"])
+  last = kernels[-1][0]
+  np.testing.assert_array_equal(new[last]["kernel"], params[last]["kernel"])
 
 
 def _train(train, method, robust, num_steps, **kwargs):
@@ -191,7 +221,7 @@ def test_trades_raises_accuracy_under_pgd(digits):
   assert robust["trades"] > robust["standard"] + 0.15, robust
 
 
-@pytest.mark.parametrize("method", ["ibp", "crown_ibp"])
+@pytest.mark.parametrize("method", ["ibp", "crown_ibp", "fast_ibp"])
 def test_certified_training_raises_verified_accuracy(digits, method):
   train, test = digits
   x, y = jnp.asarray(test.images), jnp.asarray(test.labels)
@@ -228,7 +258,7 @@ import jax
 from training import trainer
 from training.configs import digits_mlp
 out = {}
-for method in ("pgd", "trades", "ibp", "crown_ibp"):
+for method in ("pgd", "trades", "ibp", "crown_ibp", "fast_ibp"):
   for n in (1, 8):
     config = digits_mlp.get_config("tiny")
     config.method, config.num_devices, config.num_steps = method, n, 3
@@ -236,6 +266,8 @@ for method in ("pgd", "trades", "ibp", "crown_ibp"):
     config.batch_size, config.eval_batch_size = 32, 120
     config.robust.eps = 0.1
     config.robust.attack_steps = 3
+    config.robust.warmup_steps, config.robust.ramp_steps = 0, 2
+    config.report.enabled = False
     workdir = f"{sys.argv[1]}/{method}{n}"
     report = trainer.train_and_evaluate(config, workdir)
     assert report["num_devices"] == n
@@ -261,3 +293,26 @@ def test_every_method_gives_the_same_losses_on_eight_devices_as_on_one(tmp_path)
     one, eight = np.array(losses[f"{method}1"]), np.array(losses[f"{method}8"])
     assert one.shape == (3,)
     np.testing.assert_allclose(eight, one, rtol=1e-4, atol=1e-5, err_msg=method)
+
+
+def test_a_robust_run_ends_with_the_robustness_report(tmp_path):
+  config = digits_mlp.get_config("tiny")
+  config.num_steps = 60
+  config.report.autoattack = True
+  config.report.verify_methods = ("ibp", "crown")
+  config.report.num_examples = 32
+  config.report.sweep = (0.0, 1.0, 2.0)
+  report = trainer.train_and_evaluate(config, str(tmp_path))
+  saved = json.loads((tmp_path / "report.json").read_text())
+  for r in (report, saved):
+    assert r["eps"] == pytest.approx(0.1)
+    assert set(r["verified_accuracy"]) == {"ibp", "crown"}
+    assert {"clean_accuracy", "pgd_accuracy", "autoattack_accuracy"} <= set(r)
+  assert (tmp_path / "robustness.png").stat().st_size > 0
+  sweep = report["sweep"]
+  assert sweep["eps"] == pytest.approx([0.0, 0.1, 0.2])
+  for i in range(3):
+    assert sweep["ibp"][i] <= sweep["pgd"][i] <= report["clean_accuracy"]
+    assert sweep["crown"][i] <= sweep["pgd"][i]
+  assert report["autoattack_accuracy"] <= report["pgd_accuracy"] + 1 / 32
+  assert sweep["pgd"][0] == pytest.approx(report["clean_accuracy"])

@@ -15,12 +15,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+import verify
 from robustlib import checkpoints, data, evaluation, models, parallel
-from training import methods, optim, state as state_lib, steps
+from training import methods, optim, robustness, state as state_lib, steps
 from training.configs import default
 from training.logbook import Logbook, Progress
 
 REPORT_FILE = "report.json"
+ROBUSTNESS_PLOT = "robustness.png"
 
 
 class ConfigError(ValueError):
@@ -38,6 +40,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 "eval_batch_size"):
     if int(config[field]) <= 0:
       raise ConfigError(f"config.{field} must be positive, got {config[field]}")
+  unknown = set(config.report.verify_methods) - set(verify.METHODS)
+  if unknown:
+    raise ConfigError(f"config.report.verify_methods: unknown {sorted(unknown)}; choose from "
+                      f"{verify.METHODS}")
+  if int(config.report.pgd_steps) < 1 or int(config.report.num_examples) < 0:
+    raise ConfigError("config.report.pgd_steps must be >= 1 and num_examples >= 0, got "
+                      f"{config.report.pgd_steps} and {config.report.num_examples}")
+  if any(float(f) < 0 for f in config.report.sweep):
+    raise ConfigError(f"config.report.sweep must hold radii >= 0, got {config.report.sweep}")
   try:
     optim.make_optimizer(config.optimizer, config.num_steps)
   except ValueError as e:
@@ -101,6 +112,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                            jax.random.PRNGKey(config.seed),
                            info.input_shape,
                            ema=config.robust.ema_decay > 0)
+  if config.robust.ibp_init:
+    params = methods.ibp_init(state.params, jax.random.PRNGKey(config.seed + 2))
+    state = state.replace(params=params, ema_params=params if state.ema_params else {})
   state = jax.device_put(state, replicated)
   mngr = checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
   restored = checkpoints.restore(mngr, state)
@@ -179,11 +193,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "num_test_examples":
           len(test),
   }
+  eval_eps = float(config.robust.eval_eps or config.robust.eps)
+  if eval_eps > 0 and config.report.enabled:
+    report.update(_robustness(config, eval_apply, state, test, eval_eps, workdir, main_process))
   if main_process:
     logbook.plot(f"{config.model} on {config.dataset}")
     _write_report(workdir, report)
     print(format_report(report))
   return report
+
+
+def _robustness(config, eval_apply, state, test, eps: float, workdir: str, plot: bool) -> dict:
+  """The robustness report (`training.robustness`) of the evaluated weights."""
+  n = config.report.num_examples or len(test)
+  variables = state.eval_variables()
+  result = robustness.robustness_report(
+      lambda z: eval_apply(variables, z),
+      test.images[:n],
+      test.labels[:n],
+      eps,
+      key=jax.random.PRNGKey(config.seed + 1),
+      sweep=[f * eps for f in config.report.sweep],
+      verify_methods=tuple(config.report.verify_methods),
+      pgd_steps=config.report.pgd_steps,
+      autoattack=config.report.autoattack,
+      batch_size=config.eval_batch_size,
+      plot_path=os.path.join(workdir, ROBUSTNESS_PLOT) if plot else None)
+  print(robustness.format_table(result))
+  return result
 
 
 def _write_report(workdir: str, report: dict) -> None:
@@ -198,6 +235,11 @@ def format_report(report: dict) -> str:
   width = max(len(k) for k in report)
   lines = [f"{'field':<{width}}  value", "-" * (width + 20)]
   for key, value in report.items():
-    shown = f"{value:.4f}" if isinstance(value, float) and key.endswith("accuracy") else value
+    if key == "sweep":  # curves: in report.json and the plot
+      continue
+    if isinstance(value, dict):
+      shown = ", ".join(f"{k} {v:.4f}" for k, v in value.items())
+    else:
+      shown = f"{value:.4f}" if isinstance(value, float) and key.endswith("accuracy") else value
     lines.append(f"{key:<{width}}  {shown}")
   return "\n".join(lines)

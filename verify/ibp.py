@@ -222,4 +222,29 @@ def ibp(fn: Callable, *args: Any) -> Any:
   return output_intervals(graph, propagate(graph, boxes))
 
 
+def relu_input_bounds(fn: Callable, *args: Any) -> list[Interval]:
+  """IBP bounds of the pre-activation ``x - c`` of every ``max(x, c)`` (a ReLU when ``c = 0``).
+
+  What certified-training regularizers read (Shi et al. 2021: bound tightness
+  and the balance of active and inactive ReLUs). Only ``max`` with one bounded
+  operand counts.
+
+  Args:
+    fn, args: as in `ibp`.
+
+  Returns:
+    One `Interval` per ReLU, in the order the function applies them.
+  """
+  graph, boxes = build_graph(fn, args, is_supported)
+  bounds = propagate(graph, boxes)
+  out = []
+  for node in graph.nodes:
+    if node.name == "max" and len(node.bounded_inputs) == 1:
+      pos = node.bounded_inputs[0]
+      b = bounds[node.inputs[pos].index]
+      c = jnp.asarray(node.inputs[1 - pos], b.lower.dtype)
+      out.append(Interval(b.lower - c, b.upper - c))
+  return out
+
+
 SUPPORTED_PRIMITIVES = tuple(sorted(IBP_RULES))

@@ -35,7 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.weight_decay = 0.0
   config.optimizer.grad_clip_norm = 0.0  # 0: no clipping
 
-  # Robust training (training.methods): method is standard | pgd | trades | ibp | crown_ibp.
+  # Robust training (training.methods): method is standard | pgd | trades | ibp | crown_ibp |
+  # fast_ibp.
   config.robust = ml_collections.ConfigDict()
   config.robust.eps = 0.0  # training radius (L-inf, pixels in [0, 1]); e.g. 1.1x the test radius
   config.robust.eval_eps = 0.0  # test radius of the robustness report (0: same as eps)
@@ -50,6 +51,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.robust.attack_step_size = 0.0  # 0: 2.5 eps / attack_steps
   config.robust.trades_beta = 6.0
   config.robust.ema_decay = 0.0  # weight averaging of the parameters (0: off)
+  # fast_ibp (Shi et al. 2021): IBP initialization and warm-up regularizers.
+  config.robust.ibp_init = False  # re-draw hidden weights with std sqrt(2 pi) / fan_in
+  config.robust.reg_lambda = 0.5  # weight of the regularizers, times (1 - eps(t) / eps)
+  config.robust.reg_tol = 0.5  # their tolerance tau
+
+  # The robustness report at the end of a run (when robust.eps or robust.eval_eps is set).
+  config.report = ml_collections.ConfigDict()
+  config.report.enabled = True
+  config.report.sweep = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5
+                        )  # radii of the curves, as multiples of the test eps
+  config.report.verify_methods = ("ibp", "crown")
+  config.report.pgd_steps = 40
+  config.report.autoattack = True
+  config.report.num_examples = 0  # 0: every evaluation example
 
   config.log_every = 100
   config.eval_every = 500

@@ -1,0 +1,42 @@
+"""IBP training of the small CNN on MNIST (Gowal et al. 2018), test eps 0.1 (train 0.2).
+
+The paper's MNIST schedule: Adam 1e-3, batch 100, 60k steps, learning rate / 10 at
+steps 15k and 25k; eps = 0 for 2k steps, then a linear ramp over 10k steps; kappa
+from 1 to 0.5 along the ramp. For test eps 0.3 train at 0.4:
+``--config.robust.eps=0.4 --config.robust.eval_eps=0.3``. Needs MNIST
+(``--config.data_dir=DIR`` or ``ROBUSTLIB_DATA_DIR``).
+"""
+
+from training.configs import default
+
+
+def get_config(variant: str = ""):
+  default.check_variant(variant)
+  config = default.get_config()
+  config.dataset = "mnist"
+  config.model = "cnn_small"
+  config.method = "ibp"
+  config.batch_size = 100
+  config.num_steps = 60000
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.schedule = "piecewise"
+  config.optimizer.decay_boundaries = (0.25, 25000 / 60000)
+  config.optimizer.decay_factor = 0.1
+  config.robust.eps = 0.2
+  config.robust.eval_eps = 0.1
+  config.robust.warmup_steps = 2000
+  config.robust.ramp_steps = 10000
+  config.robust.kappa_start = 1.0
+  config.robust.kappa_end = 0.5
+  config.report.num_examples = 1000
+  config.log_every = 500
+  config.eval_every = 5000
+  config.checkpoint_every = 5000
+  config.eval_batch_size = 500
+  if variant == "tiny":
+    default.shrink_to_tiny(config)
+    config.robust.warmup_steps, config.robust.ramp_steps = 0, 1
+    config.report.autoattack = False
+    config.report.verify_methods = ("ibp",)
+    config.report.num_examples = 32
+  return config

@@ -1,0 +1,125 @@
+"""The robustness report of a trained model: empirical (attacks) and verified (bounds) accuracy.
+
+At the test radius: clean accuracy, accuracy under PGD-40 and under the
+AutoAttack suite, verified accuracy by each bound method; over a sweep of radii:
+PGD and verified accuracy, also saved as a PNG.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+from absl import logging
+import jax
+import numpy as np
+
+import attacks
+import verify
+from robustlib import evaluation, plotting
+
+
+def verified_accuracy(logits_fn: Callable[[jax.Array], jax.Array],
+                      x: np.ndarray,
+                      y: np.ndarray,
+                      eps: float,
+                      method: str,
+                      batch_size: int = 256) -> float:
+  """Fraction of ``(x, y)`` that ``verify.certify`` proves robust, in fixed-size batches."""
+  n = x.shape[0]
+  xs = evaluation.pad_to_multiple(np.asarray(x), batch_size)
+  ys = evaluation.pad_to_multiple(np.asarray(y), batch_size)
+  flags = []
+  for start in range(0, xs.shape[0], batch_size):
+    stop = start + batch_size
+    flags.append(np.asarray(verify.certify(logits_fn, xs[start:stop], ys[start:stop], eps, method)))
+  return float(np.mean(np.concatenate(flags)[:n]))
+
+
+def robustness_report(logits_fn: Callable[[jax.Array], jax.Array],
+                      x: np.ndarray,
+                      y: np.ndarray,
+                      eps: float,
+                      *,
+                      key: jax.Array,
+                      sweep: Sequence[float] = (),
+                      verify_methods: Sequence[str] = ("ibp", "crown"),
+                      pgd_steps: int = 40,
+                      autoattack: bool = True,
+                      batch_size: int = 256,
+                      plot_path: str | None = None) -> dict:
+  """Clean, PGD, AutoAttack and verified accuracy of ``logits_fn`` at ``eps`` (L-inf).
+
+  Args:
+    logits_fn: ``[N, ...] -> [N, K]`` in inference mode, inputs in [0, 1].
+    x: images ``[N, ...]``; y: labels ``[N]``.
+    eps: the test radius.
+    key: PRNG key of the attacks.
+    sweep: further radii for the curves (``eps`` is always included).
+    verify_methods: bound methods for verified accuracy (``verify.certify`` names).
+    pgd_steps: steps of the PGD attack.
+    autoattack: also run AutoAttack (standard version) at ``eps``.
+    batch_size: examples per call.
+    plot_path: where to save the PNG of accuracy against epsilon (None: no plot).
+
+  Returns:
+    ``{"eps", "num_examples", "clean_accuracy", "pgd_accuracy",
+    ["autoattack_accuracy"], "verified_accuracy": {method: value}, "sweep": {...},
+    "seconds"}``; ``sweep`` holds the radii and one accuracy list per curve.
+  """
+  start = time.perf_counter()
+  radii = sorted({round(float(e), 6) for e in sweep} | {float(eps)})
+  pgd = attacks.pgd(eps=max(radii), steps=pgd_steps)
+  pgd_report = attacks.evaluate(logits_fn,
+                                x,
+                                y,
+                                pgd,
+                                key=key,
+                                eps=radii,
+                                batch_size=batch_size,
+                                progress=False)
+  pgd_at = dict(zip(pgd_report.eps, pgd_report.robust_accuracy))
+  report = {
+      "eps": float(eps),
+      "num_examples": int(x.shape[0]),
+      "clean_accuracy": pgd_report.clean_accuracy,
+      "pgd_accuracy": pgd_at[float(eps)],
+  }
+  logging.info("robustness report: clean %.4f, PGD-%d %.4f", report["clean_accuracy"], pgd_steps,
+               report["pgd_accuracy"])
+  if autoattack:
+    aa = attacks.evaluate(logits_fn,
+                          x,
+                          y,
+                          attacks.autoattack(eps=float(eps)),
+                          key=jax.random.fold_in(key, 1),
+                          batch_size=batch_size,
+                          progress=False)
+    report["autoattack_accuracy"] = aa.robust_accuracy[0]
+    logging.info("robustness report: AutoAttack %.4f", report["autoattack_accuracy"])
+  curves = {"pgd": [pgd_at[e] for e in radii]}
+  for method in verify_methods:
+    curves[method] = [verified_accuracy(logits_fn, x, y, e, method, batch_size) for e in radii]
+    logging.info("robustness report: verified (%s) %s", method, curves[method])
+  report["verified_accuracy"] = {m: curves[m][radii.index(float(eps))] for m in verify_methods}
+  report["sweep"] = {"eps": radii, **curves}
+  report["seconds"] = round(time.perf_counter() - start, 2)
+  if plot_path:
+    series = {f"PGD-{pgd_steps}": (radii, curves["pgd"])}
+    series.update({f"verified ({m})": (radii, curves[m]) for m in verify_methods})
+    plotting.save_line_plots(plot_path, {"robust accuracy": series},
+                             xlabel="epsilon (L-inf)",
+                             title="empirical and verified robust accuracy")
+  return report
+
+
+def format_table(report: dict) -> str:
+  """The report's headline numbers as a text table."""
+  rows = [("clean", report["clean_accuracy"]), ("PGD", report["pgd_accuracy"])]
+  if "autoattack_accuracy" in report:
+    rows.append(("AutoAttack", report["autoattack_accuracy"]))
+  rows += [(f"verified ({m})", v) for m, v in report["verified_accuracy"].items()]
+  width = max(len(r[0]) for r in rows)
+  lines = [f"robustness at eps = {report['eps']:g} ({report['num_examples']} examples)"]
+  lines += [f"  {name:<{width}}  {value:.2%}" for name, value in rows]
+  return "\n".join(lines)
