@@ -18,14 +18,13 @@ checkpoint in ``--workdir``, and the config must name the run's model. An
 untrained model is never evaluated.
 """
 
-import logging as std_logging
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from attacks import evaluation
-from robustlib import checkpoints, checks, data, models
+from robustlib import scripts
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (with a checkpoint).")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -43,30 +42,17 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the attacks' PRNG key.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results go (default: --workdir).")
 _RESUME = flags.DEFINE_bool("resume", True, "Keep resumable state and resume from it.")
 
-USER_ERRORS = (checks.InputError, checkpoints.CheckpointError, data.DataError,
-               models.ModelInputError)
-
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(
-      lambda record: record.levelno >= std_logging.WARNING or "orbax" not in record.pathname)
+  scripts.setup_logging()
   try:
     eps = [float(e) for e in _EPS.value]
   except ValueError:
     raise app.UsageError(f"--eps must be numbers separated by commas, got {_EPS.value}") from None
-  dataset, data_dir = None, _DATA_DIR.value
   try:
-    if _CONFIG.value is not None:
-      run_config = checkpoints.read_config(_WORKDIR.value)
-      given = (_CONFIG.value.model, _CONFIG.value.model_kwargs.to_dict())
-      trained = (run_config["model"], run_config.get("model_kwargs", {}))
-      if _normalize(given) != _normalize(trained):
-        raise app.UsageError(f"--config names the model {given}, but the checkpoint in "
-                             f"--workdir holds {trained}")
-      dataset, data_dir = _CONFIG.value.dataset, data_dir or _CONFIG.value.data_dir or None
+    dataset, data_dir = scripts.data_of_config(_WORKDIR.value, _CONFIG.value, _DATA_DIR.value)
     report = evaluation.evaluate_run(_WORKDIR.value,
                                      suite=_SUITE.value,
                                      eps=eps,
@@ -78,7 +64,7 @@ def main(argv):
                                      seed=_SEED.value,
                                      output_dir=_OUTPUT_DIR.value,
                                      resume=_RESUME.value)
-  except USER_ERRORS as e:
+  except scripts.USER_ERRORS as e:
     raise app.UsageError(f"{type(e).__name__}: {e}") from None
   print(f"{report.suite} ({report.norm}) on {report.num_examples} examples, "
         f"{report.seconds:.1f} s")
@@ -86,15 +72,6 @@ def main(argv):
   for message in report.warnings:
     print(f"WARNING: {message}")
   sys.stdout.flush()
-
-
-def _normalize(value):
-  """Lists and tuples compare equal (JSON turns tuples into lists)."""
-  if isinstance(value, (list, tuple)):
-    return [_normalize(v) for v in value]
-  if isinstance(value, dict):
-    return {k: _normalize(v) for k, v in value.items()}
-  return value
 
 
 flags.mark_flag_as_required("workdir")

@@ -1,6 +1,10 @@
 """Training throughput (images/s) of a jitted train step on MNIST-shaped data.
 
     python -m benchmarks.train_throughput --model=cnn_small --batch_sizes=32,128,256
+    python -m benchmarks.train_throughput --methods=standard,pgd,ibp,crown_ibp --batch_sizes=128
+
+With several ``--methods`` (robust training at ``--eps``, PGD-``--attack_steps``
+inside the step) each row also gives the ratio to standard training.
 
 Times the same train step the training loop runs (forward, backward, Adam update,
 compiled once), excluding compilation, on synthetic 28x28x1 images. When PyTorch
@@ -12,11 +16,10 @@ import statistics
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 
 from robustlib import data, models, parallel
-from training import optim, state as state_lib, steps
+from training import methods, optim, state as state_lib, steps
 from training.configs import default
 
 _MODEL = flags.DEFINE_string("model", "cnn_small", "Model name in robustlib.models.")
@@ -25,10 +28,17 @@ _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["32", "128", "256"], "Global ba
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Repeats; the median is reported.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time PyTorch when it is installed.")
+_METHODS = flags.DEFINE_list("methods", ["standard"], "Training methods (training.methods).")
+_EPS = flags.DEFINE_float("eps", 0.1, "Training radius of the robust methods.")
+_ATTACK_STEPS = flags.DEFINE_integer("attack_steps", 10, "PGD steps of pgd/trades training.")
 
 
-def time_jax(model_name: str, dataset: str, batch_size: int, num_steps: int,
-             repeats: int) -> tuple[float, float]:
+def time_jax(model_name: str,
+             dataset: str,
+             batch_size: int,
+             num_steps: int,
+             repeats: int,
+             method: str = "standard") -> tuple[float, float]:
   """Returns (median images/s, compile seconds) of the jitted train step."""
   train = data.load(dataset, "train")
   info = train.info
@@ -42,7 +52,10 @@ def time_jax(model_name: str, dataset: str, batch_size: int, num_steps: int,
   mesh = parallel.make_mesh()
   rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
   state = jax.device_put(state_lib.create(model, tx, jax.random.PRNGKey(0), info.input_shape), rep)
-  step = jax.jit(steps.make_train_step(model.apply, tx),
+  robust = default.get_config().robust
+  robust.eps, robust.attack_steps = _EPS.value, _ATTACK_STEPS.value
+  loss = methods.make_loss(method, robust)
+  step = jax.jit(steps.make_train_step(model.apply, tx, loss),
                  in_shardings=(rep, shard),
                  out_shardings=(rep, rep),
                  donate_argnums=0)
@@ -98,18 +111,30 @@ def main(argv):
   del argv
   print(f"train-step throughput: {_MODEL.value} on {_DATASET.value}, "
         f"{len(jax.devices())} x {jax.devices()[0].platform}, median of {_REPEATS.value}")
-  header = f"{'batch':>6} {'robustlib img/s':>16} {'compile s':>10}"
-  use_torch = _TORCH.value and time_torch(_MODEL.value, 2, 1, 1) is not None
+  many = len(_METHODS.value) > 1
+  header = f"{'method':>10} {'batch':>6} {'robustlib img/s':>16} {'compile s':>10}"
+  use_torch = not many and _TORCH.value and time_torch(_MODEL.value, 2, 1, 1) is not None
   if use_torch:
     header += f" {'pytorch img/s':>14} {'ratio':>6}"
-  print(header)
+  if many:
+    header += f" {'vs standard':>12}"
+  rows = []
   for bs in map(int, _BATCH_SIZES.value):
-    rate, compile_s = time_jax(_MODEL.value, _DATASET.value, bs, _STEPS.value, _REPEATS.value)
-    row = f"{bs:>6} {rate:>16.0f} {compile_s:>10.2f}"
-    if use_torch:
-      torch_rate = time_torch(_MODEL.value, bs, _STEPS.value, _REPEATS.value)
-      row += f" {torch_rate:>14.0f} {rate / torch_rate:>6.2f}"
-    print(row, flush=True)
+    base = None
+    for method in _METHODS.value:
+      rate, compile_s = time_jax(_MODEL.value, _DATASET.value, bs, _STEPS.value, _REPEATS.value,
+                                 method)
+      base = rate if method == "standard" else base
+      row = f"{method:>10} {bs:>6} {rate:>16.0f} {compile_s:>10.2f}"
+      if use_torch:
+        torch_rate = time_torch(_MODEL.value, bs, _STEPS.value, _REPEATS.value)
+        row += f" {torch_rate:>14.0f} {rate / torch_rate:>6.2f}"
+      if many:
+        row += f" {rate / base:>12.3f}" if base else f" {'':>12}"
+      rows.append(row)
+      print(row, flush=True)
+  print(header)
+  print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def accuracy(logits_fn, x, y):
 
 
 def trained_digits_mlp(tmp_path_factory) -> pathlib.Path:
-  """The workdir of a digits MLP trained for 300 steps by ``python -m training.train``.
+  """The workdir of a digits MLP trained (standard training) for 300 steps by ``training.train``.
 
   Trained once per test session: under pytest-xdist the workers share one
   directory (beside their own temporary directories) and a lock, so the first
@@ -129,7 +129,8 @@ def trained_digits_mlp(tmp_path_factory) -> pathlib.Path:
     if not (workdir / "report.json").exists():
       subprocess.run([
           sys.executable, "-m", "training.train", "--config=training/configs/digits_mlp.py",
-          f"--workdir={workdir}", "--config.num_steps=300"
+          f"--workdir={workdir}", "--config.num_steps=300", "--config.method=standard",
+          "--config.robust.eps=0", "--config.robust.eval_eps=0"
       ],
                      cwd=REPO,
                      check=True,

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 import verify
-from robustlib.checks import InputError
 
 RNG = np.random.default_rng(0)
 

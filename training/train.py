@@ -6,14 +6,13 @@ colon (``--config=training/configs/mnist_cnn_small.py:tiny``). Re-running the sa
 command after an interruption resumes from the last checkpoint.
 """
 
-import logging as std_logging
 import sys
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from robustlib import checkpoints, checks, data, models
+from robustlib import scripts
 from training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -32,8 +31,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "environment: TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS and friends).")
 
 # Errors about what the user asked for: shown as one line, without a stack trace.
-USER_ERRORS = (trainer.ConfigError, data.DataError, models.ModelInputError, checks.InputError,
-               checkpoints.CheckpointError)
+USER_ERRORS = (trainer.ConfigError,) + scripts.USER_ERRORS
 
 
 def parse_flags(argv):
@@ -50,10 +48,7 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  # Keep progress lines readable: checkpointing's own INFO lines are dropped.
-  logging.get_absl_handler().addFilter(
-      lambda record: record.levelno >= std_logging.WARNING or "orbax" not in record.pathname)
+  scripts.setup_logging()
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   try:

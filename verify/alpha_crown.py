@@ -34,38 +34,53 @@ from verify.interval import Interval
 
 
 def _optimise(out, A, bounds, steps: int, lr: float) -> jax.Array:
-  """Best lower bounds ``[R, N]`` of the rows ``A`` over ``steps`` Adam steps."""
-  bounds = jax.tree_util.tree_map(lax.stop_gradient, bounds)
+  """Best lower bounds ``[R, N]`` of the rows ``A`` over ``steps`` Adam steps.
+
+  The search for the slopes is not differentiated (Adam's update has no
+  derivative where a gradient is 0): the result is the bound at the best slopes
+  found for each row, held fixed, so its gradient with respect to the network's
+  parameters is that of CROWN with those slopes (intermediate bounds included).
+  """
+  search_bounds = jax.tree_util.tree_map(lax.stop_gradient, bounds)
   relus = [n for n in ancestors(out) if node_kind(n) == "relu"]
   init = {}
   for node in relus:
     x = node.inputs[node.bounded_inputs[0]]
-    a = relu_alpha_init(node, bounds[x.index])
+    a = relu_alpha_init(node, search_bounds[x.index])
     init[str(node.index)] = jnp.broadcast_to(a[None], (A.shape[0],) + a.shape)
 
-  def rows(alphas):
+  def rows(alphas, bounds=search_bounds):
     return backward(out, A, bounds, alphas={int(k): v for k, v in alphas.items()})
+
+  if not relus or steps == 0:
+    return rows(init, bounds)
 
   def loss(alphas):
     r = rows(alphas)
     return -jnp.sum(r), r
 
+  def keep_better(better, new, old):  # per row and example: better [R, N]
+    return jax.tree_util.tree_map(
+        lambda a, b: jnp.where(better.reshape(better.shape + (1,) * (a.ndim - 2)), a, b), new, old)
+
   opt = optax.adam(lr)
-  best0 = rows(init)
-  if not relus or steps == 0:
-    return best0
 
   def step(carry, _):
-    alphas, state, best = carry
+    alphas, state, best, best_alphas = carry
     (_, r), g = jax.value_and_grad(loss, has_aux=True)(alphas)
-    best = jnp.maximum(best, r)
+    r, g = lax.stop_gradient((r, g))
+    better = r > best
+    best, best_alphas = jnp.where(better, r, best), keep_better(better, alphas, best_alphas)
     upd, state = opt.update(g, state, alphas)
     alphas = optax.apply_updates(alphas, upd)
     alphas = jax.tree_util.tree_map(lambda a: jnp.clip(a, 0.0, 1.0), alphas)
-    return (alphas, state, best), None
+    return (alphas, state, best, best_alphas), None
 
-  (alphas, _, best), _ = lax.scan(step, (init, opt.init(init), best0), None, length=steps)
-  return jnp.maximum(best, rows(alphas))
+  best0 = lax.stop_gradient(rows(init))
+  carry = (init, opt.init(init), best0, init)
+  (alphas, _, best, best_alphas), _ = lax.scan(step, carry, None, length=steps)
+  best_alphas = keep_better(lax.stop_gradient(rows(alphas)) > best, alphas, best_alphas)
+  return rows(lax.stop_gradient(best_alphas), bounds)
 
 
 def alpha_crown(fn: Callable,

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-import numpy as np
 
+from robustlib import fastgrad
 from robustlib.checks import InputError
+from verify.ibp import ibp_node
 from verify.ibp import is_supported as _ibp_supported
 from verify.ibp import propagate as ibp_propagate
 from verify import relaxations as rx
@@ -42,6 +43,7 @@ from verify.graph import ancestors
 from verify.graph import consumers
 from verify.graph import build_graph
 from verify.interval import Interval
+from verify.rows import identity_rows
 
 # Operations affine in their bounded operands whatever they are.
 AFFINE = {
@@ -192,6 +194,19 @@ def relu_alpha_init(node: Node, box: Interval) -> jax.Array:
   return rx.relu_default_alpha(-u, -l, -c)
 
 
+def _linear_map(node: Node) -> Callable[..., jax.Array]:
+  """The node's operation as a function of its bounded operands, with fast transposes.
+
+  A convolution of a bounded input with a fixed kernel is transposed as a
+  channels-last convolution with a pre-flipped kernel (``robustlib.fastgrad``):
+  on CPU, XLA's own transpose inside a loop over chunks is several times slower.
+  """
+  if (node.name == "conv_general_dilated" and node.bounded_inputs == [0] and
+      node.params["batch_group_count"] == 1):
+    return fastgrad.conv_with_fast_transpose(node.inputs[1], node.params)
+  return node.apply_bounded
+
+
 def backward(start: Node,
              A0: jax.Array,
              bounds: dict[int, Interval],
@@ -233,7 +248,7 @@ def backward(start: Node,
     elif kind == "affine":
       pos = node.bounded_inputs
       zeros = [jnp.zeros(node.inputs[p].shape, node.inputs[p].dtype) for p in pos]
-      out0, vjp = jax.vjp(node.apply_bounded, *zeros)
+      out0, vjp = jax.vjp(_linear_map(node), *zeros)
       cts = jax.vmap(vjp)(A.astype(out0.dtype))
       for p, ct in zip(pos, cts):
         add(node.inputs[p], ct)
@@ -340,9 +355,9 @@ def node_bounds_by_backward(node: Node,
   padded = jnp.pad(order, ((0, 0), (0, n_chunks * chunk - m)))
 
   def run_rows(idx):  # [N, chunk] neuron indices -> [2 chunk, N]
-    rows = jnp.transpose(jax.nn.one_hot(idx, m, dtype=dtype), (1, 0, 2))
-    A = jnp.concatenate([rows, -rows], axis=0).reshape((2 * idx.shape[1], n) + rest)
-    return backward(node, A, bounds)
+    start, rows, bias = identity_rows(node, idx)
+    return backward(start, jnp.concatenate([rows, -rows], axis=0), bounds) + jnp.concatenate(
+        [bias, -bias], axis=0)
 
   if n_chunks == 1:
     out = run_rows(padded)[None]
@@ -390,9 +405,11 @@ def intermediate_bounds(graph: Graph,
 
   With ``crown``, every such node gets a backward pass (auto_LiRPA's default),
   except a node that is a single affine map of the input box, whose IBP bounds
-  are exact. Only elements left unstable by IBP get a backward pass when the
-  node feeds ReLUs only (the others are stable either way, as auto_LiRPA's
-  sparse intermediate bounds). ``intersect`` also intersects with IBP bounds
+  are exact, and the output of an elementwise function (a ReLU before a max
+  pool) of a node that has bounds, which gets the function's range over them.
+  Only elements left unstable by IBP get a backward pass when the node feeds
+  ReLUs only (the others are stable either way, as auto_LiRPA's sparse
+  intermediate bounds). ``intersect`` also intersects with IBP bounds
   (tighter; auto_LiRPA does not).
 
   Returns a dict with the input boxes and those bounds (and, for ``crown_ibp``,
@@ -411,6 +428,14 @@ def intermediate_bounds(graph: Graph,
       continue
     if node.index in exact:
       bounds[node.index] = ibp_bounds[node.index]
+      continue
+    elementwise = node_kind(node) in ("relu", "elementwise")
+    if elementwise and node.inputs[node.bounded_inputs[0]].index in bounds:
+      # The output of an elementwise function of a bounded node (a ReLU feeding a max pool): the
+      # function's range over its input's bounds, as auto_LiRPA; a backward pass through its
+      # relaxation would be looser (e.g. a ReLU's lower line of slope 1 reaches below 0).
+      ins = [bounds[a.index] if isinstance(a, Node) else a for a in node.inputs]
+      bounds[node.index] = ibp_node(node, ins)
       continue
     _check_batch_first(node, graph)
     ib = ibp_bounds[node.index]

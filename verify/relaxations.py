@@ -100,6 +100,13 @@ def _s_shaped_upper(f: Callable, l, u, iters: int = 24):
     return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
 
   _, d = lax.fori_loop(0, iters, body, (lo0, hi0))
+  # Bisection has no derivative: keep the value of the root d of g and give it the one of the
+  # implicit function theorem, dd = -(dg/dl) dl / g'(d) with g'(d) = f''(d) (l - d).
+  d = lax.stop_gradient(d)
+  g_d = lax.stop_gradient(_deriv(lambda t: _deriv(f, t), d) * (l - d))
+  ok = jnp.abs(g_d) > _TINY
+  g_l = g(d)
+  d = d - jnp.where(ok, (g_l - lax.stop_gradient(g_l)) / jnp.where(ok, g_d, 1.0), 0.0)
   d_w, d_b = _tangent(f, d)
   use_chord = g(hi0) < 0
   m_w = jnp.where(use_chord, c_w, d_w)

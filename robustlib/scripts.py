@@ -1,0 +1,57 @@
+"""What the absl scripts (training, attacks, verification) share: logging, errors, run configs."""
+
+from __future__ import annotations
+
+import logging as std_logging
+from typing import Any
+
+from absl import app, logging
+
+from robustlib import checkpoints, checks, data, models
+
+# Errors a user's input causes: scripts print them as usage errors, without a traceback.
+USER_ERRORS = (checks.InputError, checkpoints.CheckpointError, data.DataError,
+               models.ModelInputError)
+
+
+def setup_logging() -> None:
+  """INFO logging with checkpointing's own INFO lines dropped, so progress lines stay readable."""
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or "orbax" not in record.pathname)
+
+
+def _normalize(value: Any) -> Any:
+  """Lists and tuples compare equal (JSON turns tuples into lists)."""
+  if isinstance(value, (list, tuple)):
+    return [_normalize(v) for v in value]
+  if isinstance(value, dict):
+    return {k: _normalize(v) for k, v in value.items()}
+  return value
+
+
+def data_of_config(workdir: str, config: Any,
+                   data_dir: str | None) -> tuple[str | None, str | None]:
+  """``(dataset, data_dir)`` that a ``--config`` given beside ``--workdir`` picks.
+
+  Args:
+    workdir: a training run's directory.
+    config: the training config given on the command line, or None.
+    data_dir: a ``--data_dir`` flag (wins over the config's).
+
+  Returns:
+    ``(None, data_dir)`` without a config (the run's own data), else the config's
+    data set and data directory.
+
+  Raises:
+    app.UsageError: when the config names another model than the run's checkpoint.
+  """
+  if config is None:
+    return None, data_dir
+  run_config = checkpoints.read_config(workdir)
+  given = (config.model, config.model_kwargs.to_dict())
+  trained = (run_config["model"], run_config.get("model_kwargs", {}))
+  if _normalize(given) != _normalize(trained):
+    raise app.UsageError(f"--config names the model {given}, but the checkpoint in --workdir "
+                         f"holds {trained}")
+  return config.dataset, data_dir or config.data_dir or None

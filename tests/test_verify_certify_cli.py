@@ -1,0 +1,118 @@
+"""`python -m verify.certify --workdir=DIR`: certified accuracy of a training run, end to end.
+
+A small digits MLP is trained with IBP by the training loop (a few seconds);
+the script runs in a subprocess, as a user runs it.
+"""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attacks import evaluation
+from robustlib import as_logits_fn, checkpoints, data
+from training import trainer
+from training.configs import digits_mlp
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A training run's directory: an IBP-trained digits MLP."""
+  workdir = tmp_path_factory.mktemp("digits_run")
+  config = digits_mlp.get_config("tiny")
+  config.model_kwargs.hidden = (32,)
+  config.num_steps = 150
+  config.log_every = config.eval_every = config.checkpoint_every = 150
+  config.optimizer.learning_rate = 3e-3
+  config.eval_batch_size = 120
+  config.method = "ibp"
+  config.robust.eps, config.robust.warmup_steps, config.robust.ramp_steps = 0.11, 10, 80
+  config.report.enabled = False
+  trainer.train_and_evaluate(config, str(workdir))
+  return workdir
+
+
+def _script(*args):
+  return subprocess.run([sys.executable, "-m", "verify.certify", *args],
+                        cwd=REPO,
+                        capture_output=True,
+                        text=True)
+
+
+def _clean_flags(workdir, n):
+  _, model, variables = checkpoints.load_run(str(workdir))
+  test = data.load("digits", "test")
+  logits_fn = as_logits_fn(model, variables, test.info.input_shape)
+  return np.asarray(jnp.argmax(logits_fn(test.images[:n]), axis=1) == test.labels[:n])
+
+
+def test_script_prints_and_writes_verified_accuracy(run, tmp_path):
+  out = _script(f"--workdir={run}", f"--output_dir={tmp_path}", "--method=ibp,crown",
+                "--eps=0,0.02,0.05", "--num_examples=80", "--batch_size=32")
+  assert out.returncode == 0, out.stderr[-3000:]
+  content = json.loads((tmp_path / "verify.json").read_text())
+  assert content["eps"] == [0.0, 0.02, 0.05] and content["methods"] == ["ibp", "crown"]
+  assert content["num_examples"] == 80 and content["dataset"] == "digits"
+  clean = _clean_flags(run, 80)
+  np.testing.assert_array_equal(content["clean_flags"], clean)
+  assert content["clean_accuracy"] == pytest.approx(clean.mean())
+  for method in ("ibp", "crown"):
+    flags = np.asarray(content["verified_flags"][method], bool)  # [E, N]
+    assert flags.shape == (3, 80)
+    np.testing.assert_allclose(content["verified_accuracy"][method], flags.mean(axis=1))
+    np.testing.assert_array_equal(flags[0], clean)  # radius 0: the correct points
+    assert not np.any(flags & ~clean)
+  ibp = np.asarray(content["verified_flags"]["ibp"], bool)
+  assert not np.any(ibp[2] & ~ibp[1])  # IBP is monotone in the box
+  assert 0 < content["verified_accuracy"]["ibp"][1] < content["clean_accuracy"]
+  # No attacks.json in the run: the PGD column is left out, and the output says so.
+  assert content["pgd_accuracy"] is None
+  header = out.stdout.splitlines()[1]
+  assert "clean" in header and "verified ibp" in header and "PGD" not in header
+  assert "no PGD column" in out.stdout and "attacks.evaluate" in out.stdout
+  for value in content["verified_accuracy"]["crown"]:
+    assert f"{value:.2%}" in out.stdout
+  assert (tmp_path / "verify.png").read_bytes()[:4] == b"\x89PNG"
+  assert not (run / "verify.json").exists()  # --output_dir was honoured
+
+
+def test_script_reads_pgd_accuracy_from_attacks_json(run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(run, workdir)
+  evaluation.evaluate_run(str(workdir),
+                          suite="pgd",
+                          eps=[0.02, 0.05],
+                          num_examples=60,
+                          batch_size=30,
+                          progress=False)
+  attacked = json.loads((workdir / "attacks.json").read_text())
+  out = _script(f"--workdir={workdir}", "--method=crown", "--eps=0,0.02,0.05,0.08",
+                "--num_examples=40")
+  assert out.returncode == 0, out.stderr[-3000:]
+  content = json.loads((workdir / "verify.json").read_text())
+  # Restricted to the 40 examples verified here (attacks.json holds 60).
+  robust = np.asarray(attacked["robust_flags"], bool)[:, :40]
+  clean = content["clean_accuracy"]
+  assert content["pgd_accuracy"] == pytest.approx([clean, *robust.mean(axis=1), None])
+  assert "PGD" in out.stdout.splitlines()[1]
+  assert "no result there for eps 0.08" in out.stdout
+  verified = content["verified_accuracy"]["crown"]
+  for v, p in zip(verified[:3], content["pgd_accuracy"][:3]):
+    assert v <= p <= clean
+  assert (workdir / "verify.png").exists()
+
+
+def test_script_reports_user_errors_in_one_line(run, tmp_path):
+  out = _script(f"--workdir={run}", "--method=ibp,lp", "--eps=0.1")
+  assert out.returncode != 0 and "unknown method 'lp'" in out.stderr
+  assert "Traceback" not in out.stderr
+  out = _script(f"--workdir={tmp_path}")
+  assert out.returncode != 0 and "config.json" in out.stderr
+  assert "Traceback" not in out.stderr

@@ -1,0 +1,80 @@
+"""Certified accuracy of a training run: ``python -m verify.certify --workdir=DIR``.
+
+Loads the latest checkpoint of the training run in ``--workdir`` (its
+``config.json`` names the model and the data set), bounds the first
+``--num_examples`` test examples with each ``--method`` at each ``--eps``
+(L-inf, inputs in [0, 1]) and prints clean, PGD and verified accuracy side by
+side. It writes ``DIR/verify.json`` (accuracies and per-example flags) and
+``DIR/verify.png`` (verified and empirical robust accuracy against epsilon).
+
+The PGD column is read from ``DIR/attacks.json`` (written by
+``python -m attacks.evaluate --workdir=DIR --suite=pgd --eps=...``; verification
+does not run attacks): per-example flags restricted to the same examples, at the
+radii both files share. Without that file the column is left out, and the
+output says so.
+
+Examples::
+
+  python -m verify.certify --workdir=runs/digits_mlp --method=ibp,crown --eps=0.005,0.01,0.02
+  python -m verify.certify --workdir=runs/mnist_cnn --method=crown_ibp --num_examples=500
+
+``--config=FILE.py[:VARIANT]`` (a training config) is optional and only picks
+the data (its ``dataset`` and ``data_dir``); it must name the run's model.
+
+The work is done by `verify.runs.certify_run`; import that, not this script
+(importing ``verify.certify`` would rebind the package attribute
+``verify.certify``, the function, to this module).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from robustlib import scripts
+from verify.runs import METHODS, certify_run, table
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (with a checkpoint).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Optional training config file: picks the data set and data_dir; must name "
+    "the run's model.")
+_METHOD = flags.DEFINE_string("method", "ibp,crown",
+                              f"Bound methods separated by commas: {', '.join(METHODS)}.")
+_EPS = flags.DEFINE_list("eps", ["0.01"], "L-inf radii, separated by commas.")
+_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 1000, "First test examples to use (0: all).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Examples per bound computation.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory (default: the run's).")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results go (default: --workdir).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  scripts.setup_logging()
+  try:
+    eps = [float(e) for e in _EPS.value]
+  except ValueError:
+    raise app.UsageError(f"--eps must be numbers separated by commas, got {_EPS.value}") from None
+  try:
+    dataset, data_dir = scripts.data_of_config(_WORKDIR.value, _CONFIG.value, _DATA_DIR.value)
+    content = certify_run(_WORKDIR.value,
+                          methods=_METHOD.value,
+                          eps=eps,
+                          num_examples=_NUM_EXAMPLES.value,
+                          batch_size=_BATCH_SIZE.value,
+                          data_dir=data_dir,
+                          dataset=dataset,
+                          output_dir=_OUTPUT_DIR.value)
+  except scripts.USER_ERRORS as e:
+    raise app.UsageError(f"{type(e).__name__}: {e}") from None
+  print(f"{content['model']} on {content['dataset']}, {content['num_examples']} examples, "
+        f"{content['seconds']:.1f} s")
+  print(table(content))
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("workdir")
+  app.run(main)

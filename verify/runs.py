@@ -1,0 +1,240 @@
+"""Certified accuracy of a training run's directory: flags, table, ``verify.json`` and plot.
+
+The library side of ``python -m verify.certify`` (`certify_run`); the PGD column
+comes from the run's ``attacks.json`` when ``python -m attacks.evaluate`` wrote one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from robustlib import checkpoints, checks, data, plotting
+from robustlib.evaluation import pad_to_multiple
+from verify import certification
+
+METHODS = certification.METHODS
+RESULTS_FILE = "verify.json"
+PLOT_FILE = "verify.png"
+ATTACKS_FILE = "attacks.json"
+
+
+def _check_methods(methods: str | Sequence[str]) -> tuple[str, ...]:
+  names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+  unknown = [m for m in names if m not in METHODS]
+  if unknown or not names:
+    raise checks.InputError(f"unknown method {unknown[0] if unknown else ''!r}; choose from "
+                            f"{', '.join(METHODS)} (several separated by commas)")
+  return tuple(dict.fromkeys(names))
+
+
+def _check_eps(eps: Sequence[float]) -> tuple[float, ...]:
+  values = tuple(float(e) for e in eps)
+  if not values:
+    raise checks.InputError("--eps needs at least one radius")
+  bad = [e for e in values if not math.isfinite(e) or e < 0]
+  if bad:
+    raise checks.InputError(f"eps must be finite and >= 0, got {bad[0]}")
+  return values
+
+
+def read_pgd(path: str, eps: Sequence[float], num_examples: int,
+             dataset: str) -> tuple[list[float | None] | None, str, str]:
+  """PGD accuracies at ``eps`` on the first ``num_examples`` examples, from an attacks.json.
+
+  Returns:
+    ``(accuracies, suite, note)``: one value per radius (None for a radius the
+    file lacks), or None when the file is absent or unusable; the attack suite's
+    name; ``note`` says which (radius 0 is not reported missing: its robust
+    accuracy is the clean one).
+  """
+  if not os.path.exists(path):
+    return None, "", (f"no PGD column: {path} is absent (run `python -m attacks.evaluate "
+                      f"--workdir=DIR --suite=pgd --eps=...` first)")
+  try:
+    with open(path) as f:
+      report = json.load(f)
+    if report.get("norm", "linf") != "linf":
+      return None, "", f"no PGD column: {path} holds {report['norm']} attacks, not linf"
+    if report.get("dataset", dataset) != dataset:
+      return None, "", f"no PGD column: {path} was measured on {report['dataset']!r}"
+    flags_ = report.get("robust_flags")
+    if flags_ is not None and len(flags_[0]) >= num_examples:
+      per_eps = [float(np.mean(row[:num_examples])) for row in flags_]
+    elif report["num_examples"] == num_examples:
+      per_eps = [float(a) for a in report["robust_accuracy"]]
+    else:
+      return None, "", (f"no PGD column: {path} covers {report['num_examples']} examples, "
+                        f"fewer than {num_examples}")
+    found = [float(e) for e in report["eps"]]
+  except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+    return None, "", f"no PGD column: {path} is unreadable ({type(e).__name__}: {e})"
+  values = []
+  for e in eps:
+    match = [a for f, a in zip(found, per_eps) if math.isclose(f, e, rel_tol=1e-6, abs_tol=1e-9)]
+    values.append(match[0] if match else None)
+  suite = report.get("suite", "?")
+  missing = [f"{e:g}" for e, v in zip(eps, values) if v is None and e != 0]
+  note = f"PGD: {suite} from {path}"
+  if missing:
+    note += f" (no result there for eps {', '.join(missing)})"
+  return values, suite, note
+
+
+def certified_flags(logits_fn,
+                    images: np.ndarray,
+                    labels: np.ndarray,
+                    eps: Sequence[float],
+                    method: str,
+                    batch_size: int = 128) -> np.ndarray:
+  """bool ``[E, N]``: verified robust at each radius, in fixed-size batches (one compilation)."""
+  n = images.shape[0]
+  batch_size = min(batch_size, n)
+  xp, yp = pad_to_multiple(images, batch_size), pad_to_multiple(labels, batch_size)
+  out = np.zeros((len(eps), xp.shape[0]), bool)
+  for start in range(0, xp.shape[0], batch_size):
+    rows = slice(start, start + batch_size)
+    for j, e in enumerate(eps):
+      radius = jnp.full((batch_size,), e, jnp.float32)  # traced: the radii share a compilation
+      out[j, rows] = np.asarray(
+          certification.certify(logits_fn, xp[rows], yp[rows], radius, method=method))
+  return out[:, :n]
+
+
+def certify_run(workdir: str,
+                *,
+                methods: str | Sequence[str] = ("ibp", "crown"),
+                eps: Sequence[float] = (0.01,),
+                num_examples: int = 1000,
+                batch_size: int = 128,
+                data_dir: str | None = None,
+                dataset: str | None = None,
+                output_dir: str | None = None) -> dict:
+  """Verified accuracy of a training run's latest checkpoint on its test split.
+
+  Args:
+    workdir: a directory written by a training run, read with
+      ``robustlib.checkpoints.load_run``.
+    methods: bound methods (`verify.certification.METHODS`), a list or a
+      comma-separated string.
+    eps: L-inf radii.
+    num_examples: the first this many test examples (0: all).
+    batch_size: examples per bound computation.
+    data_dir: where the data files are (default: the run's).
+    dataset: another data set with the same input shape (default: the run's).
+    output_dir: where ``verify.json`` and ``verify.png`` go (default ``workdir``);
+      ``attacks.json`` is read from ``workdir``.
+
+  Returns:
+    The content written to ``verify.json``.
+  """
+  from robustlib import as_logits_fn  # pylint: disable=import-outside-toplevel
+  start = time.time()
+  methods = _check_methods(methods)
+  eps = _check_eps(eps)
+  if batch_size <= 0 or num_examples < 0:
+    raise checks.InputError(f"batch_size must be > 0 and num_examples >= 0, got {batch_size} "
+                            f"and {num_examples}")
+  config, model, variables = checkpoints.load_run(workdir)
+  dataset = dataset or config["dataset"]
+  info = data.info(config["dataset"])
+  test = data.load(dataset, "test", data_dir=data_dir or config.get("data_dir") or None)
+  if tuple(test.info.input_shape) != tuple(info.input_shape):
+    raise checks.InputError(f"the run was trained on {config['dataset']!r} "
+                            f"{info.input_shape}; {dataset!r} has {test.info.input_shape}")
+  images, labels = np.asarray(test.images), np.asarray(test.labels)
+  if num_examples:
+    images, labels = images[:num_examples], labels[:num_examples]
+  checks.check_images(images, bounds=(0.0, 1.0))
+  n = images.shape[0]
+  logits_fn = as_logits_fn(model, variables, info.input_shape)
+  logits = np.concatenate(
+      [np.asarray(jax.jit(logits_fn)(images[i:i + batch_size])) for i in range(0, n, batch_size)])
+  clean = logits.argmax(axis=1) == labels
+
+  verified, seconds = {}, {}
+  for method in methods:
+    t = time.time()
+    flags_ = certified_flags(logits_fn, images, labels, eps, method, batch_size)
+    verified[method] = flags_ & clean[None]
+    seconds[method] = time.time() - t
+    logging.info("%s: verified accuracy %s (%.1f s)", method,
+                 ", ".join(f"{v:.2%}" for v in verified[method].mean(axis=1)), seconds[method])
+
+  pgd, suite, note = read_pgd(os.path.join(workdir, ATTACKS_FILE), eps, n, dataset)
+  if pgd is not None:  # at radius 0 there is nothing to attack
+    pgd = [float(clean.mean()) if v is None and e == 0 else v for e, v in zip(eps, pgd)]
+  content = {
+      "workdir": os.path.abspath(workdir),
+      "dataset": dataset,
+      "model": config["model"],
+      "norm": "linf",
+      "num_examples": n,
+      "eps": list(eps),
+      "methods": list(methods),
+      "clean_accuracy": float(clean.mean()),
+      "pgd_accuracy": pgd,
+      "pgd_suite": suite,
+      "pgd_note": note,
+      "verified_accuracy": {
+          m: [float(a) for a in v.mean(axis=1)] for m, v in verified.items()
+      },
+      "seconds_per_method": seconds,
+      "seconds": time.time() - start,
+      "clean_flags": clean.astype(int).tolist(),
+      "verified_flags": {
+          m: v.astype(int).tolist() for m, v in verified.items()
+      },
+  }
+  output_dir = output_dir or workdir
+  os.makedirs(output_dir, exist_ok=True)
+  path = os.path.join(output_dir, RESULTS_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(content, f, indent=1)
+  os.replace(path + ".tmp", path)
+  save_plot(content, os.path.join(output_dir, PLOT_FILE))
+  return content
+
+
+def table(content: dict) -> str:
+  """One row per radius: clean, PGD (when known) and verified accuracy per method."""
+  pgd = content.get("pgd_accuracy")
+  methods = content["methods"]
+  header = ["eps", "clean"
+           ] + (["PGD"] if pgd is not None else []) + [f"verified {m}" for m in methods]
+  rows = []
+  for j, e in enumerate(content["eps"]):
+    row = [f"{e:g}", f"{content['clean_accuracy']:.2%}"]
+    if pgd is not None:
+      row.append("-" if pgd[j] is None else f"{pgd[j]:.2%}")
+    row += [f"{content['verified_accuracy'][m][j]:.2%}" for m in methods]
+    rows.append(row)
+  widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+  lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header] + rows]
+  lines.insert(1, "-" * len(lines[0]))
+  return "\n".join(lines + [content["pgd_note"]])
+
+
+def save_plot(content: dict, path: str) -> str:
+  """Verified accuracy per method, PGD accuracy and clean accuracy against epsilon."""
+  eps = content["eps"]
+  series = {"clean": (eps, [content["clean_accuracy"]] * len(eps))}
+  pgd = content.get("pgd_accuracy")
+  if pgd is not None:
+    known = [(e, a) for e, a in zip(eps, pgd) if a is not None]
+    if known:
+      series[f"{content['pgd_suite']} (empirical)"] = tuple(map(list, zip(*known)))
+  for method, values in content["verified_accuracy"].items():
+    series[f"verified ({method})"] = (eps, values)
+  return plotting.save_line_plots(path, {"robust accuracy": series},
+                                  xlabel="epsilon (linf)",
+                                  title=f"{content['model']} on {content['dataset']}, "
+                                  f"{content['num_examples']} examples")
