@@ -165,6 +165,17 @@ def test_warm_up_regularizer_is_zero_for_tight_balanced_bounds_and_positive_othe
   assert 1.9 < float(methods.warmup_regularizer([dead], box, 0.5)) <= 2.0 + 1e-6
 
 
+def test_warm_up_regularizer_has_finite_gradients_without_inactive_neurons():
+  box = verify.Interval(jnp.zeros((2, 3)), jnp.full((2, 3), 0.2))
+
+  def reg(shift):
+    centre = jnp.asarray([[1.0, 2.0], [3.0, 4.0]]) + shift  # every neuron active
+    return methods.warmup_regularizer([verify.Interval(centre - 0.5, centre + 0.5)], box, 0.5)
+
+  value, grad = jax.value_and_grad(reg)(0.0)
+  assert np.isfinite(float(value)) and np.isfinite(float(grad))
+
+
 def test_ibp_initialization_redraws_hidden_kernels_only():
   model = models.create("mlp", num_classes=10, input_shape=(8, 8, 1), hidden=(300, 200))
   params = models.init(model, jax.random.PRNGKey(0), (8, 8, 1))["params"]

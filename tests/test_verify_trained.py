@@ -85,6 +85,7 @@ def test_crown_certifies_at_least_as_many_points_as_ibp(flags):
   # a trained model CROWN certifies at least as many points.
   for eps, (_, _, verified) in zip(EPS, flags):
     assert verified["crown"].sum() >= verified["ibp"].sum(), eps
+    assert np.all(verified["crown"][verified["ibp"]]), eps  # every IBP-certified point too
   assert any(v["crown"].sum() > v["ibp"].sum() for _, _, v in flags)
 
 

@@ -228,13 +228,16 @@ def warmup_regularizer(pre_activations: list[verify.Interval], input_box: verify
     c, r = b.center, b.radius
     total += jax.nn.relu(tol - tight_0 / jnp.maximum(jnp.mean(r), 1e-12)) / tol
     active, inactive = b.lower > 0, b.upper < 0
-    mean_ratio = jnp.mean(c * active) / -jnp.mean(c * inactive)
     spread = (c - jnp.mean(c))**2
-    var_ratio = jnp.sum(spread * active) / jnp.sum(spread * inactive)
+    mean_inactive, var_inactive = jnp.mean(c * inactive), jnp.sum(spread * inactive)
+    # Undefined without inactive neurons: the term is left out (with finite gradients).
+    defined = (mean_inactive < 0) & (var_inactive > 0)
+    mean_ratio = jnp.mean(c * active) / jnp.where(defined, -mean_inactive, 1.0)
+    var_ratio = jnp.sum(spread * active) / jnp.where(defined, var_inactive, 1.0)
     mean_ratio = jnp.minimum(mean_ratio, 1.0 / jnp.maximum(mean_ratio, 1e-12))
     var_ratio = jnp.minimum(var_ratio, 1.0 / jnp.maximum(var_ratio, 1e-12))
     balance = (jax.nn.relu(tol - mean_ratio) + jax.nn.relu(tol - var_ratio)) / tol
-    total += jnp.where(jnp.isfinite(balance), balance, 0.0)
+    total += jnp.where(defined, balance, 0.0)
   return total / len(pre_activations)
 
 
