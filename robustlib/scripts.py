@@ -21,6 +21,14 @@ def setup_logging() -> None:
       lambda record: record.levelno >= std_logging.WARNING or "orbax" not in record.pathname)
 
 
+def parse_radii(values: list[str], flag: str = "--eps") -> list[float]:
+  """A comma-separated list flag of radii as floats; a usage error names the flag otherwise."""
+  try:
+    return [float(v) for v in values]
+  except ValueError:
+    raise app.UsageError(f"{flag} must be numbers separated by commas, got {values}") from None
+
+
 def _normalize(value: Any) -> Any:
   """Lists and tuples compare equal (JSON turns tuples into lists)."""
   if isinstance(value, (list, tuple)):

@@ -53,10 +53,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   scripts.setup_logging()
-  try:
-    eps = [float(e) for e in _EPS.value]
-  except ValueError:
-    raise app.UsageError(f"--eps must be numbers separated by commas, got {_EPS.value}") from None
+  eps = scripts.parse_radii(_EPS.value)
   try:
     dataset, data_dir = scripts.data_of_config(_WORKDIR.value, _CONFIG.value, _DATA_DIR.value)
     content = certify_run(_WORKDIR.value,
