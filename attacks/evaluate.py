@@ -12,6 +12,10 @@ Examples::
   python -m attacks.evaluate --workdir=runs/digits_mlp --suite=autoattack --eps=0.05,0.1
   python -m attacks.evaluate --workdir=runs/digits_mlp --suite=fgsm,pgd --norm=l2 --eps=0.5,1
 
+A network from elsewhere: ``--onnx=model.onnx --dataset=mnist`` instead of
+``--workdir`` (inputs NCHW, NHWC or flattened, values in [0, 1]; results go beside
+the file unless ``--output_dir`` says otherwise).
+
 ``--config=FILE.py[:VARIANT]`` (a training config) is optional and only picks the
 data (its ``dataset`` and ``data_dir``); the weights always come from the
 checkpoint in ``--workdir``, and the config must name the run's model. An
@@ -27,6 +31,10 @@ from attacks import evaluation
 from robustlib import scripts
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (with a checkpoint).")
+_ONNX = flags.DEFINE_string(
+    "onnx", None, "Instead of --workdir: an ONNX classifier (NCHW, NHWC or "
+    "flattened inputs in [0, 1]); needs --dataset.")
+_DATASET = flags.DEFINE_string("dataset", None, "The data set (default: the run's).")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Optional training config file: picks the data set and data_dir; must name "
     "the run's model.")
@@ -49,8 +57,10 @@ def main(argv):
   scripts.setup_logging()
   eps = scripts.parse_radii(_EPS.value)
   try:
-    dataset, data_dir = scripts.data_of_config(_WORKDIR.value, _CONFIG.value, _DATA_DIR.value)
+    dataset, data_dir = scripts.data_of_flags(_WORKDIR.value, _ONNX.value, _CONFIG.value,
+                                              _DATASET.value, _DATA_DIR.value)
     report = evaluation.evaluate_run(_WORKDIR.value,
+                                     onnx=_ONNX.value,
                                      suite=_SUITE.value,
                                      eps=eps,
                                      norm=_NORM.value,
@@ -70,8 +80,6 @@ def main(argv):
     print(f"WARNING: {message}")
   sys.stdout.flush()
 
-
-flags.mark_flag_as_required("workdir")
 
 if __name__ == "__main__":
   app.run(main)

@@ -482,8 +482,9 @@ def _write_json(path: str, content: dict) -> None:
   os.replace(tmp, path)
 
 
-def evaluate_run(workdir: str,
+def evaluate_run(workdir: str | None = None,
                  *,
+                 onnx: str | None = None,
                  suite: str | Sequence[str],
                  eps: Sequence[float],
                  norm: str = "linf",
@@ -495,11 +496,13 @@ def evaluate_run(workdir: str,
                  output_dir: str | None = None,
                  resume: bool = True,
                  progress: bool = True) -> Report:
-  """Evaluates a training run's latest checkpoint on its data set's test split.
+  """Evaluates a training run's latest checkpoint, or an ONNX network, on a test split.
 
   Args:
     workdir: a directory written by a training run (``config.json`` and
       ``checkpoints/``), read with ``robustlib.checkpoints.load_run``.
+    onnx: instead of ``workdir``, an ONNX classifier of ``dataset``'s images
+      (see `robustlib.sources`).
     suite: attack names (see :func:`build_suite`).
     eps: the radii.
     norm: ``"linf"`` or ``"l2"``.
@@ -508,36 +511,28 @@ def evaluate_run(workdir: str,
     data_dir: where the data files are (default: the run's, then
       ``ROBUSTLIB_DATA_DIR``).
     dataset: another data set with the same input shape and classes (default:
-      the run's).
+      the run's; required with ``onnx``).
     seed: seeds the attacks' PRNG key.
     output_dir: where ``attacks.json``, ``attacks.png`` and the resumable state
-      (``attacks_state/``) go; default ``workdir``.
+      (``attacks_state/``) go; default ``workdir``, or the ONNX file's folder.
     resume: keep and reuse the resumable state.
     progress: show a progress bar.
 
   Returns:
     The :class:`Report`; ``attacks.json`` holds it with the run's details.
   """
-  from robustlib import as_logits_fn, checkpoints, data  # pylint: disable=import-outside-toplevel
-  config, model, variables = checkpoints.load_run(workdir)
-  dataset = dataset or config["dataset"]
-  info = data.info(config["dataset"])
-  if dataset != config["dataset"]:
-    other = data.info(dataset)
-    if (other.input_shape, other.num_classes) != (info.input_shape, info.num_classes):
-      raise InputError(f"the run was trained on {config['dataset']!r} ({info.input_shape}, "
-                       f"{info.num_classes} classes); {dataset!r} does not match")
-  test = data.load(dataset, "test", data_dir=data_dir or config.get("data_dir") or None)
-  images, labels = test.images, test.labels
-  if num_examples:
-    images, labels = images[:num_examples], labels[:num_examples]
-  logits_fn = as_logits_fn(model, variables, info.input_shape)
+  from robustlib import sources  # pylint: disable=import-outside-toplevel
+  test = sources.load_test_set(workdir,
+                               onnx=onnx,
+                               dataset=dataset,
+                               data_dir=data_dir,
+                               num_examples=num_examples)
   attacks_list = build_suite(suite, eps=max(eps), norm=norm)
-  output_dir = output_dir or workdir
+  output_dir = output_dir or workdir or os.path.dirname(test.source)
   os.makedirs(output_dir, exist_ok=True)
-  report = evaluate(logits_fn,
-                    images,
-                    labels,
+  report = evaluate(test.logits_fn,
+                    test.images,
+                    test.labels,
                     attacks_list if len(attacks_list) > 1 else attacks_list[0],
                     key=jax.random.key(seed),
                     eps=list(eps),
@@ -547,9 +542,9 @@ def evaluate_run(workdir: str,
                     state_dir=os.path.join(output_dir, "attacks_state") if resume else None,
                     progress=progress)
   content = report.to_dict()
-  content.update(workdir=os.path.abspath(workdir),
-                 dataset=dataset,
-                 model=config["model"],
+  content.update(workdir=test.source,
+                 dataset=test.dataset,
+                 model=test.model,
                  seed=seed,
                  batch_size=batch_size)
   _write_json(os.path.join(output_dir, "attacks.json"), content)

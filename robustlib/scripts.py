@@ -63,3 +63,25 @@ def data_of_config(workdir: str, config: Any,
     raise app.UsageError(f"--config names the model {given}, but the checkpoint in --workdir "
                          f"holds {trained}")
   return config.dataset, data_dir or config.data_dir or None
+
+
+def data_of_flags(workdir: str | None, onnx: str | None, config: Any, dataset: str | None,
+                  data_dir: str | None) -> tuple[str | None, str | None]:
+  """``(dataset, data_dir)`` of an evaluation script's ``--workdir`` or ``--onnx`` flags.
+
+  A run's own data set is the default; ``--dataset`` (or a ``--config``'s) picks
+  another, and is required with ``--onnx``.
+
+  Raises:
+    app.UsageError: for neither or both of ``--workdir`` and ``--onnx``, an ONNX
+      network without a data set, or a config naming another model than the run's.
+  """
+  if (workdir is None) == (onnx is None):
+    raise app.UsageError("pass either --workdir (a training run) or --onnx (a network file)")
+  if onnx is not None:
+    dataset = dataset or (config.dataset if config is not None else None)
+    if not dataset:
+      raise app.UsageError("--onnx needs --dataset (the data set the network classifies)")
+    return dataset, data_dir or (config.data_dir if config is not None else None) or None
+  config_dataset, data_dir = data_of_config(workdir, config, data_dir)
+  return dataset or config_dataset, data_dir

@@ -116,3 +116,74 @@ def test_script_reports_user_errors_in_one_line(run, tmp_path):
   out = _script(f"--workdir={tmp_path}")
   assert out.returncode != 0 and "config.json" in out.stderr
   assert "Traceback" not in out.stderr
+
+
+def _export_mlp_to_onnx(workdir, path):
+  """The run's digits MLP as an ONNX file reading NCHW images, built with onnx.helper."""
+  onnx = pytest.importorskip("onnx", reason="exporting to ONNX needs the onnx extra")
+  from onnx import helper, numpy_helper  # pylint: disable=import-outside-toplevel
+  config, _, variables = checkpoints.load_run(str(workdir))
+  info = data.info(config["dataset"])
+  dense = [variables["params"][k] for k in sorted(variables["params"], key=lambda k: int(k[6:]))]
+  inits = [
+      numpy_helper.from_array(np.asarray(info.mean, np.float32).reshape(-1, 1, 1), "mean"),
+      numpy_helper.from_array(np.asarray(info.std, np.float32).reshape(-1, 1, 1), "std")
+  ]
+  nodes = [
+      helper.make_node("Sub", ["x", "mean"], ["centred"]),
+      helper.make_node("Div", ["centred", "std"], ["scaled"]),
+      helper.make_node("Flatten", ["scaled"], ["h0"], axis=1)
+  ]
+  for i, layer in enumerate(dense):
+    inits += [
+        numpy_helper.from_array(np.asarray(layer["kernel"], np.float32), f"w{i}"),
+        numpy_helper.from_array(np.asarray(layer["bias"], np.float32), f"b{i}")
+    ]
+    last = i + 1 == len(dense)
+    nodes.append(helper.make_node("Gemm", [f"h{i}", f"w{i}", f"b{i}"], ["y" if last else f"z{i}"]))
+    if not last:
+      nodes.append(helper.make_node("Relu", [f"z{i}"], [f"h{i + 1}"]))
+  h, w, c = info.input_shape
+  graph = helper.make_graph(
+      nodes, "digits_mlp",
+      [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", c, h, w])],
+      [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", info.num_classes])], inits)
+  onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+
+def test_an_onnx_export_of_the_run_gives_the_same_answers(run, tmp_path):
+  """`--onnx` with `--dataset`: the same network read from a file (NCHW) is attacked and certified."""
+  _export_mlp_to_onnx(run, tmp_path / "digits_mlp.onnx")
+  args = ["--eps=0.02,0.05", "--num_examples=60"]
+  by_run = _script(f"--workdir={run}", f"--output_dir={tmp_path / 'run'}", "--method=ibp,crown",
+                   *args)
+  by_onnx = _script(f"--onnx={tmp_path / 'digits_mlp.onnx'}", "--dataset=digits",
+                    "--method=ibp,crown", *args)
+  assert by_run.returncode == 0 and by_onnx.returncode == 0, by_onnx.stderr[-3000:]
+  ours = json.loads((tmp_path / "run" / "verify.json").read_text())
+  theirs = json.loads((tmp_path / "verify.json").read_text())  # beside the ONNX file
+  assert theirs["model"] == "digits_mlp.onnx" and theirs["dataset"] == "digits"
+  assert theirs["clean_flags"] == ours["clean_flags"]
+  for method in ("ibp", "crown"):
+    np.testing.assert_allclose(theirs["verified_accuracy"][method],
+                               ours["verified_accuracy"][method],
+                               atol=1.5 / 60)  # a borderline point may flip with rounding
+  attacked = subprocess.run([
+      sys.executable, "-m", "attacks.evaluate", f"--onnx={tmp_path / 'digits_mlp.onnx'}",
+      "--dataset=digits", "--suite=pgd", "--eps=0.05", "--num_examples=60"
+  ],
+                            cwd=REPO,
+                            capture_output=True,
+                            text=True)
+  assert attacked.returncode == 0, attacked.stderr[-3000:]
+  report = json.loads((tmp_path / "attacks.json").read_text())
+  assert report["model"] == "digits_mlp.onnx"
+  assert report["clean_accuracy"] == pytest.approx(ours["clean_accuracy"])
+  assert theirs["verified_accuracy"]["crown"][1] <= report["robust_accuracy"][0]
+
+
+def test_onnx_needs_a_dataset_and_excludes_workdir(run, tmp_path):
+  out = _script(f"--onnx={tmp_path / 'missing.onnx'}")
+  assert out.returncode != 0 and "--dataset" in out.stderr and "Traceback" not in out.stderr
+  out = _script(f"--onnx={tmp_path / 'missing.onnx'}", f"--workdir={run}", "--dataset=digits")
+  assert out.returncode != 0 and "either --workdir" in out.stderr

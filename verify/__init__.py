@@ -1,28 +1,41 @@
-"""verify: sound bound propagation through any JAX function, certified accuracy.
+"""verify: sound bound propagation through any JAX function, certified accuracy, and
+complete verification of VNN-COMP instances (VNNLIB, falsification, branch and bound).
 
 Depends on ``robustlib`` only.
 """
 
+from verify import vnnlib
 from verify.alpha_crown import alpha_crown
+from verify.bab import BabResult, branch_and_bound
 from verify.certification import METHODS, certify, margin_bounds
 from verify.crown import crown, crown_ibp
+from verify.falsification import falsify
 from verify.graph import UnsupportedPrimitiveError
 from verify.ibp import SUPPORTED_PRIMITIVES, ibp, relu_input_bounds
 from verify.interval import Interval, linf_ball
+from verify.instances import Decision, decide
 from verify.specs import margin_spec
+from verify.unsafe import UnsafeSet
 
 __all__: list[str] = [
+    "BabResult",
+    "Decision",
     "Interval",
     "METHODS",
     "SUPPORTED_PRIMITIVES",
+    "UnsafeSet",
     "UnsupportedPrimitiveError",
     "alpha_crown",
+    "branch_and_bound",
     "certify",
     "crown",
     "crown_ibp",
+    "decide",
+    "falsify",
     "ibp",
     "linf_ball",
     "margin_bounds",
     "margin_spec",
     "relu_input_bounds",
+    "vnnlib",
 ]

@@ -18,6 +18,11 @@ Examples::
   python -m verify.certify --workdir=runs/digits_mlp --method=ibp,crown --eps=0.005,0.01,0.02
   python -m verify.certify --workdir=runs/mnist_cnn --method=crown_ibp --num_examples=500
 
+A network from elsewhere: ``--onnx=model.onnx --dataset=mnist`` instead of
+``--workdir`` (inputs NCHW, NHWC or flattened, values in [0, 1]; results, and the
+``attacks.json`` read for the PGD column, beside the file unless ``--output_dir``
+says otherwise).
+
 ``--config=FILE.py[:VARIANT]`` (a training config) is optional and only picks
 the data (its ``dataset`` and ``data_dir``); it must name the run's model.
 
@@ -37,6 +42,10 @@ from robustlib import scripts
 from verify.runs import METHODS, certify_run, table
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (with a checkpoint).")
+_ONNX = flags.DEFINE_string(
+    "onnx", None, "Instead of --workdir: an ONNX classifier (NCHW, NHWC or "
+    "flattened inputs in [0, 1]); needs --dataset.")
+_DATASET = flags.DEFINE_string("dataset", None, "The data set (default: the run's).")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Optional training config file: picks the data set and data_dir; must name "
     "the run's model.")
@@ -55,8 +64,10 @@ def main(argv):
   scripts.setup_logging()
   eps = scripts.parse_radii(_EPS.value)
   try:
-    dataset, data_dir = scripts.data_of_config(_WORKDIR.value, _CONFIG.value, _DATA_DIR.value)
+    dataset, data_dir = scripts.data_of_flags(_WORKDIR.value, _ONNX.value, _CONFIG.value,
+                                              _DATASET.value, _DATA_DIR.value)
     content = certify_run(_WORKDIR.value,
+                          onnx=_ONNX.value,
                           methods=_METHOD.value,
                           eps=eps,
                           num_examples=_NUM_EXAMPLES.value,
@@ -73,5 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("workdir")
   app.run(main)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robustlib import checkpoints, checks, data, plotting
+from robustlib import checks, plotting, sources
 from robustlib.evaluation import pad_to_multiple
 from verify import certification
 
@@ -109,8 +109,9 @@ def certified_flags(logits_fn,
   return out[:, :n]
 
 
-def certify_run(workdir: str,
+def certify_run(workdir: str | None = None,
                 *,
+                onnx: str | None = None,
                 methods: str | Sequence[str] = ("ibp", "crown"),
                 eps: Sequence[float] = (0.01,),
                 num_examples: int = 1000,
@@ -118,44 +119,43 @@ def certify_run(workdir: str,
                 data_dir: str | None = None,
                 dataset: str | None = None,
                 output_dir: str | None = None) -> dict:
-  """Verified accuracy of a training run's latest checkpoint on its test split.
+  """Verified accuracy of a training run's latest checkpoint, or an ONNX network, on a test split.
 
   Args:
     workdir: a directory written by a training run, read with
       ``robustlib.checkpoints.load_run``.
+    onnx: instead of ``workdir``, an ONNX classifier of ``dataset``'s images
+      (see `robustlib.sources`).
     methods: bound methods (`verify.certification.METHODS`), a list or a
       comma-separated string.
     eps: L-inf radii.
     num_examples: the first this many test examples (0: all).
     batch_size: examples per bound computation.
     data_dir: where the data files are (default: the run's).
-    dataset: another data set with the same input shape (default: the run's).
-    output_dir: where ``verify.json`` and ``verify.png`` go (default ``workdir``);
-      ``attacks.json`` is read from ``workdir``.
+    dataset: another data set with the same input shape (default: the run's;
+      required with ``onnx``).
+    output_dir: where ``verify.json`` and ``verify.png`` go (default ``workdir``,
+      or the ONNX file's folder); ``attacks.json`` is read from ``workdir``, or
+      from ``output_dir`` for an ONNX network.
 
   Returns:
     The content written to ``verify.json``.
   """
-  from robustlib import as_logits_fn  # pylint: disable=import-outside-toplevel
   start = time.time()
   methods = _check_methods(methods)
   eps = _check_eps(eps)
   if batch_size <= 0 or num_examples < 0:
     raise checks.InputError(f"batch_size must be > 0 and num_examples >= 0, got {batch_size} "
                             f"and {num_examples}")
-  config, model, variables = checkpoints.load_run(workdir)
-  dataset = dataset or config["dataset"]
-  info = data.info(config["dataset"])
-  test = data.load(dataset, "test", data_dir=data_dir or config.get("data_dir") or None)
-  if tuple(test.info.input_shape) != tuple(info.input_shape):
-    raise checks.InputError(f"the run was trained on {config['dataset']!r} "
-                            f"{info.input_shape}; {dataset!r} has {test.info.input_shape}")
-  images, labels = np.asarray(test.images), np.asarray(test.labels)
-  if num_examples:
-    images, labels = images[:num_examples], labels[:num_examples]
+  test = sources.load_test_set(workdir,
+                               onnx=onnx,
+                               dataset=dataset,
+                               data_dir=data_dir,
+                               num_examples=num_examples)
+  images, labels, logits_fn = test.images, test.labels, test.logits_fn
+  output_dir = output_dir or workdir or os.path.dirname(test.source)
   checks.check_images(images, bounds=(0.0, 1.0))
   n = images.shape[0]
-  logits_fn = as_logits_fn(model, variables, info.input_shape)
   logits = np.concatenate(
       [np.asarray(jax.jit(logits_fn)(images[i:i + batch_size])) for i in range(0, n, batch_size)])
   clean = logits.argmax(axis=1) == labels
@@ -169,13 +169,14 @@ def certify_run(workdir: str,
     logging.info("%s: verified accuracy %s (%.1f s)", method,
                  ", ".join(f"{v:.2%}" for v in verified[method].mean(axis=1)), seconds[method])
 
-  pgd, suite, note = read_pgd(os.path.join(workdir, ATTACKS_FILE), eps, n, dataset)
+  pgd, suite, note = read_pgd(os.path.join(workdir or output_dir, ATTACKS_FILE), eps, n,
+                              test.dataset)
   if pgd is not None:  # at radius 0 there is nothing to attack
     pgd = [float(clean.mean()) if v is None and e == 0 else v for e, v in zip(eps, pgd)]
   content = {
-      "workdir": os.path.abspath(workdir),
-      "dataset": dataset,
-      "model": config["model"],
+      "workdir": test.source,
+      "dataset": test.dataset,
+      "model": test.model,
       "norm": "linf",
       "num_examples": n,
       "eps": list(eps),
@@ -194,7 +195,6 @@ def certify_run(workdir: str,
           m: v.astype(int).tolist() for m, v in verified.items()
       },
   }
-  output_dir = output_dir or workdir
   os.makedirs(output_dir, exist_ok=True)
   path = os.path.join(output_dir, RESULTS_FILE)
   with open(path + ".tmp", "w") as f:

@@ -1,0 +1,80 @@
+"""Searching a box for a counterexample: projected gradient descent on the safety.
+
+Every polytope of the unsafe set gets its own runs (as MultiTargeted gives
+every target class its own): a run descends the distance of the output to its
+polytope, ``max_s (C_s y - d_s)``, with sign steps scaled to the box's widths
+and clipped to the box. All runs, ``restarts`` per polytope, form one batch
+under one ``lax.fori_loop``; the point of least safety ever seen is returned.
+The first run of each polytope starts at the box's centre, the others at
+uniform random points.
+
+A returned point with safety <= 0 is only a candidate: the caller confirms it
+on the network before reporting it (see `verify.vnncomp`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from verify.unsafe import UnsafeSet
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "steps", "restarts"))
+def falsify(fn: Callable[[jax.Array], jax.Array],
+            lower: jax.Array,
+            upper: jax.Array,
+            unsafe: UnsafeSet,
+            key: jax.Array,
+            steps: int = 100,
+            restarts: int = 4) -> tuple[jax.Array, jax.Array]:
+  """The least safe point found in the box ``[lower, upper]``.
+
+  Args:
+    fn: ``fn(x [N, ...]) -> [N, K]``.
+    lower: ``[...]``, one input's lower bounds.
+    upper: ``[...]``, its upper bounds.
+    unsafe: the unsafe set of outputs (``P`` polytopes).
+    key: PRNG key for the random starts.
+    steps: descent steps per run; the step shrinks geometrically from 20 % to
+      0.2 % of the box's width.
+    restarts: runs per polytope.
+
+  Returns:
+    ``(x [...], safety [])``: the point and its safety (<= 0: a candidate
+    counterexample).
+  """
+  p = unsafe.num_polytopes
+  n = p * restarts
+  width = upper - lower
+  starts = lower + width * jax.random.uniform(key, (n,) + lower.shape, lower.dtype)
+  starts = starts.at[:p].set(jnp.broadcast_to((lower + upper) / 2, (p,) + lower.shape))
+  target = jnp.arange(n) % p
+
+  def objective(x):
+    d = unsafe.distance(fn(x))
+    return jnp.sum(jnp.take_along_axis(d, target[:, None], axis=1)), jnp.min(d, axis=1)
+
+  grad_fn = jax.grad(objective, has_aux=True)
+
+  def keep(best, x, s):
+    bx, bs = best
+    better = s < bs
+    return jnp.where(better.reshape((-1,) + (1,) * lower.ndim), x, bx), jnp.where(better, s, bs)
+
+  def body(t, carry):
+    x, best = carry
+    g, s = grad_fn(x)
+    best = keep(best, x, s)
+    step = width * (0.2 * 0.01**(t / max(steps - 1, 1)))
+    return jnp.clip(x - step * jnp.sign(g), lower, upper), best
+
+  init = (starts, jnp.full((n,), jnp.inf, jnp.float32))
+  x, best = lax.fori_loop(0, steps, body, (starts, init))
+  bx, bs = keep(best, x, jnp.min(unsafe.distance(fn(x)), axis=1))
+  i = jnp.argmin(bs)
+  return bx[i], bs[i]

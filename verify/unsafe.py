@@ -1,0 +1,84 @@
+"""Unsafe sets of outputs: unions of polytopes ``{y : C_p y <= d_p}``.
+
+A property over an input box says which outputs are unsafe (VNN-COMP's
+convention): an input is a counterexample when its output lies in one of the
+polytopes. The rows of all polytopes are stacked into one specification ``C``
+``[S, K]`` with offsets ``d`` ``[S]`` and a membership mask ``[P, S]``, so that
+one bound computation of ``C @ f(x)`` serves every polytope at once.
+
+A polytope is avoided when one of its rows is violated, ``C_s y > d_s``; the
+safety of an output is therefore
+
+  ``safety(y) = min_p max_{s in p} (C_s y - d_s)``,
+
+positive for a safe output, at most 0 inside the unsafe set. Lower bounds on
+the rows over a box give a lower bound on the safety of every point of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from robustlib.checks import InputError
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class UnsafeSet:
+  """The union of ``P`` polytopes, as stacked rows.
+
+  Attributes:
+    C: ``[S, K]`` rows of every polytope.
+    d: ``[S]`` offsets.
+    member: ``[P, S]`` bool, row ``s`` belongs to polytope ``p``. A polytope
+      without rows contains every output.
+  """
+  C: jax.Array
+  d: jax.Array
+  member: jax.Array
+
+  @classmethod
+  def of(cls, polytopes: Sequence[tuple[np.ndarray, np.ndarray]], num_outputs: int) -> UnsafeSet:
+    """Stacks polytopes ``(C_p [m_p, K], d_p [m_p])``, at least one."""
+    if not polytopes:
+      raise InputError("an unsafe set needs at least one polytope")
+    rows, offsets, owner = [], [], []
+    for p, (c, d) in enumerate(polytopes):
+      c, d = np.asarray(c, np.float64).reshape(-1, num_outputs), np.asarray(d, np.float64)
+      if d.shape != (c.shape[0],):
+        raise InputError(f"polytope {p}: C has {c.shape[0]} rows but d has shape {d.shape}")
+      rows.append(c)
+      offsets.append(d)
+      owner += [p] * c.shape[0]
+    member = np.arange(len(polytopes))[:, None] == np.asarray(owner, np.int64)[None, :]
+    return cls(jnp.asarray(np.concatenate(rows), jnp.float32),
+               jnp.asarray(np.concatenate(offsets), jnp.float32), jnp.asarray(member))
+
+  @property
+  def num_polytopes(self) -> int:
+    return self.member.shape[0]
+
+  def _per_polytope(self, rows: jax.Array) -> jax.Array:
+    """``[N, S]`` row values minus offsets -> ``[N, P]`` max over each polytope's rows."""
+    v = jnp.where(self.member[None], (rows - self.d)[:, None, :], -jnp.inf)
+    return jnp.max(v, axis=-1, initial=-jnp.inf)
+
+  def distance(self, y: jax.Array) -> jax.Array:
+    """``[N, K]`` outputs -> ``[N, P]``: ``max_s (C_s y - d_s)`` per polytope, <= 0 inside it."""
+    return self._per_polytope(y @ self.C.T)
+
+  def safety(self, y: jax.Array) -> jax.Array:
+    """``[N, K]`` outputs -> ``[N]``: > 0 when safe, <= 0 inside the unsafe set."""
+    return jnp.min(self.distance(y), axis=-1)
+
+  def proven(self, row_lower: jax.Array) -> jax.Array:
+    """Lower bound ``[N]`` on the safety over a box from lower bounds ``[N, S]`` of ``C @ y``.
+
+    Positive means no point of the box is a counterexample.
+    """
+    return jnp.min(self._per_polytope(row_lower), axis=-1)
