@@ -46,7 +46,8 @@ class BabResult:
   Attributes:
     status: ``"verified"`` (every box proven safe), ``"falsified"`` (a
       confirmed counterexample), ``"timeout"`` or ``"unknown"`` (the search gave
-      up: too many open boxes, or boxes too small to split in float32).
+      up: too many open boxes, or a box too small on every side to split in
+      float32).
     counterexample: ``[...]`` input when falsified, else None.
     boxes: boxes bounded.
     seconds: wall time.
@@ -186,11 +187,14 @@ def branch_and_bound(fn: Callable[[jax.Array], jax.Array],
     open_ = np.flatnonzero(~(proven > 0))
     if open_.size:
       c, r = c[open_], r[open_]
-      idx = np.unravel_index(dim[open_], c.shape[1:])
+      flat_r = r.reshape(open_.size, -1)
       rows = np.arange(open_.size)
-      half = r[(rows,) + idx] / 2
-      if np.any(half < tiny):
+      d = dim[open_]
+      d = np.where(flat_r[rows, d] / 2 < tiny, np.argmax(flat_r, axis=1), d)  # split elsewhere
+      if np.any(flat_r[rows, d] / 2 < tiny):  # every side is as small as float32 resolves
         return result("unknown")
+      idx = np.unravel_index(d, c.shape[1:])
+      half = r[(rows,) + idx] / 2
       r = r.copy()
       r[(rows,) + idx] = half
       lo_c, hi_c = c.copy(), c.copy()
