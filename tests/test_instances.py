@@ -83,6 +83,12 @@ def test_pockets_too_shallow_are_proven_safe_by_branch_and_bound(tmp_path):
   assert (decision.result, decision.stage) == ("unsat", "bab")
 
 
+def test_a_property_whose_asserts_contradict_each_other_is_unsat(tmp_path):
+  text = box_text([-1.0], [1.0], 1) + "(assert (>= X_0 2))\n(assert (<= Y_0 -1))\n"
+  decision = run(tmp_path, "empty", RELU_HALF, text)
+  assert (decision.result, decision.stage) == ("unsat", "vnnlib")
+
+
 def test_a_zero_timeout_times_out(tmp_path):
   text = box_text([-1.0], [1.0], 1) + "(assert (<= Y_0 -1))\n"
   assert run(tmp_path, "relu_half", RELU_HALF, text, timeout=0.0).result == "timeout"
@@ -132,14 +138,16 @@ def test_benchmark_runner_writes_the_results_csv(tmp_path):
     onnx_path, vnnlib_path = write_instance(tmp_path, name, RELU_HALF,
                                             box_text([-1.0], [1.0], 1) + text)
     names.append(f"{pathlib.Path(onnx_path).name},{pathlib.Path(vnnlib_path).name},30\n")
+  names.append("missing.onnx,missing.vnnlib,30\n")  # a broken instance does not stop the rest
   (tmp_path / "instances.csv").write_text("".join(names))
   out = tmp_path / "results.csv"
   proc = _script(f"--instances={tmp_path / 'instances.csv'}", f"--out={out}")
   assert proc.returncode == 0, proc.stderr
   rows = list(csv.reader(out.open()))
-  assert [r[4] for r in rows] == ["unsat", "sat"]
+  assert [r[4] for r in rows] == ["unsat", "sat", "error"]
   assert all(r[0] == tmp_path.name and float(r[3]) >= 0 and float(r[5]) >= 0 for r in rows)
-  assert "sat 1" in proc.stdout and "unsat 1" in proc.stdout
+  assert "sat 1" in proc.stdout and "unsat 1" in proc.stdout and "error 1" in proc.stdout
+  assert "no such file" in proc.stderr
 
 
 def test_single_instance_cli_writes_the_result_file(tmp_path):

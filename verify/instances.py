@@ -57,8 +57,9 @@ class Decision:
 
   Attributes:
     result: one of `RESULTS`.
-    stage: what decided it (``"falsify"``, ``"ibp"``, ``"crown"``,
-      ``"alpha_crown"``, ``"bab"``) or why it was not decided.
+    stage: what decided it (``"vnnlib"`` when the property cannot hold at
+      all, ``"falsify"``, ``"ibp"``, ``"crown"``, ``"alpha_crown"``, ``"bab"``)
+      or where it stopped undecided.
     seconds: wall time of `decide`.
     x: the counterexample's flattened input ``[num_inputs]`` (``sat`` only).
     y: the network's flattened output on it ``[num_outputs]``.
@@ -134,7 +135,10 @@ def decide(fn: Callable[[jax.Array], jax.Array],
   props = [(p, *round_outward(p.lower, p.upper),
             UnsafeSet.of([(q.C, q.d)
                           for q in p.unsafe], spec.num_outputs))
-           for p in spec.properties]
+           for p in spec.properties
+           if p.unsafe]
+  if not props:  # the asserts cannot all hold: no box, or nothing unsafe in any
+    return done("unsat", "vnnlib")
 
   def confirm(prop, x):
     """``(x, y)`` when ``x``, moved inside the property's box, is a counterexample."""
@@ -166,7 +170,7 @@ def decide(fn: Callable[[jax.Array], jax.Array],
       return done("sat", "falsify", *found)
 
   # 2. Bounds on each whole box, cheapest first.
-  open_props = []
+  open_props, method = [], BOUND_METHODS[0]
   for prop, lo, hi, unsafe in props:
     proven = False
     for method in BOUND_METHODS:
@@ -291,6 +295,9 @@ def run_benchmark(instances: Sequence[tuple[str, str, float]],
         decision, prepare = run_instance(onnx_path, vnnlib_path, timeout, **options)
       except InputError as e:  # an unreadable or unsupported instance: the rest still run
         logging.error("%s %s: %s", onnx_path, vnnlib_path, e)
+        decision, prepare = Decision("error", type(e).__name__, 0.0), 0.0
+      except Exception as e:  # pylint: disable=broad-except
+        logging.exception("%s %s failed", onnx_path, vnnlib_path)
         decision, prepare = Decision("error", type(e).__name__, 0.0), 0.0
       row = dict(benchmark=benchmark,
                  onnx=onnx_path,
