@@ -5,6 +5,11 @@ steps 15k and 25k; eps = 0 for 2k steps, then a linear ramp over 10k steps; kapp
 from 1 to 0.5 along the ramp. For test eps 0.3 train at 0.4:
 ``--config.robust.eps=0.4 --config.robust.eval_eps=0.3``. Needs MNIST
 (``--config.data_dir=DIR`` or ``ROBUSTLIB_DATA_DIR``).
+
+Measured on 2 CPU cores (about 1.5 h each, shared with other work):
+  * train 0.2 / test 0.1: clean 98.21 %, IBP-verified 95.81 % (1000 test images);
+  * train 0.4 / test 0.3: clean 95.75 %, PGD-40 90.99 %, IBP-verified 85.41 % (all
+    10000 test images, ``python -m verify.certify --method=ibp --eps=0.3 --num_examples=0``).
 """
 
 from training.configs import default
