@@ -18,6 +18,9 @@ import attacks
 import verify
 from robustlib import evaluation, plotting
 
+# AutoAttack's batches in the report: each logs a line, so a long report shows progress.
+AUTOATTACK_BATCH = 100
+
 
 def verified_accuracy(logits_fn: Callable[[jax.Array], jax.Array],
                       x: np.ndarray,
@@ -87,20 +90,25 @@ def robustness_report(logits_fn: Callable[[jax.Array], jax.Array],
   }
   logging.info("robustness report: clean %.4f, PGD-%d %.4f", report["clean_accuracy"], pgd_steps,
                report["pgd_accuracy"])
-  if autoattack:
+  if autoattack:  # batches of at most 100, so that each logs a progress line within minutes
     aa = attacks.evaluate(logits_fn,
                           x,
                           y,
                           attacks.autoattack(eps=float(eps)),
                           key=jax.random.fold_in(key, 1),
-                          batch_size=batch_size,
+                          batch_size=min(batch_size, AUTOATTACK_BATCH),
                           progress=False)
     report["autoattack_accuracy"] = aa.robust_accuracy[0]
     logging.info("robustness report: AutoAttack %.4f", report["autoattack_accuracy"])
   curves = {"pgd": [pgd_at[e] for e in radii]}
   for method in verify_methods:
-    curves[method] = [verified_accuracy(logits_fn, x, y, e, method, batch_size) for e in radii]
-    logging.info("robustness report: verified (%s) %s", method, curves[method])
+    curves[method] = []
+    for e in radii:
+      t = time.perf_counter()
+      curves[method].append(verified_accuracy(logits_fn, x, y, e, method, batch_size))
+      logging.info("robustness report: verified (%s) at eps %g: %.4f (%.1f s)", method, e,
+                   curves[method][-1],
+                   time.perf_counter() - t)
   report["verified_accuracy"] = {m: curves[m][radii.index(float(eps))] for m in verify_methods}
   report["sweep"] = {"eps": radii, **curves}
   report["seconds"] = round(time.perf_counter() - start, 2)
