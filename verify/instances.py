@@ -48,6 +48,7 @@ from verify.graph import UnsupportedPrimitiveError
 from verify.unsafe import UnsafeSet
 
 RESULTS = ("sat", "unsat", "unknown", "timeout", "error")
+_bound_safety = jax.jit(bound_safety, static_argnames=("fn", "method"))
 BOUND_METHODS = ("ibp", "crown", "alpha_crown")
 
 
@@ -177,7 +178,7 @@ def decide(fn: Callable[[jax.Array], jax.Array],
       if time.monotonic() > deadline:
         return done("timeout", method)
       try:
-        proven = float(bound_safety(flat_fn, lo[None], hi[None], unsafe, method)[0]) > 0
+        proven = float(_bound_safety(flat_fn, lo[None], hi[None], unsafe, method)[0]) > 0
       except UnsupportedPrimitiveError as e:
         logging.warning("bounds unavailable: %s", e)
         return done("unknown", "unsupported")
