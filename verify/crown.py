@@ -35,6 +35,7 @@ from robustlib.checks import InputError
 from verify.ibp import ibp_node
 from verify.ibp import is_supported as _ibp_supported
 from verify.ibp import propagate as ibp_propagate
+from verify import patches
 from verify import relaxations as rx
 from verify.graph import Graph
 from verify.graph import Node
@@ -328,6 +329,10 @@ def node_bounds_by_backward(node: Node,
                             fallback: Interval | None = None) -> Interval:
   """CROWN bounds of the elements of ``node`` (identity specification, in chunks).
 
+  A convolution's output whose backward chain `verify.patches` covers is bounded
+  in patches, every element at once (``needed`` then only chooses between the
+  result and ``fallback``); any other node by dense rows, in chunks.
+
   Args:
     node: a node ``[N, ...]``.
     bounds: bounds needed by the backward pass (inputs, earlier relaxations).
@@ -343,6 +348,18 @@ def node_bounds_by_backward(node: Node,
   n, rest = node.shape[0], node.shape[1:]
   m = math.prod(rest)
   dtype = node.dtype
+  patch_plan = patches.plan(node)
+  if patch_plan is not None:
+
+    def relaxation(user: Node) -> rx.Relaxation:
+      return _elementwise_relaxation(user, bounds[user.inputs[user.bounded_inputs[0]].index])
+
+    lower, upper = patches.bound_node(patch_plan, node, bounds, relaxation, chunk_size,
+                                      DEFAULT_BUDGET)
+    if needed is not None:
+      lower = jnp.where(needed, lower, fallback.lower)
+      upper = jnp.where(needed, upper, fallback.upper)
+    return Interval(lower, upper)
   chunk = min(chunk_size or _default_chunk(node), m)
   n_chunks = -(-m // chunk)
   if needed is None:

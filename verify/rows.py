@@ -114,6 +114,33 @@ def _conv_rows(node: Node, idx: jax.Array) -> jax.Array | None:
   return jnp.transpose(rows, perm)
 
 
+def fold_affine_tail(node: Node, idx: jax.Array) -> tuple[Node, jax.Array]:
+  """Follows ``node``'s trailing casts, plain reshapes and constant additions back.
+
+  Returns the first node that is none of those and the constant ``[R, N]`` that
+  the additions contribute: ``node[idx] == returned_node[idx] + bias`` (a plain
+  reshape keeps every element's flat index).
+  """
+  n = node.shape[0]
+  bias = jnp.zeros((idx.shape[1], n), node.dtype)
+  while True:
+    pos = node.bounded_inputs
+    if len(pos) != 1 or node.name == "input":
+      return node, bias
+    x = node.inputs[pos[0]]
+    if not x.shape or x.shape[0] != n:
+      return node, bias
+    if node.name in _IN_PLACE or (node.name == "reshape" and node.params.get("dimensions") is None):
+      node = x
+    elif node.name == "add" or (node.name == "sub" and pos[0] == 0):
+      const = jnp.broadcast_to(jnp.asarray(node.inputs[1 - pos[0]], node.dtype), node.shape)
+      sign = -1.0 if node.name == "sub" else 1.0
+      bias = bias + sign * _gather(const.reshape(n, -1), idx)
+      node = x
+    else:
+      return node, bias
+
+
 def identity_rows(node: Node, idx: jax.Array) -> Rows:
   """``e_j`` rows for the neurons ``idx [N, R]`` of ``node``, pushed as far as is cheap.
 
@@ -124,30 +151,12 @@ def identity_rows(node: Node, idx: jax.Array) -> Rows:
   Returns:
     `Rows` with ``rows . start + bias == node[idx]`` for every input.
   """
-  n = node.shape[0]
-  bias = jnp.zeros((idx.shape[1], n), node.dtype)
-  while True:
-    pos = node.bounded_inputs
-    if len(pos) != 1 or node.name == "input":
-      return _one_hot(node, idx, bias)
-    x = node.inputs[pos[0]]
-    if not x.shape or x.shape[0] != n:
-      return _one_hot(node, idx, bias)
-    if node.name in _IN_PLACE or (node.name == "reshape" and node.params.get("dimensions") is None):
-      node = x
-      continue
-    if node.name == "add" or (node.name == "sub" and pos[0] == 0):
-      const = jnp.broadcast_to(jnp.asarray(node.inputs[1 - pos[0]], node.dtype), node.shape)
-      sign = -1.0 if node.name == "sub" else 1.0
-      bias = bias + sign * _gather(const.reshape(n, -1), idx)
-      node = x
-      continue
-    if node.name == "dot_general":
-      rows = _dense_rows(node, idx)
-    elif node.name == "conv_general_dilated":
-      rows = _conv_rows(node, idx)
-    else:
-      rows = None
-    if rows is None:
-      return _one_hot(node, idx, bias)
-    return Rows(x, rows, bias)
+  node, bias = fold_affine_tail(node, idx)
+  rows = None
+  if node.name == "dot_general":
+    rows = _dense_rows(node, idx)
+  elif node.name == "conv_general_dilated":
+    rows = _conv_rows(node, idx)
+  if rows is None:
+    return _one_hot(node, idx, bias)
+  return Rows(node.inputs[node.bounded_inputs[0]], rows, bias)

@@ -1,0 +1,286 @@
+"""Backward bounds of convolution neurons kept as patches: each row only over its receptive field.
+
+CROWN bounds every neuron of an intermediate convolution with its own backward
+pass. As dense arrays, each row spans whole feature maps although only the
+neuron's receptive field is non-zero, so memory traffic, not arithmetic, sets
+the cost. Here (as auto_LiRPA's "patches" mode, Xu et al. 2020) a row is the
+window of its receptive field, ``[C, *K]`` in the canonical ``(feature,
+*spatial)`` order, plus the window's start in the node's spatial coordinates.
+Through a convolution the window grows to ``(K - 1) * stride + kernel``; an
+elementwise relaxation or a constant multiplies by the window of its values.
+
+The chain from the convolution back to the network input may hold elementwise
+relaxations (ReLU, tanh, ...), additions, subtractions, multiplications and
+divisions by constants, negations, casts, and convolutions with fixed kernels
+(any layout, stride, padding, kernel dilation; one feature group). `plan`
+returns None for anything else, or when patches would not be much smaller than
+the dense rows; the caller then takes the dense path. Both give the same bounds
+up to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+from verify import relaxations as rx
+from verify.graph import Node
+from verify.rows import fold_affine_tail
+
+_CASTS = {"convert_element_type", "copy", "copy_p", "reduce_precision"}
+_CONSTANT_OPS = {"add", "sub", "mul", "div"}
+# Use patches when their elements per row are at most this fraction of the dense rows'.
+_MAX_FRACTION = 0.5
+# A window's transposed convolution is one matrix product when the matrix has at most this many
+# times the convolution's multiply-adds.
+_MATRIX_FACTOR = 8
+
+
+class Plan(NamedTuple):
+  """The chain a patch row is pushed through, from a convolution to the input.
+
+  Attributes:
+    conv: the convolution whose output neurons are bounded (after the node's
+      trailing bias and casts, see `verify.rows.fold_affine_tail`).
+    chain: the nodes from ``conv`` back to the input node, inclusive.
+    patch_elements: the largest window ``C * prod(K)`` along the chain.
+  """
+  conv: Node
+  chain: tuple[Node, ...]
+  patch_elements: int
+
+
+def _conv_ok(node: Node) -> bool:
+  """A fixed-kernel convolution of one bounded input whose padding is narrower than its kernel."""
+  p = node.params
+  if (node.bounded_inputs != [0] or p["batch_group_count"] != 1 or p["feature_group_count"] != 1 or
+      any(d != 1 for d in p["lhs_dilation"])):
+    return False
+  rhs = p["dimension_numbers"].rhs_spec
+  kernel = [(node.inputs[1].shape[a] - 1) * d + 1 for a, d in zip(rhs[2:], p["rhs_dilation"])]
+  return all(0 <= lo < k and 0 <= hi < k for (lo, hi), k in zip(p["padding"], kernel))
+
+
+def _is_relaxed(node: Node) -> bool:
+  if node.name in ("max", "min"):
+    return True
+  if node.name == "integer_pow":
+    return node.params["y"] >= 0
+  return node.name in rx.ELEMENTWISE
+
+
+def _steps_back(node: Node) -> Node | None:
+  """The operand a supported chain step continues to, or None."""
+  pos = node.bounded_inputs
+  if len(pos) != 1:
+    return None
+  x = node.inputs[pos[0]]
+  if x.shape != node.shape:
+    return None
+  if node.name in _CASTS or node.name == "neg" or _is_relaxed(node):
+    return x
+  if node.name in _CONSTANT_OPS and not (node.name == "div" and pos[0] != 0):
+    return x
+  return None
+
+
+def plan(node: Node) -> Plan | None:
+  """How to bound ``node``'s neurons in patches, or None where it does not apply or pay."""
+  if not node.shape:
+    return None
+  n = node.shape[0]
+  conv, _ = fold_affine_tail(node, jnp.zeros((n, 1), jnp.int32))
+  if conv.name != "conv_general_dilated" or not _conv_ok(conv):
+    return None
+  layout = tuple(conv.params["dimension_numbers"].out_spec)
+  chain, cur = [], conv
+  window = (1,) * (len(layout) - 2)
+  largest, dense = 0, 0
+  while cur.name != "input":
+    if cur.name == "conv_general_dilated":
+      p = cur.params
+      lhs, rhs, out = p["dimension_numbers"]
+      if not _conv_ok(cur) or tuple(out) != layout:
+        return None
+      kernel = tuple(cur.inputs[1].shape[d] for d in rhs[2:])
+      window = tuple((k - 1) * s + (w - 1) * d + 1
+                     for k, s, w, d in zip(window, p["window_strides"], kernel, p["rhs_dilation"]))
+      layout = tuple(lhs)
+      x = cur.inputs[0]
+      largest = max(largest, x.shape[layout[1]] * math.prod(window))
+      dense = max(dense, math.prod(x.shape[1:]))
+    else:
+      x = _steps_back(cur)
+      if x is None or x.shape[0] != n:
+        return None
+    chain.append(cur)
+    cur = x
+  chain.append(cur)
+  if largest > _MAX_FRACTION * dense:
+    return None
+  return Plan(conv, tuple(chain), largest)
+
+
+def _canonical(value, node: Node, layout) -> jax.Array:
+  """``value`` broadcast to ``node.shape`` and laid out as ``[N, C, *S]``."""
+  return jnp.transpose(jnp.broadcast_to(jnp.asarray(value, node.dtype), node.shape), layout)
+
+
+def _windows(v: jax.Array, start: jax.Array, size: tuple[int, ...]) -> jax.Array:
+  """Windows of ``v [N, C, *S]`` at ``start [W, d]``: ``[W, N, 1, C, *size]``, zero outside."""
+  vp = jnp.pad(v, [(0, 0), (0, 0)] + [(k, k) for k in size])
+  n, c = v.shape[:2]
+
+  def one(st):
+    return lax.dynamic_slice(vp, (0, 0) + tuple(st[i] + size[i] for i in range(len(size))),
+                             (n, c) + size)
+
+  return jax.vmap(one)(start)[:, :, None]
+
+
+def _inside(start: jax.Array, size: tuple[int, ...], spatial: tuple[int, ...]) -> jax.Array:
+  """``[W, 1, 1, 1, *size]``: whether each window element lies inside the feature map."""
+  mask = jnp.ones((start.shape[0],) + (1,) * 3 + size, bool)
+  for d, (k, s) in enumerate(zip(size, spatial)):
+    pos = start[:, d, None] + jnp.arange(k)  # [W, k]
+    shape = (start.shape[0],) + (1,) * (3 + d) + (k,) + (1,) * (len(size) - d - 1)
+    mask = mask & ((pos >= 0) & (pos < s)).reshape(shape)
+  return mask
+
+
+def _sum_rest(x: jax.Array) -> jax.Array:
+  return jnp.sum(x, axis=tuple(range(3, x.ndim)))
+
+
+def _conv_back(P: jax.Array, start: jax.Array, node: Node):
+  """Pushes patches ``P [W, N, R, O, *K]`` at a convolution's output to its input."""
+  p = node.params
+  lhs, rhs, _ = p["dimension_numbers"]
+  w = jnp.transpose(jnp.asarray(node.inputs[1], P.dtype), tuple(rhs))  # [O, I, *k]
+  strides, dil = p["window_strides"], p["rhs_dilation"]
+  new = tuple(
+      (k - 1) * s + (kk - 1) * d + 1 for k, s, kk, d in zip(P.shape[4:], strides, w.shape[2:], dil))
+  canon = tuple(range(len(new) + 2))
+  lead = P.shape[:3]
+
+  def conv(z):
+    return lax.conv_general_dilated(z,
+                                    w,
+                                    strides,
+                                    "VALID",
+                                    rhs_dilation=dil,
+                                    dimension_numbers=lax.ConvDimensionNumbers(canon, canon, canon))
+
+  rows, out_size = P.reshape((-1,) + P.shape[3:]), math.prod(P.shape[3:])
+  in_size = w.shape[1] * math.prod(new)
+  if in_size * out_size <= _MATRIX_FACTOR * out_size * math.prod(w.shape[1:]):
+    # Small windows: the transposed convolution as one matrix (built by transposing a basis),
+    # a single matrix product instead of XLA's strided transposed convolution.
+    _, vjp = jax.vjp(conv, jnp.zeros((out_size, w.shape[1]) + new, P.dtype))
+    (matrix,) = vjp(jnp.eye(out_size, dtype=P.dtype).reshape((out_size,) + P.shape[3:]))
+    Q = (rows.reshape(rows.shape[0], out_size) @ matrix.reshape(
+        out_size, in_size)).reshape((rows.shape[0], w.shape[1]) + new)
+  else:
+    _, vjp = jax.vjp(conv, jnp.zeros((rows.shape[0], w.shape[1]) + new, P.dtype))
+    (Q,) = vjp(rows)
+  start = start * jnp.asarray(strides, start.dtype) - jnp.asarray([lo for lo, _ in p["padding"]],
+                                                                  start.dtype)
+  x = node.inputs[0]
+  spatial = tuple(x.shape[d] for d in lhs[2:])
+  return Q.reshape(lead + Q.shape[1:]) * _inside(start, new, spatial), start, tuple(lhs)
+
+
+def _bound_windows(pl: Plan, start: jax.Array, bounds: dict,
+                   relaxation: Callable[[Node], rx.Relaxation]) -> jax.Array:
+  """Lower bounds ``[W, N, 2 O]`` of every channel of the convolution (then negated) at the
+  output positions whose windows start at ``start [W, d]``."""
+  conv = pl.conv
+  layout = tuple(conv.params["dimension_numbers"].out_spec)
+  o, n = conv.shape[layout[1]], conv.shape[0]
+  eye = jnp.eye(o, dtype=conv.dtype)
+  ones = (1,) * start.shape[1]
+  P = jnp.broadcast_to(
+      jnp.concatenate([eye, -eye]).reshape((1, 1, 2 * o, o) + ones),
+      (start.shape[0], n, 2 * o, o) + ones)
+  total = jnp.zeros(P.shape[:3], conv.dtype)
+  for cur in pl.chain:
+    size = P.shape[4:]
+    if cur.name == "input":
+      box = bounds[cur.index]
+      c = _windows(_canonical(box.center, cur, layout), start, size)
+      rad = _windows(_canonical(box.radius, cur, layout), start, size)
+      return total + _sum_rest(P * c) - _sum_rest(jnp.abs(P) * rad)
+    if cur.name == "conv_general_dilated":
+      P, start, layout = _conv_back(P, start, cur)
+    elif cur.name == "neg":
+      P = -P
+    elif cur.name in _CONSTANT_OPS:
+      pos = cur.bounded_inputs[0]
+      const = cur.inputs[1 - pos]
+      if cur.name == "div":
+        const = 1.0 / jnp.asarray(const, cur.dtype)
+      win = _windows(_canonical(const, cur, layout), start, size)
+      if cur.name in ("mul", "div"):
+        P = P * win
+      else:
+        total = total + (1.0 if cur.name == "add" or pos == 1 else -1.0) * _sum_rest(P * win)
+        if cur.name == "sub" and pos == 1:
+          P = -P
+    elif _is_relaxed(cur):
+      x = cur.inputs[cur.bounded_inputs[0]]
+      stacked = jnp.concatenate([_canonical(v, x, layout) for v in relaxation(cur)], axis=1)
+      lw, lb, uw, ub = jnp.split(_windows(stacked, start, size), 4, axis=3)
+      pos = P >= 0
+      total = total + _sum_rest(jnp.where(pos, P * lb, P * ub))
+      P = jnp.where(pos, P * lw, P * uw)
+  raise AssertionError("a patch chain ends at an input node")
+
+
+def bound_node(pl: Plan,
+               node: Node,
+               bounds: dict,
+               relaxation: Callable[[Node], rx.Relaxation],
+               chunk_size: int | None = None,
+               budget: int = 1 << 25) -> tuple[jax.Array, jax.Array]:
+  """CROWN bounds of every element of ``node``, computed in patches.
+
+  Args:
+    pl: `plan(node)`.
+    node: the node whose elements are bounded.
+    bounds: intervals of the input node and of every relaxed node's input.
+    relaxation: the linear relaxation of a relaxed node (from its input's bounds).
+    chunk_size: neurons per pass (rounded to whole output positions); None keeps
+      the largest array under ``budget`` elements.
+
+  Returns:
+    ``(lower, upper)``, each of ``node.shape``.
+  """
+  conv = pl.conv
+  n = node.shape[0]
+  m = math.prod(node.shape[1:])
+  _, bias = fold_affine_tail(node, jnp.broadcast_to(jnp.arange(m), (n, m)))  # [m, N]
+  out_spec = tuple(conv.params["dimension_numbers"].out_spec)
+  o = conv.shape[out_spec[1]]
+  spatial = tuple(conv.shape[d] for d in out_spec[2:])
+  # The biggest arrays are the patches of both signs, [per_pass, N, 2 O, *window], and temporaries.
+  per_pass = (chunk_size // o if chunk_size else budget // (4 * n * o * pl.patch_elements))
+  per_pass = max(1, min(per_pass, math.prod(spatial)))
+  positions = jnp.stack(jnp.unravel_index(jnp.arange(math.prod(spatial)), spatial), axis=-1)
+  num = -(-positions.shape[0] // per_pass)
+  padded = jnp.pad(positions, ((0, num * per_pass - positions.shape[0]), (0, 0)))
+  out = lax.map(lambda st: _bound_windows(pl, st, bounds, relaxation),
+                padded.reshape(num, per_pass, -1).astype(jnp.int32))  # [num, per_pass, N, 2 O]
+  out = out.reshape((-1, n, 2 * o))[:positions.shape[0]]  # [positions, N, 2 O]
+  lower, upper = out[..., :o], -out[..., o:]
+
+  def to_node(v):  # [positions, N, O] -> the convolution's layout, flat -> the node's shape
+    canon = jnp.moveaxis(v, 0, -1).reshape((n, o) + spatial)
+    flat = jnp.transpose(canon, tuple(int(a) for a in np.argsort(out_spec))).reshape(n, m)
+    return (flat + bias.T).reshape(node.shape)
+
+  return to_node(lower), to_node(upper)
