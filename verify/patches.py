@@ -30,9 +30,9 @@ import numpy as np
 
 from verify import relaxations as rx
 from verify.graph import Node
+from verify.rows import IN_PLACE
 from verify.rows import fold_affine_tail
 
-_CASTS = {"convert_element_type", "copy", "copy_p", "reduce_precision"}
 _CONSTANT_OPS = {"add", "sub", "mul", "div"}
 # Use patches when their elements per row are at most this fraction of the dense rows'.
 _MAX_FRACTION = 0.5
@@ -82,7 +82,7 @@ def _steps_back(node: Node) -> Node | None:
   x = node.inputs[pos[0]]
   if x.shape != node.shape:
     return None
-  if node.name in _CASTS or node.name == "neg" or _is_relaxed(node):
+  if node.name in IN_PLACE or node.name == "neg" or _is_relaxed(node):
     return x
   if node.name in _CONSTANT_OPS and not (node.name == "div" and pos[0] != 0):
     return x
@@ -94,7 +94,7 @@ def plan(node: Node) -> Plan | None:
   if not node.shape:
     return None
   n = node.shape[0]
-  conv, _ = fold_affine_tail(node, jnp.zeros((n, 1), jnp.int32))
+  conv, _ = fold_affine_tail(node, None)
   if conv.name != "conv_general_dilated" or not _conv_ok(conv):
     return None
   layout = tuple(conv.params["dimension_numbers"].out_spec)

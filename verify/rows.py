@@ -24,7 +24,7 @@ import numpy as np
 from verify.graph import Node
 
 # Operations that keep every element in place (the row index is unchanged).
-_IN_PLACE = {"convert_element_type", "copy", "copy_p", "reduce_precision"}
+IN_PLACE = {"convert_element_type", "copy", "copy_p", "reduce_precision"}
 
 
 class Rows(NamedTuple):
@@ -114,15 +114,16 @@ def _conv_rows(node: Node, idx: jax.Array) -> jax.Array | None:
   return jnp.transpose(rows, perm)
 
 
-def fold_affine_tail(node: Node, idx: jax.Array) -> tuple[Node, jax.Array]:
+def fold_affine_tail(node: Node, idx: jax.Array | None) -> tuple[Node, jax.Array | None]:
   """Follows ``node``'s trailing casts, plain reshapes and constant additions back.
 
   Returns the first node that is none of those and the constant ``[R, N]`` that
   the additions contribute: ``node[idx] == returned_node[idx] + bias`` (a plain
-  reshape keeps every element's flat index).
+  reshape keeps every element's flat index). With ``idx`` None only the node
+  is found (bias None).
   """
   n = node.shape[0]
-  bias = jnp.zeros((idx.shape[1], n), node.dtype)
+  bias = None if idx is None else jnp.zeros((idx.shape[1], n), node.dtype)
   while True:
     pos = node.bounded_inputs
     if len(pos) != 1 or node.name == "input":
@@ -130,12 +131,13 @@ def fold_affine_tail(node: Node, idx: jax.Array) -> tuple[Node, jax.Array]:
     x = node.inputs[pos[0]]
     if not x.shape or x.shape[0] != n:
       return node, bias
-    if node.name in _IN_PLACE or (node.name == "reshape" and node.params.get("dimensions") is None):
+    if node.name in IN_PLACE or (node.name == "reshape" and node.params.get("dimensions") is None):
       node = x
     elif node.name == "add" or (node.name == "sub" and pos[0] == 0):
       const = jnp.broadcast_to(jnp.asarray(node.inputs[1 - pos[0]], node.dtype), node.shape)
       sign = -1.0 if node.name == "sub" else 1.0
-      bias = bias + sign * _gather(const.reshape(n, -1), idx)
+      if idx is not None:
+        bias = bias + sign * _gather(const.reshape(n, -1), idx)
       node = x
     else:
       return node, bias
