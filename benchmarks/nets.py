@@ -1,9 +1,13 @@
 """The benchmark networks as plain JAX functions and, with the same weights, PyTorch modules.
 
-Both sides use PyTorch's layout (NCHW inputs, OIHW kernels, ``[out, in]`` linear
-weights, channel-major flatten), so weights are shared without conversion and
-both libraries see the same points. Weights are trained briefly in JAX (Adam on
-cross-entropy) so that robust accuracies are not trivially zero or one.
+Weights are stored in PyTorch's layout (OIHW kernels, ``[out, in]`` linear
+weights, channel-major flatten) and both functions take NCHW images, so both
+libraries see the same weights and points. Inside, each library computes in its
+own native layout: the JAX function transposes the images to NHWC once, runs its
+convolutions channels-last (the fast layout of XLA's CPU convolutions) and goes
+back to channel-major order before flattening (``channels_last=False`` keeps
+NCHW throughout). Weights are trained briefly in JAX (Adam on cross-entropy) so
+that robust accuracies are not trivially zero or one.
 
 Architectures (28x28x1 inputs):
   * ``mlp``: 784-256-256-10, ReLU.
@@ -55,26 +59,42 @@ def init_params(name: str, key: jax.Array, input_shape=(1, 28, 28)) -> Params:
   return params
 
 
-def logits_fn(name: str, params: Params) -> Callable[[jax.Array], jax.Array]:
-  """``[N, 1, 28, 28] -> [N, 10]`` closing over ``params`` (constants of the function)."""
+def logits_fn(name: str,
+              params: Params,
+              channels_last: bool = True) -> Callable[[jax.Array], jax.Array]:
+  """``[N, 1, 28, 28] -> [N, 10]`` closing over ``params`` (constants of the function).
+
+  With ``channels_last`` (JAX's native layout, and the fast one for XLA's CPU
+  convolutions) the input is transposed to NHWC once, the convolutions run
+  NHWC/HWIO, and the last feature maps go back to channel-major order before
+  flattening, so the function equals the NCHW one (and PyTorch's) exactly.
+  """
   layers = ARCHITECTURES[name]
 
   def apply(x: jax.Array) -> jax.Array:
-    return _apply(layers, [(jnp.asarray(w), jnp.asarray(b)) for w, b in params], x)
+    return _apply(layers, [(jnp.asarray(w), jnp.asarray(b)) for w, b in params], x, channels_last)
 
   return apply
 
 
-def _apply(layers, params, x):
-  h = x
+def _apply(layers, params, x, channels_last):
+  channels_last = channels_last and layers[0][0] == "conv"
+  h = jnp.transpose(x, (0, 2, 3, 1)) if channels_last else x
   for i, (layer, (w, b)) in enumerate(zip(layers, params)):
     if layer[0] == "conv":
       _, _, _, s, p = layer
-      h = jax.lax.conv_general_dilated(h,
-                                       w, (s, s), [(p, p)] * 2,
-                                       dimension_numbers=("NCHW", "OIHW", "NCHW"))
-      h = h + b[None, :, None, None]
+      if channels_last:
+        h = jax.lax.conv_general_dilated(h,
+                                         jnp.transpose(w, (2, 3, 1, 0)), (s, s), [(p, p)] * 2,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
+      else:
+        h = jax.lax.conv_general_dilated(h,
+                                         w, (s, s), [(p, p)] * 2,
+                                         dimension_numbers=("NCHW", "OIHW", "NCHW"))
+        h = h + b[None, :, None, None]
     else:
+      if channels_last and h.ndim == 4:
+        h = jnp.transpose(h, (0, 3, 1, 2))
       h = h.reshape(h.shape[0], -1) @ w.T + b
     if i < len(layers) - 1:
       h = jax.nn.relu(h)
@@ -125,7 +145,7 @@ def train(name: str, steps: int, seed: int = 0, batch_size: int = 128) -> Params
   layers = ARCHITECTURES[name]
 
   def loss(p, xb, yb):
-    return optax.softmax_cross_entropy_with_integer_labels(_apply(layers, p, xb), yb).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(_apply(layers, p, xb, True), yb).mean()
 
   @jax.jit
   def step(p, o, xb, yb):

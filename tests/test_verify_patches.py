@@ -28,8 +28,17 @@ def _kernel(rng, c_in, c_out, k, layout):
   return jnp.asarray(w if layout == "NCHW" else np.transpose(w, (2, 3, 1, 0)), jnp.float32)
 
 
-def _network(layout="NCHW", stride=2, padding="VALID", dilation=1, act=jax.nn.relu, seed=0):
-  """conv -> act -> conv -> act -> dense, with input normalization, on 12x12x2 images."""
+def _network(layout="NCHW",
+             stride=2,
+             padding="VALID",
+             dilation=1,
+             act=jax.nn.relu,
+             seed=0,
+             nchw_input=False):
+  """conv -> act -> conv -> act -> dense, with input normalization, on 12x12x2 images.
+
+  ``nchw_input``: the function takes NCHW images and transposes them to ``layout``.
+  """
   rng = np.random.default_rng(seed)
   dn = ("NCHW", "OIHW", "NCHW") if layout == "NCHW" else ("NHWC", "HWIO", "NHWC")
   w1, w2 = _kernel(rng, 2, 4, 3, layout), _kernel(rng, 4, 5, 3, layout)
@@ -40,6 +49,8 @@ def _network(layout="NCHW", stride=2, padding="VALID", dilation=1, act=jax.nn.re
   bshape = (1, 4, 1, 1) if layout == "NCHW" else (1, 1, 1, 4)
 
   def features(x):
+    if nchw_input and layout == "NHWC":
+      x = jnp.transpose(x, (0, 2, 3, 1))
     h = (x - mean) / std
     h = lax.conv_general_dilated(h,
                                  w1, (stride, stride),
@@ -50,7 +61,7 @@ def _network(layout="NCHW", stride=2, padding="VALID", dilation=1, act=jax.nn.re
     h = lax.conv_general_dilated(h, w2, (1, 1), padding, dimension_numbers=dn)
     return act(h).reshape(h.shape[0], -1)
 
-  x_shape = (3, 2, 12, 12) if layout == "NCHW" else (3, 12, 12, 2)
+  x_shape = (3, 2, 12, 12) if layout == "NCHW" or nchw_input else (3, 12, 12, 2)
   x = jnp.asarray(rng.uniform(0, 1, size=x_shape), jnp.float32)
   m = jax.eval_shape(features, x).shape[1]
   w3 = jnp.asarray(rng.normal(size=(m, 3)) / np.sqrt(m), jnp.float32)
@@ -81,6 +92,7 @@ CASES = {
     "nhwc_same_stride1": dict(layout="NHWC", stride=1, padding="SAME"),
     "nchw_explicit_pad_dilated": dict(padding=((1, 2), (2, 1)), dilation=2, stride=1),
     "nhwc_tanh_stride2_same": dict(layout="NHWC", padding="SAME", act=jnp.tanh),
+    "nchw_input_transposed_to_nhwc": dict(layout="NHWC", nchw_input=True),
 }
 
 

@@ -322,6 +322,12 @@ def _default_chunk(node: Node, budget: int = DEFAULT_BUDGET) -> int:
   return max(1, budget // (2 * max(biggest, 1)))
 
 
+def _balanced_chunks(total: int, most: int) -> tuple[int, int]:
+  """``(size, count)``: the fewest chunks of at most ``most`` covering ``total``, evenly sized."""
+  count = -(-total // max(1, min(most, total)))
+  return -(-total // count), count
+
+
 def node_bounds_by_backward(node: Node,
                             bounds: dict[int, Interval],
                             chunk_size: int | None = None,
@@ -360,8 +366,7 @@ def node_bounds_by_backward(node: Node,
       lower = jnp.where(needed, lower, fallback.lower)
       upper = jnp.where(needed, upper, fallback.upper)
     return Interval(lower, upper)
-  chunk = min(chunk_size or _default_chunk(node), m)
-  n_chunks = -(-m // chunk)
+  chunk, n_chunks = _balanced_chunks(m, chunk_size or _default_chunk(node))
   if needed is None:
     order = jnp.broadcast_to(jnp.arange(m), (n, m))
     count = m
@@ -514,11 +519,10 @@ def _output_backward(out, A, bounds, chunk_size, stop=frozenset()):
   """Lower bounds ``[S, N]`` of the rows ``A`` of the output, chunked over rows."""
   if not isinstance(out, Node):
     return _sum_rest(A * jnp.asarray(out)[None])
-  chunk = chunk_size or _default_chunk(out)
   s = A.shape[0]
-  if s <= chunk:
+  chunk, n_chunks = _balanced_chunks(s, chunk_size or _default_chunk(out))
+  if n_chunks == 1:
     return backward(out, A, bounds, stop)
-  n_chunks = -(-s // chunk)
   pad = n_chunks * chunk - s
   if pad:
     A = jnp.concatenate([A, jnp.zeros((pad,) + A.shape[1:], A.dtype)])

@@ -11,7 +11,8 @@ elementwise relaxation or a constant multiplies by the window of its values.
 
 The chain from the convolution back to the network input may hold elementwise
 relaxations (ReLU, tanh, ...), additions, subtractions, multiplications and
-divisions by constants, negations, casts, and convolutions with fixed kernels
+divisions by constants, negations, casts, transposes that keep the batch axis
+first (a change of layout), and convolutions with fixed kernels
 (any layout, stride, padding, kernel dilation; one feature group). `plan`
 returns None for anything else, or when patches would not be much smaller than
 the dense rows; the caller then takes the dense path. Both give the same bounds
@@ -114,6 +115,12 @@ def plan(node: Node) -> Plan | None:
       x = cur.inputs[0]
       largest = max(largest, x.shape[layout[1]] * math.prod(window))
       dense = max(dense, math.prod(x.shape[1:]))
+    elif cur.name == "transpose":
+      perm = cur.params["permutation"]
+      if perm[0] != 0 or cur.bounded_inputs != [0]:
+        return None
+      x = cur.inputs[0]
+      layout = tuple(perm[a] for a in layout)
     else:
       x = _steps_back(cur)
       if x is None or x.shape[0] != n:
@@ -217,6 +224,8 @@ def _bound_windows(pl: Plan, start: jax.Array, bounds: dict,
       return total + _sum_rest(P * c) - _sum_rest(jnp.abs(P) * rad)
     if cur.name == "conv_general_dilated":
       P, start, layout = _conv_back(P, start, cur)
+    elif cur.name == "transpose":
+      layout = tuple(cur.params["permutation"][a] for a in layout)
     elif cur.name == "neg":
       P = -P
     elif cur.name in _CONSTANT_OPS:
@@ -272,6 +281,7 @@ def bound_node(pl: Plan,
   per_pass = max(1, min(per_pass, math.prod(spatial)))
   positions = jnp.stack(jnp.unravel_index(jnp.arange(math.prod(spatial)), spatial), axis=-1)
   num = -(-positions.shape[0] // per_pass)
+  per_pass = -(-positions.shape[0] // num)
   padded = jnp.pad(positions, ((0, num * per_pass - positions.shape[0]), (0, 0)))
   out = lax.map(lambda st: _bound_windows(pl, st, bounds, relaxation),
                 padded.reshape(num, per_pass, -1).astype(jnp.int32))  # [num, per_pass, N, 2 O]
