@@ -54,6 +54,10 @@ def time_jax(model_name: str,
   state = jax.device_put(state_lib.create(model, tx, jax.random.PRNGKey(0), info.input_shape), rep)
   robust = default.get_config().robust
   robust.eps, robust.attack_steps = _EPS.value, _ATTACK_STEPS.value
+  # The full robust loss at every timed step: CROWN-IBP bounds at full weight (not the
+  # end of a ramp, where beta = 0 leaves only IBP), no clean-loss share.
+  robust.beta_start = robust.beta_end = 1.0
+  robust.kappa_start = robust.kappa_end = 0.0
   loss = methods.make_loss(method, robust)
   step = jax.jit(steps.make_train_step(model.apply, tx, loss),
                  in_shardings=(rep, shard),

@@ -144,6 +144,40 @@ def test_one_step_of_each_method(digits, method):
     assert "adv_accuracy" in metrics
 
 
+def test_auxiliary_terms_are_scheduled_where_their_weight_is_nonzero():
+  rc = default.get_config().robust
+  rc.update({"eps": 0.1, "warmup_steps": 2, "ramp_steps": 3, "reg_lambda": 0.5})
+  # CROWN-IBP's bounds: not while eps = 0 (steps 0-2), then along the ramp while beta > 0.
+  np.testing.assert_array_equal(methods.auxiliary_steps("crown_ibp", rc, 7),
+                                [False, False, False, True, True, False, False])
+  # The warm-up regularizer: weight reg_lambda (1 - eps(t) / eps) > 0 until eps is reached.
+  np.testing.assert_array_equal(methods.auxiliary_steps("fast_ibp", rc, 7),
+                                [True, True, True, True, True, False, False])
+  rc.beta_end = 0.5  # CROWN-IBP bounds keep a weight to the end
+  assert methods.auxiliary_steps("crown_ibp", rc, 7)[3:].all()
+  assert methods.auxiliary_steps("ibp", rc, 7) is None
+
+
+@pytest.mark.parametrize("method", ("crown_ibp", "fast_ibp"))
+def test_a_loss_without_its_auxiliary_term_is_exact_where_the_term_has_no_weight(digits, method):
+  train, _ = digits
+  model, state, _ = _setup(train, method, {"eps": 0.1}, 10)
+  rc = default.get_config().robust
+  rc.update({"eps": 0.1, "warmup_steps": 2, "ramp_steps": 3, "reg_lambda": 0.5})
+  x, y = next(data.batches(train, 32, seed=0))
+  key = jax.random.PRNGKey(0)
+  full = methods.make_loss(method, rc, auxiliary=True)
+  cheap = methods.make_loss(method, rc, auxiliary=False)
+  active = methods.auxiliary_steps(method, rc, 8)
+  for step in range(8):
+    a = float(full(model.apply, state.variables(), x, y, key, jnp.int32(step))[0])
+    b = float(cheap(model.apply, state.variables(), x, y, key, jnp.int32(step))[0])
+    if active[step]:
+      assert a != b, step  # the term matters where it is scheduled...
+    else:
+      assert a == pytest.approx(b, rel=1e-6), step  # ...and only there
+
+
 def test_worst_case_cross_entropy_is_the_cross_entropy_of_the_worst_logits():
   margins = jnp.asarray([[1.0, -0.5, 2.0]])  # bounds on z_y - z_j for three j != y
   worst = jnp.asarray([[0.0, -1.0, 0.5, -2.0]])  # z_hat_y = 0 first, then -margin

@@ -123,12 +123,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Resuming from step %d of %s", int(state.step), workdir)
   start_step = int(state.step)
 
-  train_step = jax.jit(steps.make_train_step(model.apply, tx,
-                                             methods.make_loss(config.method, config.robust),
-                                             config.robust.ema_decay),
-                       in_shardings=(replicated, sharded),
-                       out_shardings=(replicated, replicated),
-                       donate_argnums=0)
+  def jitted_step(with_auxiliary: bool):
+    loss = methods.make_loss(config.method, config.robust, with_auxiliary)
+    return jax.jit(steps.make_train_step(model.apply, tx, loss, config.robust.ema_decay),
+                   in_shardings=(replicated, sharded),
+                   out_shardings=(replicated, replicated),
+                   donate_argnums=0)
+
+  # Where the method has a scheduled auxiliary term, two steps (each compiled on first use)
+  # and the host picks one per step: no conditional inside the differentiated program.
+  auxiliary = methods.auxiliary_steps(config.method, config.robust, config.num_steps)
+  train_steps = {True: jitted_step(True)}
+  if auxiliary is not None:
+    train_steps[False] = jitted_step(False)
   logbook = Logbook(workdir, start_step, enabled=main_process)
   progress = Progress(start_step, config.num_steps, config.batch_size)
 
@@ -152,6 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pending, test_acc = [], None
   start_time = time.perf_counter()
   for step in range(start_step + 1, config.num_steps + 1):
+    train_step = train_steps[auxiliary is None or bool(auxiliary[step - 1])]
     state, metrics = train_step(state, next(batches))
     pending.append(metrics)
     if step % config.log_every == 0 or step == config.num_steps:
