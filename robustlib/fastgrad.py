@@ -147,10 +147,10 @@ def _input_gradient(params: dict[str, Any], forward: Callable) -> Callable[..., 
   It is differentiable in turn (CROWN-IBP training differentiates the backward
   bound pass): with respect to ``g`` by ``forward`` with the original kernel
   ``rhs`` (the transpose of a transpose), with respect to ``kernel`` by
-  `_kernel_gradient` (channels-last, one feature group, unit window strides) or
-  else by XLA's kernel-gradient convolution.
+  `_kernel_gradient` (one feature group, unit window strides) or else by XLA's
+  kernel-gradient convolution. ``params`` are channels-last, as every convolution
+  here is (`_canonical_params`).
   """
-  canonical = params["dimension_numbers"]
 
   @jax.custom_vjp
   def conv(g, kernel, rhs):
@@ -163,12 +163,7 @@ def _input_gradient(params: dict[str, Any], forward: Callable) -> Callable[..., 
   def conv_bwd(residuals, dq):
     g, kernel, rhs = residuals
     dg = forward(dq.astype(g.dtype), rhs.astype(g.dtype))
-    ndim = g.ndim
-    channels_last = (tuple(canonical.lhs_spec) == (0, ndim - 1) + tuple(range(1, ndim - 1)) and
-                     tuple(canonical.rhs_spec) == (ndim - 1, ndim - 2) + tuple(range(ndim - 2)))
-    fast = (channels_last and params["feature_group_count"] == 1 and
-            all(s == 1 for s in params["window_strides"]))
-    if fast:
+    if params["feature_group_count"] == 1 and all(s == 1 for s in params["window_strides"]):
       dk = _kernel_gradient(g, dq.astype(g.dtype), kernel.shape[:-2], params)
     else:
       _, vjp = jax.vjp(lambda k: lax.conv_general_dilated(g, k, **params), kernel)

@@ -520,7 +520,10 @@ def test_fastgrad_input_gradient_is_differentiable_like_jax_own(case, monkeypatc
   kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
   lhs = jnp.zeros(lhs_shape, jnp.float32)
   plain = lambda x, k: lax.conv_general_dilated(x, k, **keywords)
-  (eqn,) = [e for e in jax.make_jaxpr(plain)(lhs, kernel).eqns if e.primitive.name == _CONV_NAME]
+  (eqn,) = [
+      e for e in jax.make_jaxpr(plain)(lhs, kernel).eqns
+      if e.primitive.name == "conv_general_dilated"
+  ]
   out_shape = jax.eval_shape(plain, lhs, kernel).shape
   rows = jnp.asarray(rng.normal(size=(3,) + out_shape), jnp.float32)  # 3 rows, as in CROWN
   probe = jnp.asarray(rng.normal(size=(3,) + lhs_shape), jnp.float32)
@@ -543,6 +546,3 @@ def test_fastgrad_input_gradient_is_differentiable_like_jax_own(case, monkeypatc
   # transposes have unit strides); XLA's serves the rest.
   fast_expected = case not in ("grouped", "input_dilated")
   assert bool(calls) == fast_expected
-
-
-_CONV_NAME = "conv_general_dilated"

@@ -44,6 +44,7 @@ from verify.graph import ancestors
 from verify.graph import consumers
 from verify.graph import build_graph
 from verify.interval import Interval
+from verify.rows import balanced_chunks
 from verify.rows import identity_rows
 
 # Operations affine in their bounded operands whatever they are.
@@ -322,12 +323,6 @@ def _default_chunk(node: Node, budget: int = DEFAULT_BUDGET) -> int:
   return max(1, budget // (2 * max(biggest, 1)))
 
 
-def _balanced_chunks(total: int, most: int) -> tuple[int, int]:
-  """``(size, count)``: the fewest chunks of at most ``most`` covering ``total``, evenly sized."""
-  count = -(-total // max(1, min(most, total)))
-  return -(-total // count), count
-
-
 def node_bounds_by_backward(node: Node,
                             bounds: dict[int, Interval],
                             chunk_size: int | None = None,
@@ -366,7 +361,7 @@ def node_bounds_by_backward(node: Node,
       lower = jnp.where(needed, lower, fallback.lower)
       upper = jnp.where(needed, upper, fallback.upper)
     return Interval(lower, upper)
-  chunk, n_chunks = _balanced_chunks(m, chunk_size or _default_chunk(node))
+  chunk, n_chunks = balanced_chunks(m, chunk_size or _default_chunk(node))
   if needed is None:
     order = jnp.broadcast_to(jnp.arange(m), (n, m))
     count = m
@@ -520,7 +515,7 @@ def _output_backward(out, A, bounds, chunk_size, stop=frozenset()):
   if not isinstance(out, Node):
     return _sum_rest(A * jnp.asarray(out)[None])
   s = A.shape[0]
-  chunk, n_chunks = _balanced_chunks(s, chunk_size or _default_chunk(out))
+  chunk, n_chunks = balanced_chunks(s, chunk_size or _default_chunk(out))
   if n_chunks == 1:
     return backward(out, A, bounds, stop)
   pad = n_chunks * chunk - s

@@ -32,6 +32,7 @@ import numpy as np
 from verify import relaxations as rx
 from verify.graph import Node
 from verify.rows import IN_PLACE
+from verify.rows import balanced_chunks
 from verify.rows import fold_affine_tail
 
 _CONSTANT_OPS = {"add", "sub", "mul", "div"}
@@ -278,10 +279,8 @@ def bound_node(pl: Plan,
   spatial = tuple(conv.shape[d] for d in out_spec[2:])
   # The biggest arrays are the patches of both signs, [per_pass, N, 2 O, *window], and temporaries.
   per_pass = (chunk_size // o if chunk_size else budget // (4 * n * o * pl.patch_elements))
-  per_pass = max(1, min(per_pass, math.prod(spatial)))
   positions = jnp.stack(jnp.unravel_index(jnp.arange(math.prod(spatial)), spatial), axis=-1)
-  num = -(-positions.shape[0] // per_pass)
-  per_pass = -(-positions.shape[0] // num)
+  per_pass, num = balanced_chunks(positions.shape[0], per_pass)
   padded = jnp.pad(positions, ((0, num * per_pass - positions.shape[0]), (0, 0)))
   out = lax.map(lambda st: _bound_windows(pl, st, bounds, relaxation),
                 padded.reshape(num, per_pass, -1).astype(jnp.int32))  # [num, per_pass, N, 2 O]

@@ -114,6 +114,12 @@ def _conv_rows(node: Node, idx: jax.Array) -> jax.Array | None:
   return jnp.transpose(rows, perm)
 
 
+def balanced_chunks(total: int, most: int) -> tuple[int, int]:
+  """``(size, count)``: the fewest chunks of at most ``most`` covering ``total``, evenly sized."""
+  count = -(-total // max(1, min(most, total)))
+  return -(-total // count), count
+
+
 def fold_affine_tail(node: Node, idx: jax.Array | None) -> tuple[Node, jax.Array | None]:
   """Follows ``node``'s trailing casts, plain reshapes and constant additions back.
 
