@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from robustlib import compilation
 from robustlib.checks import InputError
 from robustlib.checks import check_images
 from robustlib.checks import check_labels
@@ -182,7 +183,7 @@ class AttackFn:
   min_classes: int = 2
 
   def __post_init__(self):
-    jitted = jax.jit(self._checked_run, static_argnums=0)
+    jitted = compilation.jit(self._checked_run, static_argnums=0)
     object.__setattr__(self, "_jitted", jitted)
 
   def _checked_run(self, logits_fn, x, y, key, eps, target):

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from attacks import core
 from attacks import diagnostics
 from attacks.autoattack import cascade, flatten, run_stages
+from robustlib import compilation
 from robustlib import plotting
 from robustlib.checks import InputError, check_images, check_labels
 from robustlib.evaluation import pad_to_multiple
@@ -134,7 +135,7 @@ def _evaluate_batch(stages, logits_fn, x, y, valid, key, eps):
 
 
 # Compiled once per (stages, logits_fn) and input shape; epsilon is traced.
-evaluate_batch = jax.jit(_evaluate_batch, static_argnums=(0, 1))
+evaluate_batch = compilation.jit(_evaluate_batch, static_argnums=(0, 1))
 
 
 def _check_eps_list(eps: Any, stages: Sequence[core.AttackFn]) -> tuple[float, ...]:
@@ -328,7 +329,7 @@ def evaluate(logits_fn: core.LogitsFn,
   state_path = fingerprint = None
   if state_dir is not None:
     os.makedirs(state_dir, exist_ok=True)
-    first_logits = jax.jit(lambda v: logits_fn(v))(xp[:batch_size])  # pylint: disable=unnecessary-lambda
+    first_logits = compilation.jit(lambda v: logits_fn(v))(xp[:batch_size])  # pylint: disable=unnecessary-lambda
     fingerprint = _fingerprint(stages, eps_list, key, batch_size, x, y, first_logits)
     state_path = os.path.join(state_dir, f"evaluate-{fingerprint[:16]}.npz")
     loaded = _load_state(state_path, fingerprint)

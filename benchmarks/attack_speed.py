@@ -23,6 +23,7 @@ import optax
 
 import attacks
 from benchmarks import nets
+from robustlib import compilation
 
 _MODELS = flags.DEFINE_list("models", ["mlp", "cnn_small"], "Networks in benchmarks.nets.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per attack call.")
@@ -45,23 +46,21 @@ def run_model(name: str) -> dict[str, float]:
   eps, steps, alpha = _EPS.value, _STEPS.value, _ALPHA.value
 
   attack = attacks.pgd(eps=eps, steps=steps, step_size=alpha, random_start=False)
-  jitted = jax.jit(functools.partial(attack, fn))
-  ours = {}
-  ours["checked"] = nets.median_seconds(lambda: jax.block_until_ready(attack(fn, x, y, key)),
-                                        _REPEATS.value)
-  ours["jit"] = nets.median_seconds(lambda: jax.block_until_ready(jitted(x, y, key)),
-                                    _REPEATS.value)
-  x_adv = jitted(x, y, key)
-  ours_acc = float(jnp.mean(jnp.argmax(fn(x_adv), axis=1) == y))
-
-  grad = jax.jit(
+  jitted = compilation.jit(functools.partial(attack, fn))
+  grad = compilation.jit(
       jax.grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(fn(z), y).sum()))
-  fwd_bwd = nets.median_seconds(lambda: jax.block_until_ready(grad(x)), _REPEATS.value)
-
   model = nets.torch_module(name, params)
   xt, yt = torch.from_numpy(x_np), torch.from_numpy(y_np.astype(np.int64))
   pgd_t = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=False)
-  theirs = nets.median_seconds(lambda: pgd_t(xt, yt), _REPEATS.value)
+  seconds = nets.interleaved_medians(
+      {
+          "checked": lambda: jax.block_until_ready(attack(fn, x, y, key)),
+          "jit": lambda: jax.block_until_ready(jitted(x, y, key)),
+          "fwd_bwd": lambda: jax.block_until_ready(grad(x)),
+          "theirs": lambda: pgd_t(xt, yt),
+      }, _REPEATS.value)
+  x_adv = jitted(x, y, key)
+  ours_acc = float(jnp.mean(jnp.argmax(fn(x_adv), axis=1) == y))
   x_adv_t = pgd_t(xt, yt)
   with torch.no_grad():
     theirs_acc = float((model(x_adv_t).argmax(1) == yt).float().mean())
@@ -69,12 +68,12 @@ def run_model(name: str) -> dict[str, float]:
   n = _BATCH.value
   return {
       "clean": clean,
-      "ours_ips": n / ours["jit"],
-      "ours_checked_ips": n / ours["checked"],
-      "theirs_ips": n / theirs,
+      "ours_ips": n / seconds["jit"],
+      "ours_checked_ips": n / seconds["checked"],
+      "theirs_ips": n / seconds["theirs"],
       "ours_acc": ours_acc,
       "theirs_acc": theirs_acc,
-      "overhead": ours["jit"] / (steps * fwd_bwd),
+      "overhead": seconds["jit"] / (steps * seconds["fwd_bwd"]),
   }
 
 
@@ -82,7 +81,7 @@ def main(argv):
   del argv
   print(f"L-inf PGD-{_STEPS.value}, eps {_EPS.value}, step {_ALPHA.value}, batch "
         f"{_BATCH.value}, no random start; {jax.devices()[0].platform}, median of "
-        f"{_REPEATS.value}")
+        f"{_REPEATS.value} interleaved runs")
   rows = []
   for name in _MODELS.value:
     r = run_model(name)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 import verify
 from benchmarks import nets
+from robustlib import compilation
 
 _MODELS = flags.DEFINE_list("models", ["mlp", "cnn_small", "cnn_large"], "benchmarks.nets names.")
 _METHODS = flags.DEFINE_list("methods", ["ibp", "crown_ibp", "crown"], "Bound methods.")
@@ -55,11 +56,12 @@ def main(argv):
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
     box = verify.linf_ball(x, _EPS.value)
     spec = verify.margin_spec(y, 10)
-    forward = jax.jit(fn)
+    forward = compilation.jit(fn)
     fwd = nets.median_seconds(lambda: jax.block_until_ready(forward(x)), _REPEATS.value)
     row = f"{name:>10} {1e3 * fwd:>11.2f}"
     for method in _METHODS.value:
-      bound = jax.jit(lambda lo, hi, s, m=method: BOUNDS[m](fn, verify.Interval(lo, hi), s).lower)
+      bound = compilation.jit(lambda lo, hi, s, m=method: BOUNDS[m]
+                              (fn, verify.Interval(lo, hi), s).lower)
       seconds = nets.median_seconds(
           lambda b=bound: jax.block_until_ready(b(box.lower, box.upper, spec)), _REPEATS.value)
       verified = float(jnp.mean(jnp.all(bound(box.lower, box.upper, spec) > 0, axis=1)))

@@ -166,10 +166,22 @@ def train(name: str, steps: int, seed: int = 0, batch_size: int = 128) -> Params
 
 def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
   """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up (compilation) call."""
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+  return interleaved_medians({"fn": fn}, repeats)["fn"]
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+  """Median wall time of each function, timed in turn, one call of each per round.
+
+  After one warm-up (compilation) call each. Interleaving spreads the drift of a
+  noisy machine over all of them, so their ratios hold better than those of
+  back-to-back series.
+  """
+  for fn in fns.values():
     fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}

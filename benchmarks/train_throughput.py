@@ -18,6 +18,7 @@ import time
 import jax
 from absl import app, flags
 
+from robustlib import compilation
 from robustlib import data, models, parallel
 from training import methods, optim, state as state_lib, steps
 from training.configs import default
@@ -59,10 +60,10 @@ def time_jax(model_name: str,
   robust.beta_start = robust.beta_end = 1.0
   robust.kappa_start = robust.kappa_end = 0.0
   loss = methods.make_loss(method, robust)
-  step = jax.jit(steps.make_train_step(model.apply, tx, loss),
-                 in_shardings=(rep, shard),
-                 out_shardings=(rep, rep),
-                 donate_argnums=0)
+  step = compilation.jit(steps.make_train_step(model.apply, tx, loss),
+                         in_shardings=(rep, shard),
+                         out_shardings=(rep, rep),
+                         donate_argnums=0)
   batches = data.batches(train, batch_size, seed=0, sharding=shard)
   batch = next(batches)
   start = time.perf_counter()

@@ -2,11 +2,14 @@
 
 The core package: data sets, the model zoo, functional pipelines (models as pure
 ``logits_fn(x) -> logits`` functions), batched evaluation, input checks, data
-parallelism and checkpoints. ``attacks``, ``verify`` and ``training`` build on it.
+parallelism, checkpoints and compilation (`jit`: `jax.jit` with the compiler
+options robustlib's own programs use). ``attacks``, ``verify`` and ``training``
+build on it.
 """
 
-from robustlib import checkpoints, data, models, parallel, plotting
+from robustlib import checkpoints, compilation, data, models, parallel, plotting
 from robustlib.checks import InputError, check_images, check_labels
+from robustlib.compilation import jit
 from robustlib.evaluation import accuracy, batched_apply
 from robustlib.pipelines import LogitsFn, as_logits_fn, check_logits_fn, compose, normalize
 
@@ -22,8 +25,10 @@ __all__ = [
     "check_labels",
     "check_logits_fn",
     "checkpoints",
+    "compilation",
     "compose",
     "data",
+    "jit",
     "models",
     "normalize",
     "parallel",

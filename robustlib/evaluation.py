@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from robustlib import compilation
 from robustlib import parallel
 from robustlib.checks import check_images, check_labels
 
@@ -58,7 +59,7 @@ def batched_apply(
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   batch_size = min(batch_size, n) if sharding is None else batch_size
   padded = pad_to_multiple(x, batch_size)
-  jitted = jax.jit(fn)
+  jitted = compilation.jit(fn)
   outputs = []
   num_batches = padded.shape[0] // batch_size
   bar = tqdm(total=n,

@@ -129,7 +129,10 @@ def _make_fast_conv(params: dict[str, Any]) -> Callable[..., jax.Array]:
                            feature_group_count=params["feature_group_count"],
                            precision=params["precision"],
                            preferred_element_type=params["preferred_element_type"])
-    g_lhs = _input_gradient(gradient_params, forward)(g, kernel, rhs)
+    if _scatter_pays(params, rhs.shape):
+      g_lhs = _scatter_input_gradient(g, rhs, params, lhs_sdims)
+    else:
+      g_lhs = _input_gradient(gradient_params, forward)(g, kernel, rhs)
     if g_lhs.dtype != lhs.dtype:
       g_lhs = lax.convert_element_type(g_lhs, lhs.dtype)
     # The kernel's gradient (e.g. adversarial training through the attack) as JAX computes it.
@@ -139,6 +142,78 @@ def _make_fast_conv(params: dict[str, Any]) -> Callable[..., jax.Array]:
 
   conv.defvjp(conv_fwd, conv_bwd)
   return conv
+
+
+def _scatter_pays(params: dict[str, Any], rhs_shape: tuple[int, ...]) -> bool:
+  """Whether `_scatter_input_gradient` applies and beats a transposed convolution.
+
+  It applies to channels-last convolutions with one feature group and no input
+  dilation, and pays when each output element scatters no more values than it
+  has channels (``prod(K) * I <= O``: few input channels, as a network's first
+  layer). Measured on this CPU for the small CNN's first layer (28x28x1 -> 16
+  channels, 4x4, stride 2): 2.6 -> 0.7 ms at batch 128, 33 -> 9 ms for the 2304
+  rows of a backward bound pass.
+  """
+  if params["feature_group_count"] != 1 or any(d != 1 for d in params["lhs_dilation"]):
+    return False
+  return math.prod(rhs_shape[:-1]) <= rhs_shape[-1]
+
+
+def _scatter_input_gradient(g: jax.Array, rhs: jax.Array, params: dict[str, Any],
+                            lhs_spatial: list[int]) -> jax.Array:
+  """The input-gradient of a channels-last convolution as one matrix product and a scatter.
+
+  ``out[n, m s + k d - lo, i] += sum_o g[n, m, o] rhs[k, i, o]``: the product
+  ``Z = g . rhs^T`` gives every (position, kernel offset) contribution at once.
+  Kernel offsets whose positions fall on the same strided lattice of the output
+  are summed at the resolution of ``g`` (shifted by whole strides), and each
+  lattice is placed with one strided pad; XLA fuses the sums into few passes.
+  Plain JAX operations, so it is differentiable (CROWN-IBP training
+  differentiates backward bound passes).
+
+  Args:
+    g: ``[N, *M, O]``, the cotangent of the convolution's output.
+    rhs: ``[*K, I, O]``, the kernel.
+    params: channels-last convolution parameters (no input dilation, one group).
+    lhs_spatial: the input's spatial shape ``L``.
+
+  Returns:
+    ``[N, *L, I]``.
+  """
+  kernel, in_features = rhs.shape[:-2], rhs.shape[-2]
+  out_spatial = g.shape[1:-1]
+  z = lax.dot_general(g.reshape(-1, g.shape[-1]),
+                      rhs.astype(g.dtype).reshape(-1, rhs.shape[-1]), (((1,), (1,)), ((), ())),
+                      precision=params["precision"])
+  z = z.reshape(g.shape[:-1] + tuple(kernel) + (in_features,))
+  strides, rd = params["window_strides"], params["rhs_dilation"]
+  zero = jax.numpy.zeros((), g.dtype)
+  z = z.reshape(g.shape[:-1] + (-1, in_features))
+  # Offset k lands at output positions m s + k d - lo = (m + b) s + r, r = (k d - lo) mod s.
+  # Offsets with the same residue r share one strided lattice: sum them, shifted by b, at the
+  # resolution of the output of the convolution, then place each lattice with one strided pad.
+  lattices: dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = {}
+  for offset, k in enumerate(itertools.product(*[range(k) for k in kernel])):
+    first = [kk * d - lo for kk, d, (lo, _) in zip(k, rd, params["padding"])]
+    residue = tuple(f % st for f, st in zip(first, strides))
+    lattices.setdefault(residue, []).append(
+        (offset, tuple(f // st for f, st in zip(first, strides))))
+  out = None
+  for residue, members in lattices.items():
+    low = [min(b[i] for _, b in members) for i in range(len(residue))]
+    high = [max(b[i] for _, b in members) for i in range(len(residue))]
+    lattice = None
+    for offset, b in members:
+      config = [(0, 0, 0)] + [(bi - lo, hi - bi, 0) for bi, lo, hi in zip(b, low, high)]
+      shifted = lax.pad(z[..., offset, :], zero, config + [(0, 0, 0)])
+      lattice = shifted if lattice is None else lattice + shifted
+    config = [(0, 0, 0)]
+    for lo, hi, r, st, m, size in zip(low, high, residue, strides, out_spatial, lhs_spatial):
+      before = lo * st + r
+      config.append((before, size - before - (m + hi - lo - 1) * st - 1, st - 1))
+    placed = lax.pad(lattice, zero, config + [(0, 0, 0)])
+    out = placed if out is None else out + placed
+  return out
 
 
 def _input_gradient(params: dict[str, Any], forward: Callable) -> Callable[..., jax.Array]:

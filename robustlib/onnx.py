@@ -53,6 +53,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from robustlib import compilation
 from robustlib.checks import InputError
 
 _INSTALL_HINT = "pip install robustlib[onnx]"
@@ -1140,7 +1141,7 @@ def load(model: str | os.PathLike | bytes | Any) -> OnnxModel:
   onnx = _import_onnx()
   graph, in_dims, dtype, out_dims = _parse(onnx, _read_model(onnx, model))
   plan, output_shape = _plan(graph, in_dims, dtype, out_dims)
-  compiled = jax.jit(functools.partial(_apply, graph, plan))
+  compiled = compilation.jit(functools.partial(_apply, graph, plan))
   return OnnxModel(fn=functools.partial(_checked, plan, compiled),
                    input_name=graph.input_name,
                    input_shape=plan.input_shape,

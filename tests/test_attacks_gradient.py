@@ -491,21 +491,36 @@ def test_fastgrad_matches_plain_gradients_of_a_conv_net():
 
 
 TRANSPOSE_CASES = {
-    # (lhs shape, kernel shape, lax.conv_general_dilated keywords); channels-last by default.
-    "stride2_same": ((2, 9, 9, 3), (3, 3, 3, 5), dict(window_strides=(2, 2), padding="SAME")),
+    # (lhs shape, kernel shape, lax.conv_general_dilated keywords, the input-gradient's
+    # implementation); channels-last by default.
+    "stride2_same": ((2, 9, 9, 3), (3, 3, 3, 5), dict(window_strides=(2, 2),
+                                                      padding="SAME"), "convolution"),
     "asymmetric_pad_dilated": ((2, 8, 7, 4), (3, 2, 4, 6),
                                dict(window_strides=(1, 1),
                                     padding=((2, 0), (1, 3)),
-                                    rhs_dilation=(2, 1))),
+                                    rhs_dilation=(2, 1)), "convolution"),
     "stride3_valid_nchw": ((2, 3, 11, 10), (5, 3, 4, 3),
                            dict(window_strides=(3, 2),
                                 padding="VALID",
-                                dimension_numbers=("NCHW", "OIHW", "NCHW"))),
-    "wide_channels": ((2, 5, 5, 80), (3, 3, 80, 64), dict(window_strides=(1, 1), padding="SAME")),
+                                dimension_numbers=("NCHW", "OIHW", "NCHW")), "convolution"),
+    "wide_channels": ((2, 5, 5, 80), (3, 3, 80, 64), dict(window_strides=(1, 1),
+                                                          padding="SAME"), "convolution"),
     "input_dilated": ((2, 5, 5, 2), (2, 2, 2, 3),
-                      dict(window_strides=(1, 1), padding=((1, 0), (0, 1)), lhs_dilation=(2, 2))),
+                      dict(window_strides=(1, 1), padding=((1, 0), (0, 1)),
+                           lhs_dilation=(2, 2)), "xla"),
     "grouped": ((2, 6, 6, 4), (3, 3, 2, 6),
-                dict(window_strides=(1, 1), padding="SAME", feature_group_count=2)),
+                dict(window_strides=(1, 1), padding="SAME", feature_group_count=2), "xla"),
+    # Few input channels (a first layer): a matrix product and a scatter.
+    "first_layer_stride2": (
+        (2, 12, 12, 1), (4, 4, 1, 16), dict(window_strides=(2, 2), padding="VALID"), "scatter"),
+    "first_layer_padded_dilated_nchw": (
+        (2, 2, 9, 8), (12, 2, 3, 2),
+        dict(window_strides=(2, 1),
+             padding=((2, 1), (0, 3)),
+             rhs_dilation=(1, 2),
+             dimension_numbers=("NCHW", "OIHW", "NCHW")), "scatter"),
+    "first_layer_1d_cropped": ((2, 10, 2), (3, 2, 8), dict(window_strides=(3,),
+                                                           padding=((1, -1),)), "scatter"),
 }
 
 
@@ -513,9 +528,12 @@ TRANSPOSE_CASES = {
 def test_fastgrad_input_gradient_is_differentiable_like_jax_own(case, monkeypatch):
   """Certified training differentiates a backward bound pass, i.e. the input-gradient
   convolution, with respect to the kernel and to the rows it is applied to."""
-  lhs_shape, kernel_shape, keywords = TRANSPOSE_CASES[case]
+  lhs_shape, kernel_shape, keywords, implementation = TRANSPOSE_CASES[case]
   keywords = dict(keywords)
-  keywords.setdefault("dimension_numbers", ("NHWC", "HWIO", "NHWC"))
+  if len(lhs_shape) == 4:
+    keywords.setdefault("dimension_numbers", ("NHWC", "HWIO", "NHWC"))
+  else:
+    keywords.setdefault("dimension_numbers", ("NWC", "WIO", "NWC"))
   rng = np.random.default_rng(0)
   kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
   lhs = jnp.zeros(lhs_shape, jnp.float32)
@@ -528,8 +546,11 @@ def test_fastgrad_input_gradient_is_differentiable_like_jax_own(case, monkeypatc
   rows = jnp.asarray(rng.normal(size=(3,) + out_shape), jnp.float32)  # 3 rows, as in CROWN
   probe = jnp.asarray(rng.normal(size=(3,) + lhs_shape), jnp.float32)
   calls = []
-  original = fastgrad._kernel_gradient
-  monkeypatch.setattr(fastgrad, "_kernel_gradient", lambda *a: calls.append(1) or original(*a))
+  for name in ("_kernel_gradient", "_scatter_input_gradient"):
+    original = getattr(fastgrad, name)
+    monkeypatch.setattr(fastgrad,
+                        name,
+                        lambda *a, name=name, original=original: calls.append(name) or original(*a))
 
   def objective(kernel, rows, fast):
     conv = (fastgrad.conv_with_fast_transpose(kernel, eqn.params)
@@ -538,11 +559,20 @@ def test_fastgrad_input_gradient_is_differentiable_like_jax_own(case, monkeypatc
     transposed = jax.vmap(lambda r: vjp(r)[0])(rows)
     return jnp.sum(jnp.sin(transposed) * probe)
 
+  np.testing.assert_allclose(objective(kernel, rows, True),
+                             objective(kernel, rows, False),
+                             rtol=1e-5,
+                             atol=1e-5)
   got = jax.grad(objective, argnums=(0, 1))(kernel, rows, True)
   want = jax.grad(objective, argnums=(0, 1))(kernel, rows, False)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4)
-  # The windowed kernel gradient serves one-group convolutions without input dilation (whose
-  # transposes have unit strides); XLA's serves the rest.
-  fast_expected = case not in ("grouped", "input_dilated")
-  assert bool(calls) == fast_expected
+  # A first layer's input-gradient is a matrix product and a scatter (plain JAX operations,
+  # differentiated by JAX); other one-group convolutions without input dilation use a
+  # convolution whose kernel gradient is windowed; XLA's rules serve the rest.
+  used = {
+      "scatter": {"_scatter_input_gradient"},
+      "convolution": {"_kernel_gradient"},
+      "xla": set()
+  }[implementation]
+  assert set(calls) == used

@@ -17,6 +17,7 @@ from absl import logging
 
 import verify
 from robustlib import checkpoints, data, evaluation, models, parallel
+from robustlib import compilation
 from training import methods, optim, robustness, state as state_lib, steps
 from training.configs import default
 from training.logbook import Logbook, Progress
@@ -125,10 +126,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def jitted_step(with_auxiliary: bool):
     loss = methods.make_loss(config.method, config.robust, with_auxiliary)
-    return jax.jit(steps.make_train_step(model.apply, tx, loss, config.robust.ema_decay),
-                   in_shardings=(replicated, sharded),
-                   out_shardings=(replicated, replicated),
-                   donate_argnums=0)
+    return compilation.jit(steps.make_train_step(model.apply, tx, loss, config.robust.ema_decay),
+                           in_shardings=(replicated, sharded),
+                           out_shardings=(replicated, replicated),
+                           donate_argnums=0)
 
   # Where the method has a scheduled auxiliary term, two steps (each compiled on first use)
   # and the host picks one per step: no conditional inside the differentiated program.

@@ -21,7 +21,6 @@ proportional to the depth of the search.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import time
 from typing import Callable
@@ -30,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from robustlib import compilation
 from robustlib.checks import InputError
 from verify.alpha_crown import alpha_crown
 from verify.crown import lower_bounds
@@ -102,7 +102,7 @@ def round_inward(lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.n
   return lo, np.maximum(hi, lo)
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "method"))
+@compilation.jit(static_argnames=("fn", "method"))
 def _bound_and_choose(fn, lower, upper, unsafe, method):
   """Safety bounds ``[B]``, split dimensions ``[B]`` and centre safety ``[B]``."""
 

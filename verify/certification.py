@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from robustlib import compilation
 from robustlib.checks import InputError
 from robustlib.checks import check_labels
 from verify.alpha_crown import alpha_crown
@@ -68,7 +68,7 @@ def margin_bounds(logits_fn: Callable,
   return lower_bounds(logits_fn, box, spec, method, chunk_size)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "method", "bounds", "chunk_size"))
+@compilation.jit(static_argnames=("logits_fn", "method", "bounds", "chunk_size"))
 def _certify_jit(logits_fn, x, y, eps, method, bounds, chunk_size):
   lower = margin_bounds(logits_fn, x, y, eps, method, bounds, chunk_size)
   if method != "ibp":  # both are sound: keep the tighter bound of each margin

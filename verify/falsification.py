@@ -14,17 +14,17 @@ on the network before reporting it (see `verify.vnncomp`).
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from robustlib import compilation
 from verify.unsafe import UnsafeSet
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "steps", "restarts"))
+@compilation.jit(static_argnames=("fn", "steps", "restarts"))
 def falsify(fn: Callable[[jax.Array], jax.Array],
             lower: jax.Array,
             upper: jax.Array,

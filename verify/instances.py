@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from robustlib import compilation
 from robustlib import onnx as ronnx
 from robustlib.checks import InputError
 from verify import vnnlib
@@ -48,7 +49,7 @@ from verify.graph import UnsupportedPrimitiveError
 from verify.unsafe import UnsafeSet
 
 RESULTS = ("sat", "unsat", "unknown", "timeout", "error")
-_bound_safety = jax.jit(bound_safety, static_argnames=("fn", "method"))
+_bound_safety = compilation.jit(bound_safety, static_argnames=("fn", "method"))
 BOUND_METHODS = ("ibp", "crown", "alpha_crown")
 
 

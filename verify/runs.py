@@ -13,11 +13,11 @@ import time
 from typing import Sequence
 
 from absl import logging
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from robustlib import checks, plotting, sources
+from robustlib import compilation
 from robustlib.evaluation import pad_to_multiple
 from verify import certification
 
@@ -156,8 +156,10 @@ def certify_run(workdir: str | None = None,
   output_dir = output_dir or workdir or os.path.dirname(test.source)
   checks.check_images(images, bounds=(0.0, 1.0))
   n = images.shape[0]
-  logits = np.concatenate(
-      [np.asarray(jax.jit(logits_fn)(images[i:i + batch_size])) for i in range(0, n, batch_size)])
+  logits = np.concatenate([
+      np.asarray(compilation.jit(logits_fn)(images[i:i + batch_size]))
+      for i in range(0, n, batch_size)
+  ])
   clean = logits.argmax(axis=1) == labels
 
   verified, seconds = {}, {}
