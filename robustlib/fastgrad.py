@@ -130,7 +130,7 @@ def _make_fast_conv(params: dict[str, Any]) -> Callable[..., jax.Array]:
                            precision=params["precision"],
                            preferred_element_type=params["preferred_element_type"])
     if _scatter_pays(params, rhs.shape):
-      g_lhs = _scatter_input_gradient(g, rhs, params, lhs_sdims)
+      g_lhs = _scatter_input_gradient(params, tuple(lhs_sdims))(g, rhs)
     else:
       g_lhs = _input_gradient(gradient_params, forward)(g, kernel, rhs)
     if g_lhs.dtype != lhs.dtype:
@@ -159,8 +159,7 @@ def _scatter_pays(params: dict[str, Any], rhs_shape: tuple[int, ...]) -> bool:
   return math.prod(rhs_shape[:-1]) <= rhs_shape[-1]
 
 
-def _scatter_input_gradient(g: jax.Array, rhs: jax.Array, params: dict[str, Any],
-                            lhs_spatial: list[int]) -> jax.Array:
+def _scatter_input_gradient(params: dict[str, Any], lhs_spatial: tuple[int, ...]) -> Callable:
   """The input-gradient of a channels-last convolution as one matrix product and a scatter.
 
   ``out[n, m s + k d - lo, i] += sum_o g[n, m, o] rhs[k, i, o]``: the product
@@ -168,18 +167,67 @@ def _scatter_input_gradient(g: jax.Array, rhs: jax.Array, params: dict[str, Any]
   Kernel offsets whose positions fall on the same strided lattice of the output
   are summed at the resolution of ``g`` (shifted by whole strides), and each
   lattice is placed with one strided pad; XLA fuses the sums into few passes.
-  Plain JAX operations, so it is differentiable (CROWN-IBP training
-  differentiates backward bound passes).
+
+  It is differentiable in turn (CROWN-IBP training differentiates backward
+  bound passes), by a custom VJP: with ``P``, the windows of the cotangent
+  ``dout`` at every (position, kernel offset) (``[N * M, prod(K) * I]``, no
+  larger than ``g`` here), ``dg = P . rhs`` (the forward convolution) and
+  ``d rhs = P^T . g``. JAX's own transposes of the strided pads took half of a
+  CROWN-IBP training step.
 
   Args:
-    g: ``[N, *M, O]``, the cotangent of the convolution's output.
-    rhs: ``[*K, I, O]``, the kernel.
     params: channels-last convolution parameters (no input dilation, one group).
     lhs_spatial: the input's spatial shape ``L``.
 
   Returns:
-    ``[N, *L, I]``.
+    ``f(g, rhs)``: ``g [N, *M, O]``, the cotangent of the convolution's output,
+    and ``rhs [*K, I, O]``, the kernel, to ``[N, *L, I]``.
   """
+
+  @jax.custom_vjp
+  def scatter(g, rhs):
+    return _scatter(g, rhs, params, lhs_spatial)
+
+  def scatter_fwd(g, rhs):
+    return scatter(g, rhs), (g, rhs)
+
+  def scatter_bwd(residuals, dout):
+    g, rhs = residuals
+    windows = _windows(dout.astype(g.dtype), rhs.shape[:-2], g.shape[1:-1], params)
+    flat_rhs = rhs.astype(g.dtype).reshape(-1, rhs.shape[-1])
+    dg = lax.dot(windows, flat_rhs, precision=params["precision"]).reshape(g.shape)
+    drhs = lax.dot_general(windows,
+                           g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())),
+                           precision=params["precision"])
+    return dg, drhs.reshape(rhs.shape).astype(rhs.dtype)
+
+  scatter.defvjp(scatter_fwd, scatter_bwd)
+  return scatter
+
+
+def _windows(v: jax.Array, kernel: tuple[int, ...], out_spatial: tuple[int, ...],
+             params: dict[str, Any]) -> jax.Array:
+  """``[N * prod(M), prod(K) * I]``: ``v [N, *L, I]`` at ``m s + k d - lo`` (zero outside)."""
+  strides, rd = params["window_strides"], params["rhs_dilation"]
+  config = [(0, 0, 0)]
+  for (lo, _), k, d, s, m, size in zip(params["padding"], kernel, rd, strides, out_spatial,
+                                       v.shape[1:-1]):
+    config.append((lo, (m - 1) * s + (k - 1) * d - lo - (size - 1), 0))
+  vp = lax.pad(v, jax.numpy.zeros((), v.dtype), config + [(0, 0, 0)])
+  parts = []
+  for k in itertools.product(*[range(k) for k in kernel]):
+    start = [kk * d for kk, d in zip(k, rd)]
+    limit = [st + (m - 1) * s + 1 for st, m, s in zip(start, out_spatial, strides)]
+    parts.append(
+        lax.slice(vp, [0] + start + [0], [vp.shape[0]] + limit + [vp.shape[-1]],
+                  [1] + list(strides) + [1]))
+  stacked = jax.numpy.stack(parts, axis=-2)  # [N, *M, prod(K), I]
+  return stacked.reshape(-1, len(parts) * v.shape[-1])
+
+
+def _scatter(g: jax.Array, rhs: jax.Array, params: dict[str, Any],
+             lhs_spatial: tuple[int, ...]) -> jax.Array:
+  """`_scatter_input_gradient`'s forward computation."""
   kernel, in_features = rhs.shape[:-2], rhs.shape[-2]
   out_spatial = g.shape[1:-1]
   z = lax.dot_general(g.reshape(-1, g.shape[-1]),
