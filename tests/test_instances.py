@@ -83,6 +83,22 @@ def test_pockets_too_shallow_are_proven_safe_by_branch_and_bound(tmp_path):
   assert (decision.result, decision.stage) == ("unsat", "bab")
 
 
+@pytest.mark.parametrize("height, threshold, result", [(1.5, -0.25, "sat"), (0.75, 0.0, "unsat")])
+def test_pockets_are_decided_exactly_by_mixed_integer_programs(tmp_path, height, threshold, result):
+  model = pocket_onnx(POCKETS, width=0.02, height=height)  # min y = 1 - height
+  text = box_text([-1, -1], [1, 1], 1) + f"(assert (<= Y_0 {threshold}))\n"
+  decision = run(tmp_path, "pocket", model, text, falsify_restarts=1, complete="milp")
+  assert (decision.result, decision.stage) == (result, "milp")
+  if result == "sat":
+    check_counterexample(decision, model, text)
+
+
+def test_an_unknown_complete_stage_is_named(tmp_path):
+  text = box_text([-1.0], [1.0], 1) + "(assert (<= Y_0 -1))\n"
+  with pytest.raises(instances.InputError, match="complete must be one of"):
+    run(tmp_path, "relu_half", RELU_HALF, text, complete="lp")
+
+
 def test_a_property_whose_asserts_contradict_each_other_is_unsat(tmp_path):
   text = box_text([-1.0], [1.0], 1) + "(assert (>= X_0 2))\n(assert (<= Y_0 -1))\n"
   decision = run(tmp_path, "empty", RELU_HALF, text)

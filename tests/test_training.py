@@ -79,6 +79,19 @@ def test_every_config_runs_one_tiny_training(name, tmp_path):
   assert acc == pytest.approx(report["test_accuracy"])
 
 
+def test_ibp_initialization_with_weight_averaging_trains(tmp_path):
+  # The re-drawn weights and their average are separate buffers: the step donates both.
+  config = _tiny_digits(num_steps=3, eval_every=3, checkpoint_every=3, log_every=1)
+  config.method, config.robust.eps, config.robust.eval_eps = "ibp", 0.1, 0.1
+  config.robust.ibp_init, config.robust.ema_decay = True, 0.5
+  config.robust.warmup_steps, config.robust.ramp_steps = 0, 1
+  config.report.enabled = False
+  report = trainer.train_and_evaluate(config, str(tmp_path))
+  assert report["steps"] == 3
+  _, _, variables = checkpoints.load_run(str(tmp_path))
+  assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(variables))
+
+
 def test_training_learns_the_digits(tmp_path):
   config = _tiny_digits(num_steps=300, log_every=50, eval_every=300, checkpoint_every=300)
   config.optimizer.learning_rate = 3e-3

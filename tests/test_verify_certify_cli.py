@@ -18,6 +18,7 @@ from attacks import evaluation
 from robustlib import as_logits_fn, checkpoints, data
 from training import trainer
 from training.configs import digits_mlp
+from verify import runs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -107,6 +108,35 @@ def test_script_reads_pgd_accuracy_from_attacks_json(run, tmp_path):
   for v, p in zip(verified[:3], content["pgd_accuracy"][:3]):
     assert v <= p <= clean
   assert (workdir / "verify.png").exists()
+
+
+def test_milp_decides_every_example_crown_leaves_open(run, tmp_path):
+  content = runs.certify_run(str(run),
+                             methods="crown,milp",
+                             eps=[0.05, 0.09],
+                             num_examples=40,
+                             output_dir=str(tmp_path),
+                             milp_time_limit=120)
+  clean = np.asarray(content["clean_flags"], bool)
+  crown = np.asarray(content["verified_flags"]["crown"], bool)
+  exact = np.asarray(content["verified_flags"]["milp"], bool)
+  assert not np.any(crown & ~exact) and not np.any(exact & ~clean)
+  # Exact: every correct example is either proven robust or broken by a counterexample.
+  assert content["milp"]["unknown"] == [0, 0]
+  n = clean.sum()
+  np.testing.assert_array_equal(exact.sum(axis=1) + np.asarray(content["milp"]["falsified"]), n)
+  assert np.any(exact & ~crown) and sum(content["milp"]["falsified"]) > 0
+  # A strong attack never breaks an example proven robust.
+  report = evaluation.evaluate_run(str(run),
+                                   suite="pgd",
+                                   eps=[0.05, 0.09],
+                                   num_examples=40,
+                                   batch_size=40,
+                                   progress=False,
+                                   output_dir=str(tmp_path))
+  robust = np.asarray(report.robust_flags, bool)
+  assert not np.any(exact & ~robust)
+  assert "counterexamples found" in runs.table(content)
 
 
 def test_script_reports_user_errors_in_one_line(run, tmp_path):

@@ -11,6 +11,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -115,7 +116,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                            ema=config.robust.ema_decay > 0)
   if config.robust.ibp_init:
     params = methods.ibp_init(state.params, jax.random.PRNGKey(config.seed + 2))
-    state = state.replace(params=params, ema_params=params if state.ema_params else {})
+    # The average starts from the re-drawn weights, in buffers of its own (the step donates both).
+    ema = jax.tree.map(jnp.copy, params) if state.ema_params else {}
+    state = state.replace(params=params, ema_params=ema)
   state = jax.device_put(state, replicated)
   mngr = checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
   restored = checkpoints.restore(mngr, state)

@@ -14,6 +14,7 @@ from verify.graph import UnsupportedPrimitiveError
 from verify.ibp import SUPPORTED_PRIMITIVES, ibp, relu_input_bounds
 from verify.interval import Interval, linf_ball
 from verify.instances import Decision, decide
+from verify.milp import MilpResult, milp_minimum, milp_verify
 from verify.specs import margin_spec
 from verify.unsafe import UnsafeSet
 
@@ -21,6 +22,7 @@ __all__: list[str] = [
     "BabResult",
     "Decision",
     "Interval",
+    "MilpResult",
     "METHODS",
     "SUPPORTED_PRIMITIVES",
     "UnsafeSet",
@@ -36,6 +38,8 @@ __all__: list[str] = [
     "linf_ball",
     "margin_bounds",
     "margin_spec",
+    "milp_minimum",
+    "milp_verify",
     "relu_input_bounds",
     "vnnlib",
 ]

@@ -17,6 +17,13 @@ Examples::
 
   python -m verify.certify --workdir=runs/digits_mlp --method=ibp,crown --eps=0.005,0.01,0.02
   python -m verify.certify --workdir=runs/mnist_cnn --method=crown_ibp --num_examples=500
+  python -m verify.certify --workdir=runs/mnist_cnn --method=ibp,crown,milp --eps=0.1
+
+``--method=milp`` is exact verification of ReLU networks: every example that the
+other methods (CROWN at least) leave unverified gets a mixed-integer program
+(`verify.milp`, up to ``--milp_time_limit`` seconds each); the table then gives
+the exact robust accuracy, up to the examples left undecided, which the output
+counts along with those it found counterexamples for.
 
 A network from elsewhere: ``--onnx=model.onnx --dataset=mnist`` instead of
 ``--workdir`` (inputs NCHW, NHWC or flattened, values in [0, 1]; results, and the
@@ -56,6 +63,8 @@ _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 1000, "First test examples 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Examples per bound computation.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory (default: the run's).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results go (default: --workdir).")
+_MILP_TIME_LIMIT = flags.DEFINE_float("milp_time_limit", 60.0,
+                                      "Seconds per example for --method=milp.")
 
 
 def main(argv):
@@ -74,7 +83,8 @@ def main(argv):
                           batch_size=_BATCH_SIZE.value,
                           data_dir=data_dir,
                           dataset=dataset,
-                          output_dir=_OUTPUT_DIR.value)
+                          output_dir=_OUTPUT_DIR.value,
+                          milp_time_limit=_MILP_TIME_LIMIT.value)
   except scripts.USER_ERRORS as e:
     raise app.UsageError(f"{type(e).__name__}: {e}") from None
   print(f"{content['model']} on {content['dataset']}, {content['num_examples']} examples, "

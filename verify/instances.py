@@ -13,7 +13,10 @@ The strategy, in order of cost, until the instance is decided or time is up:
 1. falsify: projected gradient descent towards every unsafe polytope from the
    box's centre and random points (`verify.falsification`);
 2. bounds on the whole box: IBP, then CROWN, then alpha-CROWN;
-3. branch and bound on the input box (`verify.bab`), batched on the device.
+3. complete search: branch and bound on the input box (`verify.bab`), batched on
+   the device, or (``complete="milp"``) one mixed-integer program per unsafe set
+   (`verify.milp`; ReLU networks only), the better choice when the input has many
+   dimensions and the network few unstable ReLUs.
 
 A counterexample is reported only after it is confirmed: inside the box, and
 mapped into the unsafe set by the network (by the JAX function and, when
@@ -46,11 +49,13 @@ from verify.bab import round_inward
 from verify.bab import round_outward
 from verify.falsification import falsify
 from verify.graph import UnsupportedPrimitiveError
+from verify.milp import milp_verify
 from verify.unsafe import UnsafeSet
 
 RESULTS = ("sat", "unsat", "unknown", "timeout", "error")
 _bound_safety = compilation.jit(bound_safety, static_argnames=("fn", "method"))
 BOUND_METHODS = ("ibp", "crown", "alpha_crown")
+COMPLETE = ("bab", "milp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +106,8 @@ def decide(fn: Callable[[jax.Array], jax.Array],
            falsify_steps: int = 100,
            falsify_restarts: int = 4,
            bab_method: str = "crown",
-           batch_size: int = 256) -> Decision:
+           batch_size: int = 256,
+           complete: str = "bab") -> Decision:
   """Decides whether some input of ``spec``'s boxes maps into its unsafe set.
 
   Args:
@@ -118,10 +124,14 @@ def decide(fn: Callable[[jax.Array], jax.Array],
     falsify_restarts: runs per unsafe polytope.
     bab_method: bound method of branch and bound.
     batch_size: boxes bounded at once by branch and bound.
+    complete: the last stage, one of `COMPLETE`: ``"bab"`` (branch and bound on
+      the input box) or ``"milp"`` (`verify.milp_verify`).
 
   Returns:
     A `Decision`.
   """
+  if complete not in COMPLETE:
+    raise InputError(f"complete must be one of {COMPLETE}, got {complete!r}")
   start = time.monotonic()
   deadline = start + timeout
   if int(np.prod(input_shape)) != spec.num_inputs:
@@ -190,6 +200,9 @@ def decide(fn: Callable[[jax.Array], jax.Array],
   if not open_props:
     return done("unsat", method)
 
+  if complete == "milp":
+    return _decide_by_milp(flat_fn, open_props, confirm, deadline, done)
+
   # 3. Branch and bound on what is left.
   status = []
   for prop, lo, hi, unsafe in open_props:
@@ -213,6 +226,30 @@ def decide(fn: Callable[[jax.Array], jax.Array],
   if all(s == "verified" for s in status):
     return done("unsat", "bab")
   return done("timeout" if "timeout" in status else "unknown", "bab")
+
+
+def _decide_by_milp(flat_fn, open_props, confirm, deadline, done) -> Decision:
+  """Stage 3 with `verify.milp_verify`: one program per open unsafe set."""
+  status = []
+  for prop, lo, hi, unsafe in open_props:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+      return done("timeout", "milp")
+    try:
+      result = milp_verify(flat_fn, lo, hi, unsafe, time_limit=remaining)
+    except UnsupportedPrimitiveError as e:
+      logging.warning("no exact encoding: %s", e)
+      return done("unknown", "unsupported")
+    if result.status == "falsified":
+      found = confirm(prop, result.counterexample)
+      if found is not None:
+        return done("sat", "milp", *found)
+      status.append("unknown")
+    else:
+      status.append(result.status)
+  if all(s == "verified" for s in status):
+    return done("unsat", "milp")
+  return done("timeout" if time.monotonic() >= deadline else "unknown", "milp")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,13 +15,17 @@ from typing import Sequence
 from absl import logging
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from robustlib import checks, plotting, sources
 from robustlib import compilation
 from robustlib.evaluation import pad_to_multiple
 from verify import certification
+from verify import milp
+from verify.unsafe import UnsafeSet
 
-METHODS = certification.METHODS
+# The batched bound methods, then exact verification (CROWN first, a program per example left).
+METHODS = certification.METHODS + ("milp",)
 RESULTS_FILE = "verify.json"
 PLOT_FILE = "verify.png"
 ATTACKS_FILE = "attacks.json"
@@ -109,6 +113,34 @@ def certified_flags(logits_fn,
   return out[:, :n]
 
 
+def milp_flags(logits_fn,
+               images: np.ndarray,
+               labels: np.ndarray,
+               eps: Sequence[float],
+               todo: np.ndarray,
+               time_limit: float,
+               box: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+  """`verify.milp` status ``[E, N]`` (``""`` where not ``todo``) of each ``todo [E, N]`` example."""
+  status = np.full(todo.shape, "", object)
+  jobs = list(zip(*np.nonzero(todo)))
+  num_classes = int(np.asarray(logits_fn(images[:1])).shape[1])
+  bar = tqdm(total=len(jobs), desc="milp", unit="ex", disable=not jobs)
+  for n_done, (j, i) in enumerate(jobs):
+    lower = np.clip(images[i] - eps[j], *box)
+    upper = np.clip(images[i] + eps[j], *box)
+    unsafe = UnsafeSet.misclassified(int(labels[i]), num_classes)
+    result = milp.milp_verify(logits_fn, lower, upper, unsafe, time_limit=time_limit)
+    status[j, i] = result.status
+    bar.update()
+    if n_done % 20 == 19 or n_done == len(jobs) - 1:
+      rate = (n_done + 1) / max(bar.format_dict["elapsed"], 1e-9)
+      logging.info("milp: %d/%d examples (%.2f/s, ETA %.0f s), %s", n_done + 1, len(jobs), rate,
+                   (len(jobs) - n_done - 1) / rate,
+                   ", ".join(f"{k} {np.sum(status == k)}" for k in milp.STATUSES))
+  bar.close()
+  return status
+
+
 def certify_run(workdir: str | None = None,
                 *,
                 onnx: str | None = None,
@@ -118,7 +150,8 @@ def certify_run(workdir: str | None = None,
                 batch_size: int = 128,
                 data_dir: str | None = None,
                 dataset: str | None = None,
-                output_dir: str | None = None) -> dict:
+                output_dir: str | None = None,
+                milp_time_limit: float = 60.0) -> dict:
   """Verified accuracy of a training run's latest checkpoint, or an ONNX network, on a test split.
 
   Args:
@@ -126,8 +159,12 @@ def certify_run(workdir: str | None = None,
       ``robustlib.checkpoints.load_run``.
     onnx: instead of ``workdir``, an ONNX classifier of ``dataset``'s images
       (see `robustlib.sources`).
-    methods: bound methods (`verify.certification.METHODS`), a list or a
-      comma-separated string.
+    methods: bound methods (`METHODS`), a list or a comma-separated string.
+      ``milp`` is exact: the examples that CROWN (and any other method asked
+      for) leaves unverified get a mixed-integer program each (`verify.milp`);
+      those it proves robust join the verified, those it breaks are counted
+      as ``falsified``, and those it cannot decide in ``milp_time_limit``
+      seconds as ``unknown``.
     eps: L-inf radii.
     num_examples: the first this many test examples (0: all).
     batch_size: examples per bound computation.
@@ -137,6 +174,7 @@ def certify_run(workdir: str | None = None,
     output_dir: where ``verify.json`` and ``verify.png`` go (default ``workdir``,
       or the ONNX file's folder); ``attacks.json`` is read from ``workdir``, or
       from ``output_dir`` for an ONNX network.
+    milp_time_limit: seconds per example for ``milp``.
 
   Returns:
     The content written to ``verify.json``.
@@ -162,11 +200,23 @@ def certify_run(workdir: str | None = None,
   ])
   clean = logits.argmax(axis=1) == labels
 
-  verified, seconds = {}, {}
+  verified, seconds, exact = {}, {}, {}
   for method in methods:
     t = time.time()
-    flags_ = certified_flags(logits_fn, images, labels, eps, method, batch_size)
-    verified[method] = flags_ & clean[None]
+    if method == "milp":
+      done = np.zeros((len(eps), n), bool)
+      for v in verified.values():
+        done = done | v
+      if not any(m in verified for m in ("crown", "alpha_crown")):
+        done = done | (certified_flags(logits_fn, images, labels, eps, "crown", batch_size) &
+                       clean[None])
+      status = milp_flags(logits_fn, images, labels, eps, clean[None] & ~done, milp_time_limit)
+      verified[method] = done | (status == "verified")
+      exact = {k: [int(n) for n in np.sum(status == k, axis=1)] for k in ("falsified", "unknown")}
+      exact["time_limit"] = milp_time_limit
+    else:
+      verified[method] = certified_flags(logits_fn, images, labels, eps, method,
+                                         batch_size) & clean[None]
     seconds[method] = time.time() - t
     logging.info("%s: verified accuracy %s (%.1f s)", method,
                  ", ".join(f"{v:.2%}" for v in verified[method].mean(axis=1)), seconds[method])
@@ -191,6 +241,7 @@ def certify_run(workdir: str | None = None,
           m: [float(a) for a in v.mean(axis=1)] for m, v in verified.items()
       },
       "seconds_per_method": seconds,
+      "milp": exact or None,
       "seconds": time.time() - start,
       "clean_flags": clean.astype(int).tolist(),
       "verified_flags": {
@@ -222,6 +273,11 @@ def table(content: dict) -> str:
   widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
   lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header] + rows]
   lines.insert(1, "-" * len(lines[0]))
+  exact = content.get("milp")
+  if exact:
+    lines.append(f"milp ({exact['time_limit']:g} s per example): counterexamples found "
+                 f"{', '.join(map(str, exact['falsified']))}; undecided "
+                 f"{', '.join(map(str, exact['unknown']))} (per radius)")
   return "\n".join(lines + [content["pgd_note"]])
 
 

@@ -59,6 +59,15 @@ class UnsafeSet:
     return cls(jnp.asarray(np.concatenate(rows), jnp.float32),
                jnp.asarray(np.concatenate(offsets), jnp.float32), jnp.asarray(member))
 
+  @classmethod
+  def misclassified(cls, label: int, num_classes: int) -> UnsafeSet:
+    """Outputs where some class ``t != label`` scores at least ``label``'s: ``y_label - y_t <= 0``."""
+    if not 0 <= label < num_classes or num_classes < 2:
+      raise InputError(f"label must be in [0, {num_classes}) with at least 2 classes, got {label}")
+    eye = np.eye(num_classes)
+    return cls.of([(eye[label] - eye[t], np.zeros(1)) for t in range(num_classes) if t != label],
+                  num_classes)
+
   @property
   def num_polytopes(self) -> int:
     return self.member.shape[0]

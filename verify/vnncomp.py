@@ -42,13 +42,19 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the falsifier's random starts."
 _BAB_METHOD = flags.DEFINE_enum("bab_method", "crown", ["ibp", "crown_ibp", "crown", "alpha_crown"],
                                 "Bounds used by branch and bound.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Boxes bounded at once by branch and bound.")
+_COMPLETE = flags.DEFINE_enum(
+    "complete", "bab", ["bab", "milp"], "The complete search: branch and bound on the input "
+    "box, or a mixed-integer program (ReLU networks; for inputs with many dimensions).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   scripts.setup_logging()
-  options = dict(seed=_SEED.value, bab_method=_BAB_METHOD.value, batch_size=_BATCH_SIZE.value)
+  options = dict(seed=_SEED.value,
+                 bab_method=_BAB_METHOD.value,
+                 batch_size=_BATCH_SIZE.value,
+                 complete=_COMPLETE.value)
   try:
     if _INSTANCES.value:
       instances = lib.read_instances(_INSTANCES.value, _ROOT.value)

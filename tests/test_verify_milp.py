@@ -1,0 +1,137 @@
+"""Exact verification by mixed-integer programming: optima, decisions and errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from robustlib.checks import InputError
+from verify import alpha_crown
+from verify import milp
+from verify.graph import UnsupportedPrimitiveError
+from verify.interval import Interval
+from verify.unsafe import UnsafeSet
+
+
+def _layers(rng, sizes):
+  return [(jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a),
+                       jnp.float32), jnp.asarray(rng.normal(size=b) * 0.3, jnp.float32))
+          for a, b in zip(sizes, sizes[1:])]
+
+
+def _mlp(seed, sizes=(2, 16, 16, 3)):
+  layers = _layers(np.random.default_rng(seed), sizes)
+
+  def fn(x):
+    x = x.reshape(x.shape[0], -1)
+    for i, (w, b) in enumerate(layers):
+      x = x @ w + b
+      if i + 1 < len(layers):
+        x = jax.nn.relu(x)
+    return x
+
+  return fn
+
+
+def _residual_cnn(seed):
+  """``[N, 6, 6, 1]``: a convolution, a residual ReLU block with a clamp, a dense head."""
+  rng = np.random.default_rng(seed)
+  k1 = jnp.asarray(rng.normal(size=(3, 3, 1, 4)) / 3, jnp.float32)
+  k2 = jnp.asarray(rng.normal(size=(3, 3, 4, 4)) / 6, jnp.float32)
+  (w, b), = _layers(rng, (144, 5))
+
+  def conv(x, k):
+    return jax.lax.conv_general_dilated(x,
+                                        k, (1, 1),
+                                        "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def fn(x):
+    h = jax.nn.relu(conv(x, k1) + 0.1)
+    h = h + jnp.minimum(jax.nn.relu(conv(h, k2)), 0.6)
+    return h.reshape(h.shape[0], -1) @ w + b
+
+  return fn
+
+
+def _grid(lo, hi, n=801):
+  g = [np.linspace(a, b, n, dtype=np.float32) for a, b in zip(lo, hi)]
+  return np.stack(np.meshgrid(*g, indexing="ij"), -1).reshape(-1, 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_minimum_of_a_2d_network_is_the_grid_minimum(seed):
+  fn = _mlp(seed)
+  lo, hi = np.array([-0.4, 0.1], np.float32), np.array([0.6, 0.9], np.float32)
+  c = np.array([1.0, -1.0, 0.5])
+  bound, value, x = milp.milp_minimum(fn, lo, hi, c)
+  assert bound == pytest.approx(value, abs=1e-6)  # solved to optimality
+  assert np.all(x >= lo) and np.all(x <= hi)
+  assert float(fn(jnp.asarray(x)[None])[0] @ c) == pytest.approx(value, abs=1e-5)
+  grid = np.asarray(jax.jit(fn)(_grid(lo, hi))) @ c
+  assert value <= grid.min() + 1e-5  # exact: no grid point is lower
+  assert value >= grid.min() - 0.01  # and the grid comes close (spacing 1e-3)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_minimum_is_attained_and_never_looser_than_alpha_crown(seed):
+  fn = _residual_cnn(seed)
+  rng = np.random.default_rng(seed)
+  x0 = rng.uniform(0.2, 0.8, size=(6, 6, 1)).astype(np.float32)
+  lo, hi = x0 - 0.06, x0 + 0.06
+  c = np.eye(5)[0] - np.eye(5)[3]
+  bound, value, x = milp.milp_minimum(fn, lo, hi, c)
+  relaxed = float(
+      alpha_crown(fn, Interval(lo[None], hi[None]), jnp.asarray(c)[None, None], lower_only=True)[0,
+                                                                                                 0])
+  assert bound >= relaxed - 1e-4
+  assert float(fn(jnp.asarray(x)[None])[0] @ c) == pytest.approx(value, abs=1e-4)
+  samples = rng.uniform(lo, hi, size=(2000,) + lo.shape).astype(np.float32)
+  assert float((fn(jnp.asarray(samples)) @ c).min()) >= bound - 1e-4
+
+
+def test_decisions_follow_the_exact_minimum():
+  fn = _mlp(3)
+  outcomes = set()
+  for x0, radius in [((0.3, -0.2), 0.05), ((0.3, -0.2), 0.6), ((-0.5, 0.4), 0.1),
+                     ((0.8, 0.8), 0.3)]:
+    x0 = np.asarray(x0, np.float32)
+    lo, hi = x0 - radius, x0 + radius
+    label = int(jnp.argmax(fn(jnp.asarray(x0)[None])[0]))
+    margin = min(
+        milp.milp_minimum(fn, lo, hi,
+                          np.eye(3)[label] - np.eye(3)[t])[1] for t in range(3) if t != label)
+    result = milp.milp_verify(fn, lo, hi, UnsafeSet.misclassified(label, 3))
+    assert result.status == ("verified" if margin > 1e-3 else "falsified"), (x0, radius, margin)
+    outcomes.add(result.status)
+    if result.status == "falsified":
+      x = result.counterexample
+      assert np.all(x >= lo) and np.all(x <= hi)
+      logits = np.asarray(fn(jnp.asarray(x)[None]))[0]
+      assert logits[label] <= np.delete(logits, label).max()
+  assert outcomes == {"verified", "falsified"}
+
+
+def test_an_affine_network_needs_no_binaries():
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)
+  fn = lambda x: x @ w  # pylint: disable=unnecessary-lambda-assignment
+  lo, hi = -np.ones(4, np.float32), np.ones(4, np.float32)
+  bound, value, _ = milp.milp_minimum(fn, lo, hi, np.array([1.0, 0.0, 0.0]))
+  assert value == pytest.approx(-float(jnp.abs(w[:, 0]).sum()), rel=1e-6)
+  assert bound == pytest.approx(value)
+  assert milp.milp_verify(fn, lo, hi, UnsafeSet.misclassified(0, 3)).binaries == 0
+
+
+def test_unsupported_operations_and_bad_boxes_are_named():
+  lo, hi = np.zeros(2, np.float32), np.ones(2, np.float32)
+  unsafe = UnsafeSet.misclassified(0, 2)
+  with pytest.raises(UnsupportedPrimitiveError, match="tanh"):
+    milp.milp_verify(lambda x: jnp.tanh(x), lo, hi, unsafe)
+  with pytest.raises(InputError, match="lower <= upper"):
+    milp.milp_verify(_mlp(0, (2, 4, 2)), hi, lo, unsafe)
+  with pytest.raises(InputError, match="same shape"):
+    milp.milp_verify(_mlp(0, (2, 4, 2)), lo, np.ones(3, np.float32), unsafe)
+  with pytest.raises(InputError, match="rows over 3 outputs"):
+    milp.milp_verify(_mlp(0, (2, 4, 2)), lo, hi, UnsafeSet.misclassified(0, 3))
+  with pytest.raises(InputError, match="label"):
+    UnsafeSet.misclassified(3, 3)
