@@ -563,6 +563,13 @@ def test_fastgrad_input_gradient_is_differentiable_like_jax_own(case, monkeypatc
                              objective(kernel, rows, False),
                              rtol=1e-5,
                              atol=1e-5)
+  # The forward convolution (a product of patches for a first layer) and its kernel gradient.
+  inputs = jnp.asarray(rng.normal(size=lhs_shape), jnp.float32)
+  fast_out, fast_vjp = jax.vjp(lambda k: fastgrad.conv_with_fast_transpose(k, eqn.params)(inputs),
+                               kernel)
+  plain_out, plain_vjp = jax.vjp(lambda k: plain(inputs, k), kernel)
+  np.testing.assert_allclose(fast_out, plain_out, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(fast_vjp(rows[0])[0], plain_vjp(rows[0])[0], rtol=1e-4, atol=1e-4)
   got = jax.grad(objective, argnums=(0, 1))(kernel, rows, True)
   want = jax.grad(objective, argnums=(0, 1))(kernel, rows, False)
   for g, w in zip(got, want):
