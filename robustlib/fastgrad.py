@@ -8,8 +8,11 @@ numbers, and the layout XLA then picks for the kernel is slow. This module
 rewrites a function so that every convolution whose kernel does not depend on
 the input gets a custom VJP whose input-gradient is a plain convolution with a
 kernel that was flipped spatially and had its in/out channels swapped once, at
-preparation time (before the loop). Results are bit-identical in the forward
-pass; gradients agree to float rounding (see ``PERFORMANCE.md``).
+preparation time (before the loop). A convolution with few input channels (a
+first layer) is computed instead as one matrix product of its patches, and its
+input-gradient as a matrix product and a scatter. Forward results are
+bit-identical except for those first layers; they and the gradients agree to
+float rounding (see ``PERFORMANCE.md``).
 
 Example::
 
