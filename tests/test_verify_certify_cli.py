@@ -143,6 +143,9 @@ def test_script_reports_user_errors_in_one_line(run, tmp_path):
   out = _script(f"--workdir={run}", "--method=ibp,lp", "--eps=0.1")
   assert out.returncode != 0 and "unknown method 'lp'" in out.stderr
   assert "Traceback" not in out.stderr
+  out = _script(f"--workdir={run}", "--method=milp", "--milp_time_limit=0")
+  assert out.returncode != 0 and "milp_time_limit must be > 0" in out.stderr
+  assert "Traceback" not in out.stderr
   out = _script(f"--workdir={tmp_path}")
   assert out.returncode != 0 and "config.json" in out.stderr
   assert "Traceback" not in out.stderr

@@ -185,6 +185,8 @@ def certify_run(workdir: str | None = None,
   if batch_size <= 0 or num_examples < 0:
     raise checks.InputError(f"batch_size must be > 0 and num_examples >= 0, got {batch_size} "
                             f"and {num_examples}")
+  if "milp" in methods and not milp_time_limit > 0:
+    raise checks.InputError(f"milp_time_limit must be > 0 seconds, got {milp_time_limit}")
   test = sources.load_test_set(workdir,
                                onnx=onnx,
                                dataset=dataset,
@@ -212,7 +214,7 @@ def certify_run(workdir: str | None = None,
                        clean[None])
       status = milp_flags(logits_fn, images, labels, eps, clean[None] & ~done, milp_time_limit)
       verified[method] = done | (status == "verified")
-      exact = {k: [int(n) for n in np.sum(status == k, axis=1)] for k in ("falsified", "unknown")}
+      exact = {k: np.sum(status == k, axis=1).tolist() for k in ("falsified", "unknown")}
       exact["time_limit"] = milp_time_limit
     else:
       verified[method] = certified_flags(logits_fn, images, labels, eps, method,
