@@ -1,5 +1,6 @@
-"""verify: sound bound propagation through any JAX function, certified accuracy, and
-complete verification of VNN-COMP instances (VNNLIB, falsification, branch and bound).
+"""verify: sound bound propagation through any JAX function, certified accuracy, exact
+verification of ReLU networks by mixed-integer programming, and complete verification
+of VNN-COMP instances (VNNLIB, falsification, branch and bound).
 
 Depends on ``robustlib`` only.
 """
