@@ -56,6 +56,7 @@ from verify.unsafe import UnsafeSet
 STATUSES = ("verified", "falsified", "unknown")
 # Coefficients of every expression together, before the encoding refuses the network.
 MAX_COEFFICIENTS = 1 << 27
+_ROWS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,15 +131,18 @@ def _affine(node: Node, operands: list[_Expr], size: int) -> _Expr:
   shapes = [node.inputs[p].shape for p in node.bounded_inputs]
   consts = [jnp.asarray(e.const.reshape(s), node.dtype) for e, s in zip(operands, shapes)]
   const = np.asarray(node.apply_bounded(*consts), np.float64).ravel()
+  # Rows padded to a multiple of _ROWS: programs of other sizes then reuse the operations
+  # compiled for earlier ones instead of compiling each anew.
+  rows = -(-size // _ROWS) * _ROWS
   coefs = [
-      jnp.asarray(_pad(e, size).reshape((size,) + tuple(s)), node.dtype)
+      jnp.asarray(_pad(e, rows).reshape((rows,) + tuple(s)), node.dtype)
       for e, s in zip(operands, shapes)
   ]
 
   def linear(*tangents):
     return jax.jvp(node.apply_bounded, tuple(consts), tangents)[1]
 
-  coef = np.asarray(jax.vmap(linear)(*coefs), np.float64).reshape(size, -1)
+  coef = np.asarray(jax.vmap(linear)(*coefs), np.float64).reshape(rows, -1)[:size]
   return _Expr(const, coef)
 
 
@@ -229,6 +233,16 @@ def encode(fn: Callable[[jax.Array], jax.Array], lower: jax.typing.ArrayLike,
   return program, _Expr(e.const, _pad(e, program.size)), binaries
 
 
+def _check_box(lower, upper) -> tuple[np.ndarray, np.ndarray]:
+  lower, upper = np.asarray(lower, np.float32), np.asarray(upper, np.float32)
+  if lower.shape != upper.shape:
+    raise InputError(f"lower and upper must have the same shape, got {lower.shape} and "
+                     f"{upper.shape}")
+  if np.any(lower > upper) or not (np.all(np.isfinite(lower)) and np.all(np.isfinite(upper))):
+    raise InputError("the box must be finite with lower <= upper")
+  return lower, upper
+
+
 def _solve(program: _Program, objective: np.ndarray, extra, time_limit: float):
   return optimize.milp(objective,
                        integrality=np.concatenate(program.integer),
@@ -266,12 +280,7 @@ def milp_verify(fn: Callable[[jax.Array], jax.Array],
     ...                        verify.UnsafeSet.misclassified(y, 10))
   """
   start = time.time()
-  lower, upper = np.asarray(lower, np.float32), np.asarray(upper, np.float32)
-  if lower.shape != upper.shape:
-    raise InputError(f"lower and upper must have the same shape, got {lower.shape} and "
-                     f"{upper.shape}")
-  if np.any(lower > upper) or not (np.all(np.isfinite(lower)) and np.all(np.isfinite(upper))):
-    raise InputError("the box must be finite with lower <= upper")
+  lower, upper = _check_box(lower, upper)
   if tolerance < 0 or time_limit <= 0:
     raise InputError(f"tolerance must be >= 0 and time_limit > 0, got {tolerance} and "
                      f"{time_limit}")
@@ -326,7 +335,7 @@ def milp_minimum(fn: Callable[[jax.Array], jax.Array],
     solution's input ``[...]`` (clipped into the box: the solver's tolerances
     allow it a hair outside).
   """
-  lower, upper = np.asarray(lower, np.float32), np.asarray(upper, np.float32)
+  lower, upper = _check_box(lower, upper)
   program, out, _ = encode(fn, lower, upper)
   c = np.asarray(c, np.float64)
   res = _solve(program, out.coef @ c, [], time_limit)
