@@ -153,6 +153,35 @@ def test_bad_config_values_are_named(field, value, message, tmp_path):
     trainer.train_and_evaluate(config, str(tmp_path))
 
 
+def test_bad_augmentation_is_named_before_training(tmp_path):
+  config = _tiny_digits()
+  config.augment.crop_padding = -2
+  with pytest.raises(trainer.ConfigError, match="config.augment: crop_padding must be"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_train_step_augments_each_batch_with_a_key_of_its_own():
+  train = data.load("digits", "train")
+  model = models.create("mlp", num_classes=10, input_shape=train.info.input_shape, hidden=(8,))
+  tx = optim.make_optimizer(default.get_config().optimizer, num_steps=10)
+  state = state_lib.create(model, tx, jax.random.PRNGKey(0), train.info.input_shape)
+  x, y = next(data.batches(train, 32, seed=0))
+  augment = data.make_augment(crop_padding=2, flip=True)
+  augmented_step = jax.jit(steps.make_train_step(model.apply, tx, augment=augment))
+  plain_step = jax.jit(steps.make_train_step(model.apply, tx))
+  _, augment_key = jax.random.split(jax.random.fold_in(state.key, state.step))
+  x_augmented = augment(augment_key, x)
+  assert not np.array_equal(x_augmented, x)
+  copy = lambda s: jax.tree.map(jax.numpy.copy, s)
+  by_step, _ = augmented_step(copy(state), (x, y))
+  by_hand, _ = plain_step(copy(state), (x_augmented, y))
+  unaugmented, _ = plain_step(copy(state), (x, y))
+  jax.tree.map(np.testing.assert_array_equal, by_step.params, by_hand.params)
+  assert not np.array_equal(by_step.params["Dense_0"]["kernel"],
+                            unaugmented.params["Dense_0"]["kernel"])
+
+
 def test_a_model_that_cannot_take_the_images_is_a_clear_error(tmp_path):
   config = _tiny_digits(model="cnn_small")
   config.model_kwargs = type(config.model_kwargs)()
@@ -232,6 +261,7 @@ for n in (1, 8):
   config.num_steps, config.log_every, config.eval_every = 30, 1, 30
   config.batch_size, config.eval_batch_size, config.num_devices = 64, 120, n
   config.method, config.robust.eps, config.robust.eval_eps = "standard", 0.0, 0.0
+  config.augment.crop_padding = 1
   workdir = f"{sys.argv[1]}/devices{n}"
   report = trainer.train_and_evaluate(config, workdir)
   assert report["num_devices"] == n

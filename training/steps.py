@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,8 @@ def standard_loss(apply_fn, variables, x, y, key, step):
 def make_train_step(apply_fn,
                     tx: optax.GradientTransformation,
                     loss_fn: LossFn = standard_loss,
-                    ema_decay: float = 0.0):
+                    ema_decay: float = 0.0,
+                    augment: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None):
   """Builds the pure train step.
 
   Args:
@@ -49,6 +50,8 @@ def make_train_step(apply_fn,
     loss_fn: the training objective (see ``LossFn``).
     ema_decay: with a state that has ``ema_params``, each step sets them to
       ``ema_decay * ema_params + (1 - ema_decay) * params`` (Gowal et al. 2020).
+    augment: ``augment(key, x) -> x`` applied to each batch inside the step, with
+      a key of its own (``robustlib.data.make_augment``); None: none.
 
   Returns:
     ``train_step(state, (x [B, ...], y [B])) -> (state, metrics)``, with
@@ -59,6 +62,9 @@ def make_train_step(apply_fn,
   def train_step(state: TrainState, batch):
     x, y = batch
     key = jax.random.fold_in(state.key, state.step)
+    if augment is not None:
+      key, augment_key = jax.random.split(key)
+      x = augment(augment_key, x)
 
     def objective(params):
       variables = state.variables() | {"params": params}

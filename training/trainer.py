@@ -55,6 +55,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     optim.make_optimizer(config.optimizer, config.num_steps)
   except ValueError as e:
     raise ConfigError(f"config.optimizer: {e}") from None
+  try:
+    data.make_augment(config.augment.crop_padding, config.augment.flip)
+  except ValueError as e:
+    raise ConfigError(f"config.augment: {e}") from None
 
 
 def _check_fields(given: dict, known: dict, prefix: str) -> None:
@@ -127,9 +131,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Resuming from step %d of %s", int(state.step), workdir)
   start_step = int(state.step)
 
+  augment = data.make_augment(config.augment.crop_padding, config.augment.flip)
+
   def jitted_step(with_auxiliary: bool):
     loss = methods.make_loss(config.method, config.robust, with_auxiliary)
-    return compilation.jit(steps.make_train_step(model.apply, tx, loss, config.robust.ema_decay),
+    step = steps.make_train_step(model.apply, tx, loss, config.robust.ema_decay, augment)
+    return compilation.jit(step,
                            in_shardings=(replicated, sharded),
                            out_shardings=(replicated, replicated),
                            donate_argnums=0)

@@ -6,6 +6,7 @@ Example:
     >>> images, labels = next(data.batches(train, 128, seed=0))
 """
 
+from robustlib.data.augment import make_augment, random_crop, random_flip
 from robustlib.data.cifar import read_cifar_archive, read_cifar_batch
 from robustlib.data.dataset import Dataset, shuffle
 from robustlib.data.errors import DataError
@@ -23,6 +24,9 @@ __all__ = [
     "epoch_permutation",
     "info",
     "load",
+    "make_augment",
+    "random_crop",
+    "random_flip",
     "read_cifar_archive",
     "read_cifar_batch",
     "read_idx",

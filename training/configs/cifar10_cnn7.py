@@ -1,5 +1,7 @@
 """CNN7 (the large IBP CNN with BatchNorm) on CIFAR-10, standard training.
 
+Random crops (4 pixels of zero padding) and horizontal flips of every batch.
+
 Needs CIFAR-10's python batches: ``--config.data_dir=DIR`` or ``ROBUSTLIB_DATA_DIR``.
 """
 
@@ -17,6 +19,8 @@ def get_config(variant: str = ""):
   config.optimizer.learning_rate = 0.1
   config.optimizer.schedule = "cosine"
   config.optimizer.weight_decay = 5e-4
+  config.augment.crop_padding = 4
+  config.augment.flip = True
   config.log_every = 200
   config.eval_every = 3900
   config.checkpoint_every = 3900

@@ -3,7 +3,8 @@
 IBP initialization; the warm-up regularizers (lambda 0.5, tau 0.5) during the
 ramp; eps = 0 for 1 epoch, then the smoothed ramp over 80 epochs; 160 epochs of
 128 images, Adam 5e-4, learning rate x 0.2 at epochs 120 and 140; gradient norm
-clipped at 10; the robust loss alone (kappa 0). A GPU run. Needs CIFAR-10
+clipped at 10; the robust loss alone (kappa 0); random crops (4 pixels of padding) and
+horizontal flips. A GPU run. Needs CIFAR-10
 (``--config.data_dir=DIR`` or ``ROBUSTLIB_DATA_DIR``). For MNIST at eps 0.3
 (train 0.4), Shi et al. use 70 epochs with a 20-epoch ramp and decays at 50 and 60.
 """
@@ -34,6 +35,8 @@ def get_config(variant: str = ""):
   config.robust.ibp_init = True
   config.robust.reg_lambda = 0.5
   config.robust.reg_tol = 0.5
+  config.augment.crop_padding = 4
+  config.augment.flip = True
   config.report.num_examples = 1000
   config.log_every = 200
   config.eval_every = 10 * EPOCH

@@ -35,6 +35,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.weight_decay = 0.0
   config.optimizer.grad_clip_norm = 0.0  # 0: no clipping
 
+  # Augmentation of training batches, inside the train step (robustlib.data.make_augment).
+  config.augment = ml_collections.ConfigDict()
+  config.augment.crop_padding = 0  # random crops of the image padded by this many zeros
+  config.augment.flip = False  # random horizontal flips
+
   # Robust training (training.methods): method is standard | pgd | trades | ibp | crown_ibp |
   # fast_ibp.
   config.robust = ml_collections.ConfigDict()
