@@ -210,6 +210,12 @@ def _scatter_input_gradient(params: dict[str, Any], lhs_spatial: tuple[int, ...]
   return scatter
 
 
+def _strided_window(v: jax.Array, start, count, stride) -> jax.Array:
+  """``v [N, *S, C]`` at spatial positions ``start + stride * t``, ``0 <= t < count``."""
+  limit = [st + (c - 1) * s + 1 for st, c, s in zip(start, count, stride)]
+  return lax.slice(v, [0, *start, 0], [v.shape[0], *limit, v.shape[-1]], [1, *stride, 1])
+
+
 def _windows(v: jax.Array, kernel: tuple[int, ...], out_spatial: tuple[int, ...],
              params: dict[str, Any]) -> jax.Array:
   """``[N * prod(M), prod(K) * I]``: ``v [N, *L, I]`` at ``m s + k d - lo`` (zero outside)."""
@@ -219,13 +225,11 @@ def _windows(v: jax.Array, kernel: tuple[int, ...], out_spatial: tuple[int, ...]
                                        v.shape[1:-1]):
     config.append((lo, (m - 1) * s + (k - 1) * d - lo - (size - 1), 0))
   vp = lax.pad(v, jax.numpy.zeros((), v.dtype), config + [(0, 0, 0)])
-  parts = []
-  for k in itertools.product(*[range(k) for k in kernel]):
-    start = [kk * d for kk, d in zip(k, rd)]
-    limit = [st + (m - 1) * s + 1 for st, m, s in zip(start, out_spatial, strides)]
-    parts.append(
-        lax.slice(vp, [0] + start + [0], [vp.shape[0]] + limit + [vp.shape[-1]],
-                  [1] + list(strides) + [1]))
+  parts = [
+      _strided_window(vp, [kk * d
+                           for kk, d in zip(k, rd)], out_spatial, strides)
+      for k in itertools.product(*[range(k) for k in kernel])
+  ]
   stacked = jax.numpy.stack(parts, axis=-2)  # [N, *M, prod(K), I]
   return stacked.reshape(-1, len(parts) * v.shape[-1])
 
@@ -356,9 +360,7 @@ def _kernel_gradient(a: jax.Array, dq: jax.Array, kernel_spatial: tuple[int, ...
   parts = []
   for k in itertools.product(*[range(k) for k in kernel_spatial]):
     start = [l - kk * r + p for l, kk, r, p in zip(lo, k, rd, pre)]
-    limit = [s + d * (n - 1) + 1 for s, d, n in zip(start, ld, spatial_a)]
-    window = lax.slice(dqp, [0] + start + [0], [dqp.shape[0]] + limit + [dqp.shape[-1]],
-                       [1] + list(ld) + [1])
+    window = _strided_window(dqp, start, spatial_a, ld)
     parts.append(jax.numpy.einsum("rc,rd->cd", flat, window.reshape(rows, dq.shape[-1])))
   return jax.numpy.stack(parts).reshape(tuple(kernel_spatial) + parts[0].shape)
 
