@@ -65,6 +65,11 @@ def test_every_config_runs_one_tiny_training(name, tmp_path):
   saved = json.loads((tmp_path / "report.json").read_text())
   for field in ("test_accuracy", "dataset", "model", "steps", "seconds"):
     assert field in saved
+  # "seconds" is the training's wall time, whatever else the report measures.
+  assert saved["images_per_second"] * saved["seconds"] == pytest.approx(
+      2 * config.batch_size, rel=0.01, abs=0.006 * saved["images_per_second"] + 1)
+  if config.report.enabled and config.robust.eps > 0:
+    assert saved["report_seconds"] > 0
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["step"] for l in lines if '"train"' in l] == [1, 2]
   assert (tmp_path / "curves.png").stat().st_size > 1000

@@ -239,6 +239,7 @@ def _robustness(config, eval_apply, state, test, eps: float, workdir: str, plot:
       batch_size=config.eval_batch_size,
       plot_path=os.path.join(workdir, ROBUSTNESS_PLOT) if plot else None)
   print(robustness.format_table(result))
+  result["report_seconds"] = result.pop("seconds")  # "seconds" is the training's own time
   return result
 
 
