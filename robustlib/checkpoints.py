@@ -81,9 +81,10 @@ def load_run(workdir: str, step: int | None = None):
 
   Returns:
     ``(config, model, variables)``: the configuration dict, the Flax module
-    and its variables (``params`` and, where the model has them,
-    ``batch_stats``). ``robustlib.as_logits_fn(model, variables)`` turns them
-    into a pure ``logits_fn``.
+    and its variables (``params``, the averaged ones where the run kept an
+    average, and, where the model has them, ``batch_stats``).
+    ``robustlib.as_logits_fn(model, variables)`` turns them into a pure
+    ``logits_fn``.
   """
   from robustlib import data, models  # pylint: disable=import-outside-toplevel
 
@@ -101,7 +102,8 @@ def load_run(workdir: str, step: int | None = None):
     raise CheckpointError(f"no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}")
   state = mngr.restore(step if step is not None else mngr.latest_step(),
                        args=ocp.args.StandardRestore())
-  variables = {"params": state["params"]}
+  # A run with weight averaging is evaluated with the averaged parameters.
+  variables = {"params": state.get("ema_params") or state["params"]}
   if state.get("batch_stats"):
     variables["batch_stats"] = state["batch_stats"]
   jax.tree.map(_check_same_shape, template, variables)

@@ -48,6 +48,18 @@ def _run(args, env=None, **kwargs):
                           **kwargs)
 
 
+def _assert_loaded_run_scores_as_reported(workdir, config, report):
+  """The checkpoint restores the evaluated model (BatchNorm statistics, averaged weights)."""
+  _, model, variables = checkpoints.load_run(str(workdir))
+  test = data.load(config.dataset, "test")
+  n = report["num_test_examples"]
+  acc = robustlib.accuracy(robustlib.as_logits_fn(model, variables),
+                           test.images[:n],
+                           test.labels[:n],
+                           progress=False)
+  assert acc == pytest.approx(report["test_accuracy"])
+
+
 def _final_params(workdir):
   _, _, variables = checkpoints.load_run(workdir)
   return variables
@@ -73,15 +85,7 @@ def test_every_config_runs_one_tiny_training(name, tmp_path):
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["step"] for l in lines if '"train"' in l] == [1, 2]
   assert (tmp_path / "curves.png").stat().st_size > 1000
-  # The checkpoint restores the evaluated model, BatchNorm statistics included.
-  _, model, variables = checkpoints.load_run(str(tmp_path))
-  test = data.load(config.dataset, "test")
-  n = report["num_test_examples"]
-  acc = robustlib.accuracy(robustlib.as_logits_fn(model, variables),
-                           test.images[:n],
-                           test.labels[:n],
-                           progress=False)
-  assert acc == pytest.approx(report["test_accuracy"])
+  _assert_loaded_run_scores_as_reported(tmp_path, config, report)
 
 
 def test_ibp_initialization_with_weight_averaging_trains(tmp_path):
@@ -95,6 +99,12 @@ def test_ibp_initialization_with_weight_averaging_trains(tmp_path):
   assert report["steps"] == 3
   _, _, variables = checkpoints.load_run(str(tmp_path))
   assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(variables))
+  # A finished run is loaded with its averaged weights, the ones its report evaluated.
+  saved = checkpoints.manager(str(tmp_path), read_only=True).restore(3)
+  jax.tree.map(np.testing.assert_array_equal, variables["params"], saved["ema_params"])
+  assert not np.array_equal(saved["ema_params"]["Dense_0"]["kernel"],
+                            saved["params"]["Dense_0"]["kernel"])
+  _assert_loaded_run_scores_as_reported(tmp_path, config, report)
 
 
 def test_training_learns_the_digits(tmp_path):
