@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from robustlib.data import Augment
 from training.state import TrainState
 
 # loss_fn(apply_fn, variables, x, y, key, step) -> (loss, (metrics, new_batch_stats))
@@ -41,7 +42,7 @@ def make_train_step(apply_fn,
                     tx: optax.GradientTransformation,
                     loss_fn: LossFn = standard_loss,
                     ema_decay: float = 0.0,
-                    augment: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None):
+                    augment: Optional[Augment] = None):
   """Builds the pure train step.
 
   Args:

@@ -6,7 +6,7 @@ Example:
     >>> images, labels = next(data.batches(train, 128, seed=0))
 """
 
-from robustlib.data.augment import make_augment, random_crop, random_flip
+from robustlib.data.augment import Augment, make_augment, random_crop, random_flip
 from robustlib.data.cifar import read_cifar_archive, read_cifar_batch
 from robustlib.data.dataset import Dataset, shuffle
 from robustlib.data.errors import DataError
@@ -17,6 +17,7 @@ from robustlib.data.iterate import batches, epoch_permutation
 from robustlib.data.loaders import load
 
 __all__ = [
+    "Augment",
     "DataError",
     "Dataset",
     "DatasetInfo",
