@@ -107,7 +107,35 @@ def test_script_reads_pgd_accuracy_from_attacks_json(run, tmp_path):
   verified = content["verified_accuracy"]["crown"]
   for v, p in zip(verified[:3], content["pgd_accuracy"][:3]):
     assert v <= p <= clean
+  # Per example, the attack breaks no verified example (and 0.08 has no attack flags).
+  assert content["verified_but_attacked"] == {"crown": [0, 0, 0, None]}
+  assert "the attack breaks none of the examples verified by crown" in out.stdout
   assert (workdir / "verify.png").exists()
+
+
+def test_a_verified_example_that_the_attack_broke_is_reported(run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(run, workdir)
+  content = runs.certify_run(str(workdir), methods="ibp", eps=[0.02], num_examples=30)
+  verified = np.asarray(content["verified_flags"]["ibp"], bool)[0]
+  assert verified.sum() >= 2
+  # An attacks.json claiming to have broken two of the verified examples.
+  robust = verified.copy()
+  robust[np.nonzero(verified)[0][:2]] = False
+  (workdir / "attacks.json").write_text(
+      json.dumps({
+          "suite": "pgd",
+          "norm": "linf",
+          "dataset": "digits",
+          "eps": [0.02],
+          "num_examples": 30,
+          "robust_accuracy": [float(robust.mean())],
+          "robust_flags": [robust.astype(int).tolist()],
+      }))
+  content = runs.certify_run(str(workdir), methods="ibp", eps=[0.02], num_examples=30)
+  assert content["verified_but_attacked"] == {"ibp": [2]}
+  assert "UNSOUND: verified examples broken by the attack (per method): ibp 2" in runs.table(
+      content)
 
 
 def test_milp_decides_every_example_crown_leaves_open(run, tmp_path):

@@ -11,7 +11,11 @@ The PGD column is read from ``DIR/attacks.json`` (written by
 ``python -m attacks.evaluate --workdir=DIR --suite=pgd --eps=...``; verification
 does not run attacks): per-example flags restricted to the same examples, at the
 radii both files share. Without that file the column is left out, and the
-output says so.
+output says so. With it, every verified example is checked against the
+attack's per-example flags: the output (and ``verified_but_attacked`` in
+``verify.json``) counts, per method and radius, the examples that are both
+verified and broken by the attack, which is 0 unless a bound is unsound or
+the attack is wrong.
 
 Examples::
 

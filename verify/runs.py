@@ -10,7 +10,7 @@ import json
 import math
 import os
 import time
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from absl import logging
 import jax.numpy as jnp
@@ -50,47 +50,82 @@ def _check_eps(eps: Sequence[float]) -> tuple[float, ...]:
   return values
 
 
-def read_pgd(path: str, eps: Sequence[float], num_examples: int,
-             dataset: str) -> tuple[list[float | None] | None, str, str]:
-  """PGD accuracies at ``eps`` on the first ``num_examples`` examples, from an attacks.json.
+class AttackColumn(NamedTuple):
+  """What an attacks.json says about the examples being verified.
 
-  Returns:
-    ``(accuracies, suite, note)``: one value per radius (None for a radius the
-    file lacks), or None when the file is absent or unusable; the attack suite's
-    name; ``note`` says which (radius 0 is not reported missing: its robust
-    accuracy is the clean one).
+  ``accuracy``: robust accuracy per radius (None for a radius the file lacks),
+  or None when the file is absent or unusable. ``flags``: bool ``[N]`` robust
+  flags per radius where the file has per-example flags (else None). ``suite``:
+  the attack suite's name. ``note``: where the column came from, or why it is
+  missing.
+  """
+  accuracy: list[float | None] | None
+  flags: list[np.ndarray | None] | None
+  suite: str
+  note: str
+
+
+def read_pgd(path: str, eps: Sequence[float], num_examples: int, dataset: str) -> AttackColumn:
+  """PGD accuracies (and flags) at ``eps`` on the first ``num_examples`` examples, from an attacks.json.
+
+  Radius 0 is not reported missing: its robust accuracy is the clean one.
   """
   if not os.path.exists(path):
-    return None, "", (f"no PGD column: {path} is absent (run `python -m attacks.evaluate "
-                      f"--workdir=DIR --suite=pgd --eps=...` first)")
+    return AttackColumn(
+        None, None, "", f"no PGD column: {path} is absent (run `python -m "
+        f"attacks.evaluate --workdir=DIR --suite=pgd --eps=...` first)")
   try:
     with open(path) as f:
       report = json.load(f)
     if report.get("norm", "linf") != "linf":
-      return None, "", f"no PGD column: {path} holds {report['norm']} attacks, not linf"
+      return AttackColumn(None, None, "",
+                          f"no PGD column: {path} holds {report['norm']} attacks, not linf")
     if report.get("dataset", dataset) != dataset:
-      return None, "", f"no PGD column: {path} was measured on {report['dataset']!r}"
+      return AttackColumn(None, None, "",
+                          f"no PGD column: {path} was measured on {report['dataset']!r}")
     flags_ = report.get("robust_flags")
     if flags_ is not None and len(flags_[0]) >= num_examples:
-      per_eps = [float(np.mean(row[:num_examples])) for row in flags_]
+      rows = [np.asarray(row[:num_examples], bool) for row in flags_]
+      per_eps = [float(np.mean(row)) for row in rows]
     elif report["num_examples"] == num_examples:
       per_eps = [float(a) for a in report["robust_accuracy"]]
+      rows = [None] * len(per_eps)
     else:
-      return None, "", (f"no PGD column: {path} covers {report['num_examples']} examples, "
-                        f"fewer than {num_examples}")
+      return AttackColumn(
+          None, None, "", f"no PGD column: {path} covers "
+          f"{report['num_examples']} examples, fewer than {num_examples}")
     found = [float(e) for e in report["eps"]]
   except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
-    return None, "", f"no PGD column: {path} is unreadable ({type(e).__name__}: {e})"
-  values = []
+    return AttackColumn(None, None, "",
+                        f"no PGD column: {path} is unreadable ({type(e).__name__}: {e})")
+  values, flags = [], []
   for e in eps:
-    match = [a for f, a in zip(found, per_eps) if math.isclose(f, e, rel_tol=1e-6, abs_tol=1e-9)]
-    values.append(match[0] if match else None)
+    match = [j for j, f in enumerate(found) if math.isclose(f, e, rel_tol=1e-6, abs_tol=1e-9)]
+    values.append(per_eps[match[0]] if match else None)
+    flags.append(rows[match[0]] if match else None)
   suite = report.get("suite", "?")
   missing = [f"{e:g}" for e, v in zip(eps, values) if v is None and e != 0]
   note = f"PGD: {suite} from {path}"
   if missing:
     note += f" (no result there for eps {', '.join(missing)})"
-  return values, suite, note
+  return AttackColumn(values, flags, suite, note)
+
+
+def verified_but_attacked(verified: dict[str, np.ndarray],
+                          attacked: list[np.ndarray | None]) -> dict[str, list[int | None]]:
+  """Per method and radius, how many verified examples the attack broke (None: no flags).
+
+  Any count above 0 means an unsound bound or a wrong attack: a proof of
+  robustness and a counterexample cannot both hold.
+
+  Args:
+    verified: bool ``[E, N]`` per method.
+    attacked: per radius, the attack's bool ``[N]`` robust flags or None.
+  """
+  return {
+      m: [None if a is None else int(np.sum(v[j] & ~a)) for j, a in enumerate(attacked)]
+      for m, v in verified.items()
+  }
 
 
 def certified_flags(logits_fn,
@@ -223,10 +258,15 @@ def certify_run(workdir: str | None = None,
     logging.info("%s: verified accuracy %s (%.1f s)", method,
                  ", ".join(f"{v:.2%}" for v in verified[method].mean(axis=1)), seconds[method])
 
-  pgd, suite, note = read_pgd(os.path.join(workdir or output_dir, ATTACKS_FILE), eps, n,
-                              test.dataset)
+  pgd, attacked, suite, note = read_pgd(os.path.join(workdir or output_dir, ATTACKS_FILE), eps, n,
+                                        test.dataset)
+  contradictions = None
   if pgd is not None:  # at radius 0 there is nothing to attack
     pgd = [float(clean.mean()) if v is None and e == 0 else v for e, v in zip(eps, pgd)]
+    attacked = [clean if a is None and e == 0 else a for e, a in zip(eps, attacked)]
+    contradictions = verified_but_attacked(verified, attacked)
+    if any(c for counts in contradictions.values() for c in counts):
+      logging.error("examples both verified and broken by the attack: %s", contradictions)
   content = {
       "workdir": test.source,
       "dataset": test.dataset,
@@ -239,6 +279,7 @@ def certify_run(workdir: str | None = None,
       "pgd_accuracy": pgd,
       "pgd_suite": suite,
       "pgd_note": note,
+      "verified_but_attacked": contradictions,
       "verified_accuracy": {
           m: [float(a) for a in v.mean(axis=1)] for m, v in verified.items()
       },
@@ -280,7 +321,19 @@ def table(content: dict) -> str:
     lines.append(f"milp ({exact['time_limit']:g} s per example): counterexamples found "
                  f"{', '.join(map(str, exact['falsified']))}; undecided "
                  f"{', '.join(map(str, exact['unknown']))} (per radius)")
-  return "\n".join(lines + [content["pgd_note"]])
+  lines.append(content["pgd_note"])
+  contradictions = content.get("verified_but_attacked")
+  if contradictions:
+    counts = {m: [c for c in v if c is not None] for m, v in contradictions.items()}
+    checked = [m for m, c in counts.items() if c]
+    broken = {m: sum(c) for m, c in counts.items() if sum(c)}
+    if broken:
+      lines.append("UNSOUND: verified examples broken by the attack (per method): " +
+                   ", ".join(f"{m} {c}" for m, c in broken.items()))
+    elif checked:
+      lines.append(f"cross-check: the attack breaks none of the examples verified by "
+                   f"{', '.join(checked)}")
+  return "\n".join(lines)
 
 
 def save_plot(content: dict, path: str) -> str:
