@@ -65,24 +65,25 @@ class AttackColumn(NamedTuple):
   note: str
 
 
+def _no_column(note: str) -> AttackColumn:
+  return AttackColumn(None, None, "", f"no PGD column: {note}")
+
+
 def read_pgd(path: str, eps: Sequence[float], num_examples: int, dataset: str) -> AttackColumn:
   """PGD accuracies (and flags) at ``eps`` on the first ``num_examples`` examples, from an attacks.json.
 
   Radius 0 is not reported missing: its robust accuracy is the clean one.
   """
   if not os.path.exists(path):
-    return AttackColumn(
-        None, None, "", f"no PGD column: {path} is absent (run `python -m "
-        f"attacks.evaluate --workdir=DIR --suite=pgd --eps=...` first)")
+    return _no_column(f"{path} is absent (run `python -m attacks.evaluate --workdir=DIR "
+                      f"--suite=pgd --eps=...` first)")
   try:
     with open(path) as f:
       report = json.load(f)
     if report.get("norm", "linf") != "linf":
-      return AttackColumn(None, None, "",
-                          f"no PGD column: {path} holds {report['norm']} attacks, not linf")
+      return _no_column(f"{path} holds {report['norm']} attacks, not linf")
     if report.get("dataset", dataset) != dataset:
-      return AttackColumn(None, None, "",
-                          f"no PGD column: {path} was measured on {report['dataset']!r}")
+      return _no_column(f"{path} was measured on {report['dataset']!r}")
     flags_ = report.get("robust_flags")
     if flags_ is not None and len(flags_[0]) >= num_examples:
       rows = [np.asarray(row[:num_examples], bool) for row in flags_]
@@ -91,13 +92,11 @@ def read_pgd(path: str, eps: Sequence[float], num_examples: int, dataset: str) -
       per_eps = [float(a) for a in report["robust_accuracy"]]
       rows = [None] * len(per_eps)
     else:
-      return AttackColumn(
-          None, None, "", f"no PGD column: {path} covers "
-          f"{report['num_examples']} examples, fewer than {num_examples}")
+      return _no_column(f"{path} covers {report['num_examples']} examples, fewer than "
+                        f"{num_examples}")
     found = [float(e) for e in report["eps"]]
   except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
-    return AttackColumn(None, None, "",
-                        f"no PGD column: {path} is unreadable ({type(e).__name__}: {e})")
+    return _no_column(f"{path} is unreadable ({type(e).__name__}: {e})")
   values, flags = [], []
   for e in eps:
     match = [j for j, f in enumerate(found) if math.isclose(f, e, rel_tol=1e-6, abs_tol=1e-9)]
