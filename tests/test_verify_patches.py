@@ -34,17 +34,23 @@ def _network(layout="NCHW",
              dilation=1,
              act=jax.nn.relu,
              seed=0,
-             nchw_input=False):
+             nchw_input=False,
+             third_conv=False,
+             pixel_std=False):
   """conv -> act -> conv -> act -> dense, with input normalization, on 12x12x2 images.
 
   ``nchw_input``: the function takes NCHW images and transposes them to ``layout``.
+  ``third_conv``: one more conv -> act before the dense layer. ``pixel_std``: the
+  normalization divides by one value per pixel instead of one per channel.
   """
   rng = np.random.default_rng(seed)
   dn = ("NCHW", "OIHW", "NCHW") if layout == "NCHW" else ("NHWC", "HWIO", "NHWC")
   w1, w2 = _kernel(rng, 2, 4, 3, layout), _kernel(rng, 4, 5, 3, layout)
+  w_extra = _kernel(np.random.default_rng(seed + 1), 5, 5, 3, layout)
   shape = (1, 2, 1, 1) if layout == "NCHW" else (1, 1, 1, 2)
   mean = jnp.asarray(rng.uniform(0.2, 0.5, size=shape), jnp.float32)
-  std = jnp.asarray(rng.uniform(0.5, 1.5, size=shape), jnp.float32)
+  std_shape = (1,) + ((2, 12, 12) if layout == "NCHW" else (12, 12, 2)) if pixel_std else shape
+  std = jnp.asarray(rng.uniform(0.5, 1.5, size=std_shape), jnp.float32)
   b1 = jnp.asarray(rng.normal(size=4) * 0.1, jnp.float32)
   bshape = (1, 4, 1, 1) if layout == "NCHW" else (1, 1, 1, 4)
 
@@ -59,6 +65,8 @@ def _network(layout="NCHW",
                                  dimension_numbers=dn)
     h = act(h + b1.reshape(bshape))
     h = lax.conv_general_dilated(h, w2, (1, 1), padding, dimension_numbers=dn)
+    if third_conv:
+      h = lax.conv_general_dilated(act(h), w_extra, (1, 1), padding, dimension_numbers=dn)
     return act(h).reshape(h.shape[0], -1)
 
   x_shape = (3, 2, 12, 12) if layout == "NCHW" or nchw_input else (3, 12, 12, 2)
@@ -93,6 +101,8 @@ CASES = {
     "nchw_explicit_pad_dilated": dict(padding=((1, 2), (2, 1)), dilation=2, stride=1),
     "nhwc_tanh_stride2_same": dict(layout="NHWC", padding="SAME", act=jnp.tanh),
     "nchw_input_transposed_to_nhwc": dict(layout="NHWC", nchw_input=True),
+    "nhwc_three_convs": dict(layout="NHWC", stride=1, padding="SAME", third_conv=True),
+    "nchw_per_pixel_std": dict(pixel_std=True),
 }
 
 
@@ -120,6 +130,23 @@ def test_patch_bounds_are_sound(case):
   out = bound_testing.outputs_at(fn, bound_testing.box_points(box, fn))
   assert np.all(out >= np.asarray(b.lower) - 1e-5)
   assert np.all(out <= np.asarray(b.upper) + 1e-5)
+
+
+@pytest.mark.parametrize("case,expected", [("nchw_valid_stride2", [True]),
+                                           ("nhwc_three_convs", [True, False]),
+                                           ("nchw_per_pixel_std", [False])])
+def test_static_sign_rows_only_behind_one_relaxation_of_a_position_independent_map(
+    case, expected, monkeypatch):
+  # Behind a convolution whose input is a relaxation of a map that is the same at every
+  # position, rows take the static-sign matrix products; deeper convolutions (a second
+  # relaxation on the way) and per-pixel constants keep the general patch pass. Both
+  # agree with the dense pass (test above).
+  taken, original = [], patches.static_sign_applies
+  monkeypatch.setattr(patches, "static_sign_applies",
+                      lambda pl: taken.append(original(pl)) or taken[-1])
+  fn, x = _network(**CASES[case])
+  jax.jit(lambda b: verify.crown(fn, b))(verify.linf_ball(x, 0.05))
+  assert taken == expected
 
 
 def test_plan_covers_the_chain_to_the_input():
