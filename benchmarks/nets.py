@@ -59,25 +59,30 @@ def init_params(name: str, key: jax.Array, input_shape=(1, 28, 28)) -> Params:
   return params
 
 
-def logits_fn(name: str,
-              params: Params,
-              channels_last: bool = True) -> Callable[[jax.Array], jax.Array]:
+def logits_fn(
+    name: str,
+    params: Params,
+    channels_last: bool = True,
+    activation: Callable[[jax.Array], jax.Array] = jax.nn.relu) -> Callable[[jax.Array], jax.Array]:
   """``[N, 1, 28, 28] -> [N, 10]`` closing over ``params`` (constants of the function).
 
   With ``channels_last`` (JAX's native layout, and the fast one for XLA's CPU
   convolutions) the input is transposed to NHWC once, the convolutions run
   NHWC/HWIO, and the last feature maps go back to channel-major order before
   flattening, so the function equals the NCHW one (and PyTorch's) exactly.
+  ``activation`` follows every layer but the last (the identity gives the
+  network's linear operations alone).
   """
   layers = ARCHITECTURES[name]
 
   def apply(x: jax.Array) -> jax.Array:
-    return _apply(layers, [(jnp.asarray(w), jnp.asarray(b)) for w, b in params], x, channels_last)
+    return _apply(layers, [(jnp.asarray(w), jnp.asarray(b)) for w, b in params], x, channels_last,
+                  activation)
 
   return apply
 
 
-def _apply(layers, params, x, channels_last):
+def _apply(layers, params, x, channels_last, activation):
   channels_last = channels_last and layers[0][0] == "conv"
   h = jnp.transpose(x, (0, 2, 3, 1)) if channels_last else x
   for i, (layer, (w, b)) in enumerate(zip(layers, params)):
@@ -97,7 +102,7 @@ def _apply(layers, params, x, channels_last):
         h = jnp.transpose(h, (0, 3, 1, 2))
       h = h.reshape(h.shape[0], -1) @ w.T + b
     if i < len(layers) - 1:
-      h = jax.nn.relu(h)
+      h = activation(h)
   return h
 
 
@@ -145,7 +150,8 @@ def train(name: str, steps: int, seed: int = 0, batch_size: int = 128) -> Params
   layers = ARCHITECTURES[name]
 
   def loss(p, xb, yb):
-    return optax.softmax_cross_entropy_with_integer_labels(_apply(layers, p, xb, True), yb).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(_apply(layers, p, xb, True, jax.nn.relu),
+                                                           yb).mean()
 
   @jax.jit
   def step(p, o, xb, yb):
