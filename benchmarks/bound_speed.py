@@ -8,19 +8,28 @@ of unstable ReLUs, which drives CROWN's cost, is realistic), MNIST test images,
 an L-inf ball of radius ``--eps`` intersected with [0, 1], and the margin
 specification of the true label. Every bound is one jitted call, timed after
 compilation; the forward pass is the jitted ``logits_fn`` on the same batch.
-auto_LiRPA's times on this machine for comparison are in ``../shared/PERFORMANCE.md``
-(e.g. CROWN on the small CNN at batch 128: 7.6 s, about 600x its IBP time).
+When auto_LiRPA is installed (``--lirpa``, on by default), it bounds the same
+network (weights copied to PyTorch), inputs, box and specification with the same
+method; the two are timed interleaved, and a second table gives their times,
+the ratio, and the largest difference between the two lower bounds relative to
+their scale (the bounds must agree). Without it, auto_LiRPA's times on this machine
+are in ``../shared/PERFORMANCE.md`` (e.g. CROWN on the small CNN at batch 128:
+7.6 s, about 600x its IBP time).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 from absl import app, flags
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import verify
 from benchmarks import nets
 from robustlib import compilation
+from verify.crown import lower_bounds
 
 _MODELS = flags.DEFINE_list("models", ["mlp", "cnn_small", "cnn_large"], "benchmarks.nets names.")
 _METHODS = flags.DEFINE_list("methods", ["ibp", "crown_ibp", "crown"], "Bound methods.")
@@ -28,17 +37,55 @@ _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per call.")
 _EPS = flags.DEFINE_float("eps", 0.03, "L-inf radius.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats; the median is reported.")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 300, "Adam steps to train each network.")
+_LIRPA = flags.DEFINE_bool("lirpa", True, "Also run auto_LiRPA, when it is installed.")
+
+# Our methods by auto_LiRPA's names.
+LIRPA_METHODS = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "crown": "CROWN"}
 
 BOUNDS = {
-    "ibp": lambda fn, box, spec: verify.ibp(lambda z: spec_logits(fn, z, spec), box),
+    "ibp": lambda fn, box, spec: spec_ibp(fn, box, spec),
     "crown_ibp": lambda fn, box, spec: verify.crown_ibp(fn, box, spec=spec),
     "crown": lambda fn, box, spec: verify.crown(fn, box, spec=spec),
     "alpha_crown": lambda fn, box, spec: verify.alpha_crown(fn, box, spec=spec),
 }
 
 
-def spec_logits(fn, x, spec):
-  return jnp.einsum("nsk,nk->ns", spec, fn(x))
+def spec_ibp(fn, box: verify.Interval, spec: jax.Array) -> verify.Interval:
+  """IBP bounds on ``spec @ fn(x)`` with the specification folded into the last layer, as
+  `verify.certify` and auto_LiRPA compute them (both sides, as auto_LiRPA's default)."""
+  s = spec.shape[1]
+  lower = lower_bounds(fn, box, jnp.concatenate([spec, -spec], axis=1), "ibp")
+  return verify.Interval(lower[:, :s], -lower[:, s:])
+
+
+def lirpa_bounds(name: str, params, x_np: np.ndarray, box: verify.Interval,
+                 spec: jax.Array) -> Callable[[str], np.ndarray] | None:
+  """auto_LiRPA's lower bounds ``[N, S]`` on the same problem, by our method name.
+
+  None when auto_LiRPA (or PyTorch) is not installed. Like ours, each call bounds
+  both sides (auto_LiRPA's default).
+  """
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    from auto_LiRPA import BoundedModule, BoundedTensor  # pylint: disable=import-outside-toplevel
+    from auto_LiRPA.perturbations import PerturbationLpNorm  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  model = nets.torch_module(name, params)
+  x = torch.from_numpy(np.array(x_np))
+  bounded = BoundedModule(model, torch.zeros_like(x), device="cpu")
+  ball = PerturbationLpNorm(norm=np.inf,
+                            x_L=torch.from_numpy(np.array(box.lower)),
+                            x_U=torch.from_numpy(np.array(box.upper)))
+  inputs = BoundedTensor(x, ball)
+  c = torch.from_numpy(np.array(spec))
+
+  def bound(method: str) -> np.ndarray:
+    with torch.no_grad():
+      lower, _ = bounded.compute_bounds(x=(inputs,), C=c, method=LIRPA_METHODS[method])
+    return lower.numpy()
+
+  return bound
 
 
 def main(argv):
@@ -48,7 +95,7 @@ def main(argv):
   header = f"{'model':>10} {'forward ms':>11}"
   for m in _METHODS.value:
     header += f" {m + ' ms':>14} {'x fwd':>7} {'verified':>9}"
-  rows = []
+  rows, lirpa_rows = [], []
   for name in _MODELS.value:
     params = nets.train(name, _TRAIN_STEPS.value)
     fn = nets.logits_fn(name, params)
@@ -58,19 +105,38 @@ def main(argv):
     spec = verify.margin_spec(y, 10)
     forward = compilation.jit(fn)
     fwd = nets.median_seconds(lambda: jax.block_until_ready(forward(x)), _REPEATS.value)
+    theirs = lirpa_bounds(name, params, x_np, box, spec) if _LIRPA.value else None
     row = f"{name:>10} {1e3 * fwd:>11.2f}"
     for method in _METHODS.value:
-      bound = compilation.jit(lambda lo, hi, s, m=method: BOUNDS[m]
-                              (fn, verify.Interval(lo, hi), s).lower)
-      seconds = nets.median_seconds(
-          lambda b=bound: jax.block_until_ready(b(box.lower, box.upper, spec)), _REPEATS.value)
-      verified = float(jnp.mean(jnp.all(bound(box.lower, box.upper, spec) > 0, axis=1)))
-      row += f" {1e3 * seconds:>14.1f} {seconds / fwd:>7.1f} {verified:>9.3f}"
-      print(f"  {name} {method}: {1e3 * seconds:.1f} ms", flush=True)
+      # Both sides come out of the jitted call, so that neither is left out of the work.
+      bound = compilation.jit(lambda lo, hi, s, m=method: BOUNDS[m](fn, verify.Interval(lo, hi), s))
+      timed = {"ours": lambda b=bound: jax.block_until_ready(b(box.lower, box.upper, spec))}
+      if theirs is not None and method in LIRPA_METHODS:
+        timed["theirs"] = lambda m=method: theirs(m)
+      seconds = nets.interleaved_medians(timed, _REPEATS.value)
+      lower = np.asarray(bound(box.lower, box.upper, spec).lower)
+      verified = float(np.mean(np.all(lower > 0, axis=1)))
+      row += f" {1e3 * seconds['ours']:>14.1f} {seconds['ours'] / fwd:>7.1f} {verified:>9.3f}"
+      print(f"  {name} {method}: {1e3 * seconds['ours']:.1f} ms", flush=True)
+      if "theirs" in seconds:
+        reference = theirs(method)
+        gap = np.max(np.abs(lower - reference)) / max(np.max(np.abs(reference)), 1e-12)
+        lirpa_rows.append(f"{name:>10} {method:>10} {1e3 * seconds['ours']:>10.1f} "
+                          f"{1e3 * seconds['theirs']:>14.1f} "
+                          f"{seconds['ours'] / seconds['theirs']:>7.3f} {gap:>13.1e}" +
+                          ("" if gap <= 1e-4 else "  BOUNDS DIFFER"))
     rows.append(row)
   print(header)
   for row in rows:
     print(row)
+  if lirpa_rows:
+    print(f"\nagainst auto_LiRPA on the same problems (interleaved medians of {_REPEATS.value}):")
+    print(f"{'model':>10} {'method':>10} {'ours ms':>10} {'auto_LiRPA ms':>14} {'ratio':>7} "
+          f"{'rel. diff':>13}")
+    for row in lirpa_rows:
+      print(row)
+  elif _LIRPA.value:
+    print("\n(auto_LiRPA is not installed: no side-by-side comparison)")
 
 
 if __name__ == "__main__":

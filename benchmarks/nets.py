@@ -176,17 +176,24 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-  """Median wall time of each function, timed in turn, one call of each per round.
+  """Median wall time of each function, timed in turn, one timed call of each per round.
 
   After one warm-up (compilation) call each. Interleaving spreads the drift of a
   noisy machine over all of them, so their ratios hold better than those of
-  back-to-back series.
+  back-to-back series. With several functions, each timed call follows an
+  untimed call of the same function: a library's worker threads go to sleep
+  while another library runs, and waking them at every parallel operation of the
+  next call costs a call of many small operations (IBP, an attack on an MLP) up
+  to several times its steady-state time here, which is not the cost of either
+  library in use.
   """
   for fn in fns.values():
     fn()
   times: dict[str, list[float]] = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
+      if len(fns) > 1:
+        fn()
       start = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - start)
