@@ -202,3 +202,34 @@ def test_no_plan_when_patches_would_not_be_smaller():
       x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
   graph, _ = build_graph(fn, [verify.linf_ball(x, 0.1)], crown_module.is_supported)
   assert patches.plan(graph.nodes[-1]) is None
+
+
+def test_static_sign_rows_are_differentiable_like_the_general_pass(monkeypatch):
+  # Certified training differentiates bounds with respect to the kernels (traced values).
+  rng = np.random.default_rng(0)
+  w1, w2 = _kernel(rng, 2, 4, 3, "NCHW"), _kernel(rng, 4, 5, 3, "NCHW")
+  w3 = jnp.asarray(rng.normal(size=(5 * 3 * 3, 3)) * 0.2, jnp.float32)
+  x = jnp.asarray(rng.uniform(size=(2, 2, 12, 12)), jnp.float32)
+  dn = ("NCHW", "OIHW", "NCHW")
+
+  def width(kernels):
+    a, b = kernels
+
+    def fn(z):
+      h = jax.nn.relu(lax.conv_general_dilated(z, a, (2, 2), "VALID", dimension_numbers=dn))
+      h = jax.nn.relu(lax.conv_general_dilated(h, b, (1, 1), "VALID", dimension_numbers=dn))
+      return h.reshape(h.shape[0], -1) @ w3
+
+    bounds = verify.crown(fn, verify.linf_ball(x, 0.05))
+    return jnp.sum(bounds.upper - bounds.lower)
+
+  taken, original = [], patches.static_sign_applies
+  monkeypatch.setattr(patches, "static_sign_applies",
+                      lambda pl: taken.append(original(pl)) or taken[-1])
+  fast = jax.grad(width)((w1, w2))
+  assert taken == [True]
+  monkeypatch.setattr(patches, "static_sign_applies", lambda pl: False)
+  general = jax.grad(width)((w1, w2))
+  for got, want in zip(fast, general):
+    assert float(jnp.max(jnp.abs(want))) > 0.1
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
