@@ -173,6 +173,13 @@ def _sum_rest(x: jax.Array) -> jax.Array:
   return jnp.sum(x, axis=tuple(range(3, x.ndim)))
 
 
+def _start_back(start: jax.Array, node: Node) -> jax.Array:
+  """Window starts ``[W, d]`` at a convolution's output -> at its (unpadded) input."""
+  p = node.params
+  return start * jnp.asarray(p["window_strides"], start.dtype) - jnp.asarray(
+      [lo for lo, _ in p["padding"]], start.dtype)
+
+
 def _conv_back(P: jax.Array, start: jax.Array, node: Node, masked: bool = True):
   """Pushes patches ``P [W, N, R, O, *K]`` at a convolution's output to its input.
 
@@ -208,8 +215,7 @@ def _conv_back(P: jax.Array, start: jax.Array, node: Node, masked: bool = True):
   else:
     _, vjp = jax.vjp(conv, jnp.zeros((rows.shape[0], w.shape[1]) + new, P.dtype))
     (Q,) = vjp(rows)
-  start = start * jnp.asarray(strides, start.dtype) - jnp.asarray([lo for lo, _ in p["padding"]],
-                                                                  start.dtype)
+  start = _start_back(start, node)
   Q = Q.reshape(lead + Q.shape[1:])
   if masked:
     x = node.inputs[0]
@@ -282,7 +288,7 @@ def _channel_vector(node: Node, layout) -> jax.Array | None:
 
 
 def static_sign_applies(pl: Plan) -> bool:
-  """Whether `_bound_windows_static` applies: the convolution's input is a relaxation, and
+  """Whether `_static_windows` applies: the convolution's input is a relaxation, and
   from there to the network input only position-independent linear maps and constant
   additions follow (convolutions, transposes, casts, negations, additions, and
   multiplications or divisions by one value per channel)."""
@@ -318,8 +324,9 @@ def _push_linear(P: jax.Array, start: jax.Array, layout, nodes) -> tuple:
   return P, start, layout
 
 
-def _bound_windows_static(pl: Plan, start: jax.Array, bounds: dict,
-                          relaxation: Callable[[Node], rx.Relaxation]) -> jax.Array:
+def _static_windows(
+    pl: Plan, bounds: dict,
+    relaxation: Callable[[Node], rx.Relaxation]) -> Callable[[jax.Array], jax.Array]:
   """`_bound_windows` for a convolution of a relaxation of an affine function of the input.
 
   The rows reaching the relaxation are the convolution's kernel ``K [O, J]`` (window
@@ -331,46 +338,59 @@ def _bound_windows_static(pl: Plan, start: jax.Array, bounds: dict,
   matrices ``T = K L^T`` and ``|K| L^T``: two matrix products per window position
   instead of pushing ``2 O`` rows of every example through each operation. The
   centre terms use ``h`` at the box centre; only the radius term needs the input rows.
+
+  Returns ``windows(start [W, d]) -> [W, N, 2 O]``; everything that does not depend
+  on the window positions is computed here, once, outside the loop over them.
   """
   conv, relaxed, rest, inp = pl.chain[0], pl.chain[1], pl.chain[2:-1], pl.chain[-1]
   out_spec = tuple(conv.params["dimension_numbers"].out_spec)
   o = conv.shape[out_spec[1]]
-  ones = (1,) * start.shape[1]
-  eye = jnp.eye(o, dtype=conv.dtype).reshape((1, 1, o, o) + ones)
-  K, start_r, layout_r = _conv_back(eye, start, conv, masked=False)  # [1, 1, O, I, *k]
+  origin = jnp.zeros((1, len(out_spec) - 2), jnp.int32)  # only shapes and layouts are used
+  eye = jnp.eye(o, dtype=conv.dtype).reshape((1, 1, o, o) + (1,) * origin.shape[1])
+  K, _, layout_r = _conv_back(eye, origin, conv, masked=False)  # [1, 1, O, I, *k]
   window_r = K.shape[3:]  # (I, *k)
   size_r = window_r[1:]
   j = math.prod(window_r)
   K = K.reshape(o, j)
   x = relaxed.inputs[relaxed.bounded_inputs[0]]
-  stacked = jnp.concatenate([_canonical(v, x, layout_r) for v in relaxation(relaxed)], axis=1)
-  lw, lb, uw, ub = [
-      v.reshape(v.shape[:2] + (j,))
-      for v in jnp.split(_windows(stacked, start_r, size_r)[:, :, 0], 4, axis=2)
-  ]
   centre = bounds[inp.index].center
   for cur in reversed(rest):
     centre = cur.apply_bounded(centre)
-  hc = _windows(_canonical(centre, x, layout_r), start_r, size_r)[:, :, 0]
-  hc = hc.reshape(hc.shape[:2] + (j,))  # [W, N, J]: h at the centre
+  # [N, 5 I, *S]: lw, lb, uw, ub and h at the box centre, in the relaxation's canonical layout.
+  per_example = jnp.concatenate([_canonical(v, x, layout_r) for v in relaxation(relaxed)] +
+                                [_canonical(centre, x, layout_r)],
+                                axis=1)
   basis = jnp.eye(j, dtype=conv.dtype).reshape((1, 1, j) + window_r)
-  L, start_in, layout_in = _push_linear(basis, start_r, layout_r, rest)  # [1, 1, J, C, *k_in]
+  L, _, layout_in = _push_linear(basis, origin, layout_r, rest)  # [1, 1, J, C, *k_in]
   size_in = L.shape[4:]
   L = L.reshape(j, -1)  # [J, J_in]
   j_in = L.shape[1]
   T = (K.T[:, :, None] * L[:, None, :]).reshape(j, o * j_in)
   T_abs = (jnp.abs(K).T[:, :, None] * L[:, None, :]).reshape(j, o * j_in)
-  S, D = lw + uw, lw - uw
-  lead = S.shape[:2]
-  U = (S.reshape(-1, j) @ T).reshape(lead + (o, j_in))
-  V = (D.reshape(-1, j) @ T_abs).reshape(lead + (o, j_in))
-  rad = _windows(_canonical(bounds[inp.index].radius, inp, layout_in), start_in, size_in)
-  rad = rad.reshape(lead + (1, j_in))
-  a = (S * hc + lb + ub) @ K.T  # [W, N, O]
-  b = (D * hc + lb - ub) @ jnp.abs(K).T
-  lower = 0.5 * (a + b - jnp.sum(jnp.abs(U + V) * rad, axis=-1))
-  upper_neg = -0.5 * (a - b + jnp.sum(jnp.abs(U - V) * rad, axis=-1))
-  return jnp.concatenate([lower, upper_neg], axis=-1)
+  radius = _canonical(bounds[inp.index].radius, inp, layout_in)
+  convs = [cur for cur in rest if cur.name == "conv_general_dilated"]
+
+  def windows(start: jax.Array) -> jax.Array:
+    start_r = _start_back(start, conv)
+    lw, lb, uw, ub, hc = [
+        v.reshape(v.shape[:2] + (j,))
+        for v in jnp.split(_windows(per_example, start_r, size_r)[:, :, 0], 5, axis=2)
+    ]
+    start_in = start_r
+    for cur in convs:
+      start_in = _start_back(start_in, cur)
+    S, D = lw + uw, lw - uw
+    lead = S.shape[:2]
+    U = (S.reshape(-1, j) @ T).reshape(lead + (o, j_in))
+    V = (D.reshape(-1, j) @ T_abs).reshape(lead + (o, j_in))
+    rad = _windows(radius, start_in, size_in).reshape(lead + (1, j_in))
+    a = (S * hc + lb + ub) @ K.T  # [W, N, O]
+    b = (D * hc + lb - ub) @ jnp.abs(K).T
+    lower = 0.5 * (a + b - jnp.sum(jnp.abs(U + V) * rad, axis=-1))
+    upper_neg = -0.5 * (a - b + jnp.sum(jnp.abs(U - V) * rad, axis=-1))
+    return jnp.concatenate([lower, upper_neg], axis=-1)
+
+  return windows
 
 
 def bound_node(pl: Plan,
@@ -404,8 +424,11 @@ def bound_node(pl: Plan,
   positions = jnp.stack(jnp.unravel_index(jnp.arange(math.prod(spatial)), spatial), axis=-1)
   per_pass, num = balanced_chunks(positions.shape[0], per_pass)
   padded = jnp.pad(positions, ((0, num * per_pass - positions.shape[0]), (0, 0)))
-  windows = _bound_windows_static if static_sign_applies(pl) else _bound_windows
-  out = lax.map(lambda st: windows(pl, st, bounds, relaxation),
+  if static_sign_applies(pl):
+    windows = _static_windows(pl, bounds, relaxation)
+  else:
+    windows = lambda st: _bound_windows(pl, st, bounds, relaxation)
+  out = lax.map(windows,
                 padded.reshape(num, per_pass, -1).astype(jnp.int32))  # [num, per_pass, N, 2 O]
   out = out.reshape((-1, n, 2 * o))[:positions.shape[0]]  # [positions, N, 2 O]
   lower, upper = out[..., :o], -out[..., o:]
