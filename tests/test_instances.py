@@ -99,10 +99,13 @@ def test_an_unknown_complete_stage_is_named(tmp_path):
     run(tmp_path, "relu_half", RELU_HALF, text, complete="lp")
 
 
-def test_a_property_whose_asserts_contradict_each_other_is_unsat(tmp_path):
+def test_a_property_whose_input_box_is_empty_is_an_error_not_unsat(tmp_path):
+  # An inverted box is a mistake in the property, never a proof of safety.
   text = box_text([-1.0], [1.0], 1) + "(assert (>= X_0 2))\n(assert (<= Y_0 -1))\n"
-  decision = run(tmp_path, "empty", RELU_HALF, text)
-  assert (decision.result, decision.stage) == ("unsat", "vnnlib")
+  with pytest.raises(vnnlib.VnnlibError, match="input box is empty: X_0"):
+    vnnlib.parse(text)
+  with pytest.raises(vnnlib.VnnlibError, match="input box is empty"):
+    run(tmp_path, "empty", RELU_HALF, text)
 
 
 def test_a_zero_timeout_times_out(tmp_path):

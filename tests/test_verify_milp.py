@@ -8,7 +8,7 @@ import pytest
 from robustlib.checks import InputError
 from verify import alpha_crown
 from verify import milp
-from verify.graph import UnsupportedPrimitiveError
+from verify import UnsupportedPrimitiveError
 from verify.interval import Interval
 from verify.unsafe import UnsafeSet
 

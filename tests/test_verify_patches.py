@@ -151,7 +151,7 @@ def test_static_sign_rows_only_behind_one_relaxation_of_a_position_independent_m
 
 def test_plan_covers_the_chain_to_the_input():
   fn, x = _network()
-  graph, _ = build_graph(fn, [verify.linf_ball(x, 0.1)], crown_module.is_supported)
+  graph, _ = build_graph(fn, [verify.linf_ball(x, 0.1)])
   second_conv = [n for n in graph.nodes if n.name == "conv_general_dilated"][1]
   pl = patches.plan(second_conv)
   assert pl is not None
@@ -180,7 +180,7 @@ def test_no_plan_through_pooling_or_grouped_convolutions(pool, groups):
                                     dimension_numbers=dn,
                                     feature_group_count=groups)
 
-  graph, _ = build_graph(fn, [verify.linf_ball(x, 0.1)], crown_module.is_supported)
+  graph, _ = build_graph(fn, [verify.linf_ball(x, 0.1)])
   last = graph.nodes[-1]
   assert last.name == "conv_general_dilated"
   assert patches.plan(last) is None
@@ -190,7 +190,7 @@ def test_no_plan_through_pooling_or_grouped_convolutions(pool, groups):
                                              _kernel(rng, 4, 4, 3, "NCHW"), (1, 1),
                                              "VALID",
                                              dimension_numbers=dn)
-  graph, _ = build_graph(plain, [verify.linf_ball(x, 0.1)], crown_module.is_supported)
+  graph, _ = build_graph(plain, [verify.linf_ball(x, 0.1)])
   assert patches.plan(graph.nodes[-1]) is not None
 
 
@@ -200,7 +200,7 @@ def test_no_plan_when_patches_would_not_be_smaller():
   x = jnp.asarray(rng.uniform(size=(2, 1, 3, 3)), jnp.float32)  # the kernel covers the image
   fn = lambda x: lax.conv_general_dilated(
       x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
-  graph, _ = build_graph(fn, [verify.linf_ball(x, 0.1)], crown_module.is_supported)
+  graph, _ = build_graph(fn, [verify.linf_ball(x, 0.1)])
   assert patches.plan(graph.nodes[-1]) is None
 
 

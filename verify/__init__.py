@@ -2,6 +2,13 @@
 verification of ReLU networks by mixed-integer programming, and complete verification
 of VNN-COMP instances (VNNLIB, falsification, branch and bound).
 
+Bounds are sound for the real-valued function a program computes from its float
+weights; "verified" (`certify`, `decide`, `branch_and_bound`) also subtracts
+`rounding_allowance`, so that it holds at every float32 point of the box for the
+program's float32 evaluation too (`verify.rounding` gives the model). What the
+interpreter cannot bound soundly raises `UnsupportedPrimitiveError` naming the
+primitive and the user's source line; `verify.primitives` holds what it knows.
+
 Depends on ``robustlib`` only.
 """
 
@@ -11,11 +18,12 @@ from verify.bab import BabResult, branch_and_bound
 from verify.certification import METHODS, certify, margin_bounds
 from verify.crown import crown, crown_ibp
 from verify.falsification import falsify
-from verify.graph import UnsupportedPrimitiveError
-from verify.ibp import SUPPORTED_PRIMITIVES, ibp, relu_input_bounds
+from verify.ibp import ibp, relu_input_bounds
 from verify.interval import Interval, linf_ball
 from verify.instances import Decision, decide
 from verify.milp import MilpResult, milp_minimum, milp_verify
+from verify.primitives import SUPPORTED_PRIMITIVES, UnsupportedPrimitiveError
+from verify.rounding import allowance as rounding_allowance
 from verify.specs import margin_spec
 from verify.unsafe import UnsafeSet
 
@@ -42,5 +50,6 @@ __all__: list[str] = [
     "milp_minimum",
     "milp_verify",
     "relu_input_bounds",
+    "rounding_allowance",
     "vnnlib",
 ]

@@ -21,6 +21,7 @@ from jax import lax
 import optax
 
 from robustlib.checks import InputError
+from verify import primitives
 from verify.crown import Node
 from verify.crown import _prepare
 from verify.crown import _spec_rows
@@ -83,6 +84,7 @@ def _optimise(out, A, bounds, steps: int, lr: float) -> jax.Array:
   return rows(lax.stop_gradient(best_alphas), bounds)
 
 
+@primitives.highest_precision
 def alpha_crown(fn: Callable,
                 interval: Interval,
                 spec: jax.typing.ArrayLike | None = None,

@@ -31,6 +31,8 @@ import numpy as np
 
 from robustlib import compilation
 from robustlib.checks import InputError
+from verify import error_rules as er
+from verify import rounding
 from verify.alpha_crown import alpha_crown
 from verify.crown import lower_bounds
 from verify.interval import Interval
@@ -70,7 +72,8 @@ def bound_safety(fn: Callable, lower: jax.Array, upper: jax.Array, unsafe: Unsaf
     method: one of `METHODS`; linear methods keep the tighter of theirs and IBP's.
 
   Returns:
-    ``[B]``: positive where the whole box is proven safe.
+    ``[B]``: positive where the whole box is proven safe (the bounds less their
+    rounding allowance, `verify.rounding`).
   """
   if method not in METHODS:
     raise InputError(f"method must be one of {METHODS}, got {method!r}")
@@ -83,6 +86,9 @@ def bound_safety(fn: Callable, lower: jax.Array, upper: jax.Array, unsafe: Unsaf
     rows = jnp.maximum(rows, alpha_crown(fn, box, spec, lower_only=True))
   elif method != "ibp":
     rows = jnp.maximum(rows, lower_bounds(fn, box, spec, method))
+  # The allowance for rounding (`verify.rounding`), and for the offsets' rounding to float32.
+  u = er.unit_roundoff(jnp.float32)
+  rows = rows - rounding.allowance(fn, box, spec) - 2 * u * jnp.abs(unsafe.d)
   return unsafe.proven(rows)
 
 

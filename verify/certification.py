@@ -10,7 +10,12 @@ import numpy as np
 
 from robustlib import compilation
 from robustlib.checks import InputError
+from robustlib.checks import check_bounds
+from robustlib.checks import check_eps
+from robustlib.checks import check_images
 from robustlib.checks import check_labels
+from robustlib.checks import check_logits_shape
+from verify import rounding
 from verify.alpha_crown import alpha_crown
 from verify.crown import lower_bounds
 from verify.interval import linf_ball
@@ -48,15 +53,23 @@ def margin_bounds(logits_fn: Callable,
   Returns:
     ``[N, K - 1]`` lower bounds, row order as `margin_spec`. Certified training
     uses e.g. ``softplus(-margin_bounds(...))`` as a robust loss.
+
+  Raises:
+    InputError: for an unknown method, or inputs `certify` rejects. Shapes and
+      dtypes are checked at trace time; values (NaN, the box, the labels' range,
+      the sign of eps) only where they are concrete, not traced.
   """
   if method not in METHODS:
     raise InputError(f"method must be one of {METHODS}, got {method!r}")
+  check_bounds(bounds)
+  check_images(x, bounds=bounds, name="x")
   x = jnp.asarray(x)
+  check_eps(eps, num_examples=x.shape[0])
   box = linf_ball(x, eps, bounds)
   out = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(x.shape, x.dtype))
-  if len(out.shape) != 2 or out.shape[0] != x.shape[0]:
-    raise InputError(f"logits_fn must map [N, ...] to [N, K], got {out.shape} for {x.shape}")
-  spec = margin_spec(y, out.shape[1])
+  num_classes = check_logits_shape(out, x.shape[0], what="a margin specification")
+  check_labels(y, num_examples=x.shape[0], num_classes=num_classes, name="y")
+  spec = margin_spec(y, num_classes)
   if method == "alpha_crown":
     return alpha_crown(logits_fn,
                        box,
@@ -73,7 +86,16 @@ def _certify_jit(logits_fn, x, y, eps, method, bounds, chunk_size):
   lower = margin_bounds(logits_fn, x, y, eps, method, bounds, chunk_size)
   if method != "ibp":  # both are sound: keep the tighter bound of each margin
     lower = jnp.maximum(lower, margin_bounds(logits_fn, x, y, eps, "ibp", bounds, chunk_size))
-  return jnp.all(lower > 0, axis=1)
+  spec = margin_spec(y, lower.shape[1] + 1)
+  allow = rounding.allowance(logits_fn, linf_ball(x, eps, bounds), spec)
+  return jnp.all(lower - allow > 0, axis=1)
+
+
+def _round_up(eps) -> np.ndarray:
+  """``eps`` as float32, rounded up: the float32 ball contains the requested one."""
+  wide = np.asarray(eps, np.float64)
+  narrow = wide.astype(np.float32)
+  return np.where(narrow < wide, np.nextafter(narrow, np.float32(np.inf)), narrow)
 
 
 def certify(logits_fn: Callable,
@@ -83,7 +105,15 @@ def certify(logits_fn: Callable,
             method: str = "ibp",
             bounds: tuple[float, float] | None = (0.0, 1.0),
             chunk_size: int | None = None) -> jax.Array:
-  """Which examples are verified robust: every margin's lower bound is > 0.
+  """Which examples are verified robust: every margin's lower bound exceeds its rounding allowance.
+
+  Verified means: at every float32 point within ``eps`` of ``x`` (inside
+  ``bounds``), the label's logit exceeds every other logit, both for the
+  real-valued function the program computes from its float weights and for the
+  program evaluated in float32 (every product at HIGHEST precision); each margin's
+  lower bound must exceed `verify.rounding_allowance`, which covers the rounding of
+  that evaluation and of the bound computation (see `verify.rounding`). ``eps`` is
+  rounded up to float32.
 
   With a linear method (CROWN-IBP, CROWN, alpha-CROWN) each margin's bound is
   the tighter of that method's and IBP's, so a method never certifies fewer
@@ -104,18 +134,25 @@ def certify(logits_fn: Callable,
   Returns:
     bool ``[N]``: True where the prediction is provably constant on the ball.
 
+  Raises:
+    InputError: before any work, for an unknown method; ``bounds`` with lower >
+      upper; ``x`` of rank 0, of a non-floating dtype, with NaN or infinite
+      values or outside ``bounds``; ``y`` not integer labels ``[N]`` in ``[0,
+      K)``; ``eps`` negative, NaN, infinite or of a shape other than ``()`` or
+      ``[N]``; ``logits_fn`` not returning floating logits ``[N, K]``, K >= 2.
+
   Example:
     >>> verified = verify.certify(logits_fn, x, y, 0.1, method="crown_ibp")
   """
   if method not in METHODS:
     raise InputError(f"method must be one of {METHODS}, got {method!r}")
-  x_np = np.asarray(x)
-  if x_np.ndim < 1:
-    raise InputError(f"x must have a leading batch axis, got shape {x_np.shape}")
-  check_labels(y, num_examples=x_np.shape[0])
-  eps_np = np.asarray(eps)
-  if np.any(np.isnan(eps_np)) or np.any(eps_np < 0):
-    raise InputError(f"eps must be >= 0, got {eps_np}")
-  bounds = None if bounds is None else (float(bounds[0]), float(bounds[1]))
-  return _certify_jit(logits_fn, jnp.asarray(x), jnp.asarray(y), jnp.asarray(eps, jnp.float32),
+  bounds = check_bounds(bounds)
+  check_images(x, bounds=bounds, name="x")
+  x = jnp.asarray(x)
+  check_labels(y, num_examples=x.shape[0], name="y")
+  check_eps(eps, num_examples=x.shape[0])
+  logits = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(x.shape, x.dtype))
+  num_classes = check_logits_shape(logits, x.shape[0], what="a margin specification")
+  check_labels(y, num_classes=num_classes, name="y")
+  return _certify_jit(logits_fn, jnp.asarray(x), jnp.asarray(y), jnp.asarray(_round_up(eps)),
                       method, bounds, chunk_size)

@@ -33,47 +33,19 @@ from jax import lax
 from robustlib import fastgrad
 from robustlib.checks import InputError
 from verify.ibp import ibp_node
-from verify.ibp import is_supported as _ibp_supported
 from verify.ibp import propagate as ibp_propagate
 from verify import patches
+from verify import primitives
 from verify import relaxations as rx
 from verify.graph import Graph
 from verify.graph import Node
-from verify.graph import UnsupportedPrimitiveError
+from verify.primitives import UnsupportedPrimitiveError
 from verify.graph import ancestors
 from verify.graph import consumers
 from verify.graph import build_graph
 from verify.interval import Interval
 from verify.rows import balanced_chunks
 from verify.rows import identity_rows
-
-# Operations affine in their bounded operands whatever they are.
-AFFINE = {
-    "convert_element_type", "copy", "copy_p", "reshape", "broadcast_in_dim", "transpose", "squeeze",
-    "expand_dims", "slice", "concatenate", "pad", "reduce_sum", "reduce_window_sum", "cumsum",
-    "split", "add", "add_any", "sub", "neg", "select_n", "dynamic_slice", "gather",
-    "reduce_precision", "real"
-}
-# Operations that pass their operand through unchanged (their VJP would be zero).
-IDENTITY = {"stop_gradient", "optimization_barrier"}
-# Bilinear: affine when exactly one operand is bounded.
-BILINEAR = {"mul", "dot_general", "conv_general_dilated"}
-# Linear (no constant term) when affine.
-LINEAR = {
-    "convert_element_type", "copy", "copy_p", "reshape", "broadcast_in_dim", "transpose", "squeeze",
-    "expand_dims", "reduce_sum", "reduce_window_sum", "cumsum", "split", "neg", "dynamic_slice",
-    "gather", "reduce_precision", "real", "mul", "dot_general", "conv_general_dilated", "div",
-    "slice"
-}
-# Operations that mix elements (IBP of them is exact only on a one-to-one image of the input).
-MIXING = {"dot_general", "conv_general_dilated", "reduce_sum", "reduce_window_sum", "cumsum"}
-# One-to-one elementwise or structural operations.
-ONE_TO_ONE = {
-    "convert_element_type", "copy", "copy_p", "reshape", "transpose", "squeeze", "expand_dims",
-    "slice", "neg", "add", "sub", "mul", "div", "reduce_precision", "real", "stop_gradient",
-    "optimization_barrier", "dynamic_slice", "split"
-}
-POOL_MAX = {"reduce_window_max", "reduce_max"}
 
 # Elements of one coefficient array before chunking (32 MB of float32). XLA's CPU runtime takes a
 # computation's temporary memory fresh at every call and pays a page fault for each page on first
@@ -85,38 +57,13 @@ DEFAULT_BUDGET = 1 << 23
 
 
 def node_kind(node: Node) -> str:
-  """'input', 'identity', 'affine', 'relu', 'elementwise', 'pool' or 'unsupported'."""
-  name = node.name
-  nb = len(node.bounded_inputs)
-  if name == "input":
-    return "input"
-  if name in IDENTITY:
-    return "identity"
-  if name in AFFINE:
-    if name == "select_n" and 0 in node.bounded_inputs:
-      return "unsupported"
-    if name in ("dynamic_slice", "gather") and node.bounded_inputs != [0]:
-      return "unsupported"
-    return "affine"
-  if name in BILINEAR:
-    return "affine" if nb == 1 else "unsupported"
-  if name == "div":
-    return "affine" if node.bounded_inputs == [0] else "unsupported"
-  if name in ("max", "min"):
-    return "relu" if nb == 1 else "unsupported"
-  if name in rx.ELEMENTWISE:
-    return "elementwise"
-  if name == "integer_pow":
-    return "elementwise" if node.params["y"] >= 0 else "unsupported"
-  if name in POOL_MAX:
-    if name == "reduce_window_max" and any(d != 1 for d in node.params["base_dilation"]):
-      return "unsupported"
-    return "pool"
-  return "unsupported"
+  """'input', 'identity', 'affine', 'relu', 'elementwise', 'pool' or 'unsupported'.
 
-
-def is_supported(name: str) -> bool:
-  return _ibp_supported(name)
+  The registry's ``linear`` and ``affine`` kinds are both 'affine' here; only the
+  latter has a constant term (`verify.primitives`).
+  """
+  k = primitives.kind(node)
+  return "affine" if k == "linear" else k
 
 
 def _check_crown_node(node: Node) -> None:
@@ -143,7 +90,7 @@ def concretize(A: jax.Array, box: Interval) -> jax.Array:
 
 def _window_stack(node: Node, x: jax.Array, pad_value) -> jax.Array:
   """``[*out_shape, W]``: the W elements of every pooling window of ``x``."""
-  if node.name == "reduce_max":
+  if "axes" in node.params:  # a reduction over axes, not windows
     axes = tuple(node.params["axes"])
     keep = [d for d in range(x.ndim) if d not in axes]
     xt = jnp.transpose(x, keep + list(axes))
@@ -178,28 +125,10 @@ def _pool_relaxation(node: Node, box: Interval):
 
 
 def _elementwise_relaxation(node: Node, box: Interval, alpha=None) -> rx.Relaxation:
-  l, u = box.lower, box.upper
-  name = node.name
-  if name in ("max", "min"):
-    pos = node.bounded_inputs[0]
-    c = node.inputs[1 - pos]
-    c = jnp.broadcast_to(jnp.asarray(c, l.dtype), l.shape)
-    if name == "max":
-      return rx.relu_like(l, u, c, alpha)
-    return rx.negate_input(rx.relu_like(-u, -l, -c, alpha))
-  if name == "integer_pow":
-    return rx.power_relax(node.params["y"])(l, u)
-  return rx.ELEMENTWISE[name](l, u)
+  return primitives.relaxation(node, box, alpha)
 
 
-def relu_alpha_init(node: Node, box: Interval) -> jax.Array:
-  """The adaptive lower slope CROWN uses for a ``max``/``min`` node with input ``box``."""
-  l, u = box.lower, box.upper
-  pos = node.bounded_inputs[0]
-  c = jnp.broadcast_to(jnp.asarray(node.inputs[1 - pos], l.dtype), l.shape)
-  if node.name == "max":
-    return rx.relu_default_alpha(l, u, c)
-  return rx.relu_default_alpha(-u, -l, -c)
+relu_alpha_init = primitives.relu_alpha_init
 
 
 def _linear_map(node: Node) -> Callable[..., jax.Array]:
@@ -209,7 +138,7 @@ def _linear_map(node: Node) -> Callable[..., jax.Array]:
   channels-last convolution with a pre-flipped kernel (``robustlib.fastgrad``):
   on CPU, XLA's own transpose inside a loop over chunks is several times slower.
   """
-  if (node.name == "conv_general_dilated" and node.bounded_inputs == [0] and
+  if (primitives.family(node) == "conv" and node.bounded_inputs == [0] and
       node.params["batch_group_count"] == 1):
     return fastgrad.conv_with_fast_transpose(node.inputs[1], node.params)
   return node.apply_bounded
@@ -260,7 +189,7 @@ def backward(start: Node,
       cts = jax.vmap(vjp)(A.astype(out0.dtype))
       for p, ct in zip(pos, cts):
         add(node.inputs[p], ct)
-      if node.name not in LINEAR:
+      if primitives.kind(node) == "affine":  # a constant term
         total = total + _sum_rest(A * out0[None])
     elif kind in ("relu", "elementwise"):
       x = node.inputs[node.bounded_inputs[0]]
@@ -309,13 +238,14 @@ def ibp_exact_nodes(graph: Graph) -> set[int]:
     ins = [node.inputs[p] for p in node.bounded_inputs]
     if node.name == "input":
       raw[node.index] = exact[node.index] = True
-    elif node.name in ONE_TO_ONE and len(ins) == 1 and node_kind(node) in ("affine", "identity"):
+    elif (primitives.flag(node, "one_to_one") and len(ins) == 1 and
+          node_kind(node) in ("affine", "identity")):
       raw[node.index] = raw[ins[0].index]
       exact[node.index] = exact[ins[0].index]
-    elif node.name in ("broadcast_in_dim", "pad") and len(ins) == 1:
+    elif primitives.family(node) in ("broadcast", "padding") and len(ins) == 1:
       raw[node.index] = False
       exact[node.index] = exact[ins[0].index]
-    elif node.name in MIXING and len(ins) == 1 and node_kind(node) == "affine":
+    elif primitives.flag(node, "mixing") and len(ins) == 1 and node_kind(node) == "affine":
       raw[node.index] = False
       exact[node.index] = raw[ins[0].index]
     else:
@@ -366,7 +296,7 @@ def node_bounds_by_backward(node: Node,
     if needed is not None:
       lower = jnp.where(needed, lower, fallback.lower)
       upper = jnp.where(needed, upper, fallback.upper)
-    return Interval(lower, upper)
+    return _ordered(lower, upper)
   chunk, n_chunks = balanced_chunks(m, chunk_size or _default_chunk(node))
   if needed is None:
     order = jnp.broadcast_to(jnp.arange(m), (n, m))
@@ -401,7 +331,13 @@ def node_bounds_by_backward(node: Node,
   if needed is not None:
     lower = jnp.where(needed, lower, fallback.lower)
     upper = jnp.where(needed, upper, fallback.upper)
-  return Interval(lower, upper)
+  return _ordered(lower, upper)
+
+
+def _ordered(lower: jax.Array, upper: jax.Array) -> Interval:
+  """Bounds from two separate passes, in order: where they cross (by rounding, on a box a
+  few ulps wide) the value lies between them either way."""
+  return Interval(jnp.minimum(lower, upper), jnp.maximum(lower, upper))
 
 
 def _unstable(node: Node, users: list[Node], box: Interval) -> jax.Array | None:
@@ -413,8 +349,7 @@ def _unstable(node: Node, users: list[Node], box: Interval) -> jax.Array | None:
       continue
     if kind != "relu":
       return None
-    pos = user.bounded_inputs[0]
-    c = jnp.broadcast_to(jnp.asarray(user.inputs[1 - pos], node.dtype), node.shape)
+    _, c = primitives.relu_threshold(user, node.dtype)
     mask = mask | ((box.lower < c) & (box.upper > c))
   return mask
 
@@ -465,7 +400,7 @@ def intermediate_bounds(graph: Graph,
     needed = _unstable(node, users[node.index], ib)
     b = node_bounds_by_backward(node, bounds, chunk_size, needed, ib)
     if intersect:
-      b = Interval(jnp.maximum(b.lower, ib.lower), jnp.minimum(b.upper, ib.upper))
+      b = _ordered(jnp.maximum(b.lower, ib.lower), jnp.minimum(b.upper, ib.upper))
     bounds[node.index] = b
   return bounds
 
@@ -486,7 +421,8 @@ def _prepare(fn: Callable, interval: Interval, spec):
     raise InputError(f"expected an Interval of inputs [N, ...], got {type(interval).__name__}")
   if len(interval.shape) < 1:
     raise InputError("the input interval needs a leading batch axis")
-  graph, boxes = build_graph(fn, [interval], is_supported)
+  graph, boxes = build_graph(fn, [interval])
+  _check_batch_axes(fn, interval, graph)
   if len(graph.outputs) != 1:
     raise InputError(f"fn must return one array [N, K], got {len(graph.outputs)} outputs")
   out = graph.outputs[0]
@@ -502,6 +438,42 @@ def _prepare(fn: Callable, interval: Interval, spec):
       raise InputError(f"spec must have shape [N={n}, S, K={out_shape[1:]}] for outputs of shape "
                        f"{out_shape}, got {tuple(spec.shape)}")
   return graph, boxes, out, out_shape, spec
+
+
+def _check_batch_axes(fn: Callable, interval: Interval, graph: Graph) -> None:
+  """Refuses a graph some node of which does not hold one example per index of its first axis.
+
+  Backward passes keep coefficients as ``[S, N, ...]`` and sum each node's constant
+  terms per example over its trailing axes, which is right only when every node
+  keeps the batch axis first. The function is traced once more with one more
+  example: a node whose first axis does not grow by one (a transposed batch, a
+  mean over the batch) is refused, naming it. A function that only runs at its
+  own batch size gets the weaker check that every node's first axis is the batch
+  size.
+  """
+  n = interval.shape[0]
+  grown = (n + 1,) + tuple(interval.shape[1:])
+  probe = Interval(jnp.zeros(grown, interval.dtype), jnp.zeros(grown, interval.dtype))
+  try:
+    other, _ = build_graph(fn, [probe])
+  except Exception:  # pylint: disable=broad-except
+    # A function of one batch size (it closes over per-example constants): only the shapes
+    # can be checked.
+    for a in graph.nodes:
+      if not a.shape or a.shape[0] != n:
+        raise InputError(f"backward bound propagation needs the batch axis first on every "
+                         f"operation; {a.describe()} has shape {a.shape} for {n} "
+                         "examples") from None
+    return
+  if len(other.nodes) != len(graph.nodes):
+    raise InputError("backward bound propagation needs a function whose operations do not "
+                     "depend on the batch size; its graph changed with one more example")
+  for a, b in zip(graph.nodes, other.nodes):
+    if a.shape and b.shape == (a.shape[0] + 1,) + tuple(a.shape[1:]):
+      continue
+    raise InputError(f"backward bound propagation needs the batch axis first on every "
+                     f"operation, with examples independent; {a.describe()} has shape "
+                     f"{a.shape} for {n} examples and {b.shape} for {n + 1}")
 
 
 def _spec_rows(out_shape, spec, dtype):
@@ -532,6 +504,7 @@ def _output_backward(out, A, bounds, chunk_size, stop=frozenset()):
   return res.reshape((n_chunks * chunk,) + res.shape[2:])[:s]
 
 
+@primitives.highest_precision
 def _bound(fn, interval, spec, method, chunk_size, intersect=False):
   graph, boxes, out, out_shape, spec = _prepare(fn, interval, spec)
   bounds = intermediate_bounds(graph, boxes, method, chunk_size, intersect)
@@ -589,6 +562,7 @@ def crown_ibp(fn: Callable,
   return _bound(fn, interval, spec, "crown_ibp", chunk_size, intersect_ibp)
 
 
+@primitives.highest_precision
 def lower_bounds(fn: Callable,
                  interval: Interval,
                  spec: jax.typing.ArrayLike,
@@ -623,9 +597,10 @@ def fold_frontier(out: Node) -> frozenset[int]:
       continue
     seen.add(node.index)
     kind = node_kind(node)
-    if kind in ("affine", "identity") and node.name in MIXING:
+    if kind in ("affine", "identity") and primitives.flag(node, "mixing"):
       stop.update(node.inputs[p].index for p in node.bounded_inputs)
-    elif kind in ("affine", "identity") and node.name in ONE_TO_ONE | {"broadcast_in_dim"}:
+    elif kind in ("affine", "identity") and (primitives.flag(node, "one_to_one") or
+                                             primitives.family(node) == "broadcast"):
       stack.extend(node.inputs[p] for p in node.bounded_inputs)
     else:
       stop.add(node.index)

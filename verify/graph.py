@@ -3,10 +3,19 @@
 The function is traced once to a jaxpr. Walking it equation by equation splits
 the program in two: equations whose inputs do not depend on a bounded input are
 evaluated right away by binding their primitive (weights, BatchNorm statistics,
-masks), and the others become `Node`s of a flat graph. Nested calls (`jit`,
-`closed_call`, `custom_jvp_call`, `custom_vjp_call`, `checkpoint`) are inlined.
-A few primitives are rewritten into simpler ones (``clamp`` into ``max`` and
-``min``; ``max``/``min`` of two bounded values into a ReLU of their difference).
+masks), and the others become `Node`s of a flat graph. What to do with each
+primitive comes from `verify.primitives`: calls (``jit``, ``closed_call``,
+``custom_jvp_call``, ``custom_vjp_call``, ``checkpoint``) are inlined, and only
+calls; loops of static length are unrolled, a ``cond`` on a constant index takes
+its branch, generic reductions with a max/min/add body become the dedicated ones,
+and anything else that carries a body (``while``, ``cond`` on a bounded index,
+other reduction bodies) is refused.
+
+Narrow floats (bfloat16, float16) are bounded in float32: an operation whose
+result is a narrow float becomes the same operation in float32 followed by
+``reduce_precision`` to the narrow format (the exact result rounded once, as XLA
+computes products and sums with float32 accumulation), whose relaxation is the
+identity plus or minus the format's rounding reach.
 
 The graph is what every bound method (IBP, CROWN, alpha-CROWN) walks; it is
 built at trace time, so under `jax.jit` the analysis runs once per compilation.
@@ -22,12 +31,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from robustlib import jax_internals as ji
-from robustlib.checks import InputError
+from verify import primitives
 from verify.interval import Interval
-
-
-class UnsupportedPrimitiveError(InputError):
-  """A primitive without a bound rule was applied to a bounded value."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -97,14 +102,6 @@ class Graph:
   out_tree: Any
 
 
-# Primitives whose sub-jaxpr is inlined when a bounded value flows in.
-_CALL_JAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
-_CALL_PRIMITIVES = {
-    "jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
-    "custom_vjp_call_jaxpr", "checkpoint", "remat", "custom_lin"
-}
-
-
 def source_line(eqn) -> str:
   """The user's source location (``file:line (function)``) of an equation."""
   try:
@@ -116,9 +113,12 @@ def source_line(eqn) -> str:
 class _Builder:
   """Walks jaxprs, evaluating constant equations and recording bounded ones."""
 
-  def __init__(self, supported: Callable[[str], bool]):
+  def __init__(self):
     self.nodes: list[Node] = []
-    self.supported = supported
+
+  @staticmethod
+  def is_node(x) -> bool:
+    return isinstance(x, Node)
 
   def new_node(self, name, primitive, params, inputs, out_index, aval_or_val, source):
     if hasattr(aval_or_val, "shape"):
@@ -130,45 +130,54 @@ class _Builder:
     self.nodes.append(node)
     return node
 
-  def emit(self, primitive, params, inputs, source, aval) -> Node:
-    """Records ``primitive(*inputs)``, applying the rewrites."""
+  def op(self, primitive, params, inputs, source, aval, out_index=None) -> Node:
+    """Records ``primitive(*inputs)`` as a node (narrow floats computed in float32, then
+    rounded)."""
+    rec = primitives.lookup(primitive.name, source)
+    params = primitives.bind_params(rec, params)
+    dtype = jnp.dtype(aval.dtype)
+    narrow = primitives.is_low_float(dtype)
+    if narrow or any(
+        primitives.is_low_float(getattr(a, "dtype", jnp.float32))
+        for a in inputs
+        if not isinstance(a, Node)):
+      inputs = [
+          a if isinstance(a, Node) or not primitives.is_low_float(jnp.asarray(a).dtype) else
+          jnp.asarray(a, jnp.float32) for a in inputs
+      ]
+      params = {
+          k: (jnp.float32 if k in ("new_dtype", "preferred_element_type") and v is not None and
+              primitives.is_low_float(v) else v) for k, v in params.items()
+      }
+    wide = jax.ShapeDtypeStruct(tuple(aval.shape), jnp.float32 if narrow else dtype)
+    node = self.new_node(primitive.name, primitive, params, inputs, out_index, wide, source)
+    if narrow and not rec.exact:
+      info = jnp.finfo(dtype)
+      node = self.op(lax.reduce_precision_p, {
+          "exponent_bits": int(info.nexp),
+          "mantissa_bits": int(info.nmant)
+      }, [node], source, wide)
+    return node
+
+  def emit(self, primitive, params, inputs, source, aval) -> Any:
+    """``primitive(*inputs)`` for one result, with the registry's expansions."""
+    return self.apply(primitive, params, inputs, source, [aval])[0]
+
+  def apply(self, primitive, params, invals, source, avals) -> list[Any]:
+    """The results of ``primitive(*invals)``: constants, inlined calls, expansions or nodes."""
     name = primitive.name
-    bounded = [isinstance(a, Node) for a in inputs]
-    if name == "clamp":
-      lo, x, hi = inputs
-      # clamp(lo, x, hi) = min(max(x, lo), hi), with lo and hi broadcast by the primitives.
-      lo_b = lo if isinstance(lo, Node) else jnp.broadcast_to(jnp.asarray(lo, aval.dtype),
-                                                              aval.shape)
-      hi_b = hi if isinstance(hi, Node) else jnp.broadcast_to(jnp.asarray(hi, aval.dtype),
-                                                              aval.shape)
-      if isinstance(lo_b, Node) and lo_b.shape != tuple(aval.shape):
-        lo_b = self.emit(lax.broadcast_in_dim_p, {
-            "shape": tuple(aval.shape),
-            "broadcast_dimensions": (),
-            "sharding": None
-        }, [lo_b], source, aval)
-      if isinstance(hi_b, Node) and hi_b.shape != tuple(aval.shape):
-        hi_b = self.emit(lax.broadcast_in_dim_p, {
-            "shape": tuple(aval.shape),
-            "broadcast_dimensions": (),
-            "sharding": None
-        }, [hi_b], source, aval)
-      inner = self.emit(lax.max_p, {}, [x, lo_b], source, aval)
-      return self.emit(lax.min_p, {}, [inner, hi_b], source, aval)
-    if name in ("max", "min") and all(bounded):
-      # max(a, b) = b + relu(a - b); min(a, b) = a - relu(a - b).
-      a, b = inputs
-      diff = self.emit(lax.sub_p, {}, [a, b], source, aval)
-      zero = jnp.zeros((), aval.dtype)
-      relu = self.emit(lax.max_p, {}, [diff, zero], source, aval)
-      if name == "max":
-        return self.emit(lax.add_p, {}, [b, relu], source, aval)
-      return self.emit(lax.sub_p, {}, [a, relu], source, aval)
-    if not self.supported(name):
-      raise UnsupportedPrimitiveError(
-          f"no bound rule for primitive '{name}' (applied to a bounded value at {source}); "
-          "supported primitives are listed in verify.SUPPORTED_PRIMITIVES")
-    return self.new_node(name, primitive, params, inputs, None, aval, source)
+    if not any(isinstance(a, Node) for a in invals):
+      out = primitive.bind(*invals, **params)
+      return list(out) if primitive.multiple_results else [out]
+    if name in primitives.CALLS:
+      jaxpr, consts = primitives.call_body(primitive, params)
+      return self.walk(jaxpr, consts, invals)
+    expand = primitives.EXPANSIONS.get(name)
+    if expand is not None:
+      return expand(self, primitive, params, invals, source, avals)
+    if primitive.multiple_results:
+      return [self.op(primitive, params, invals, source, a, i) for i, a in enumerate(avals)]
+    return [self.op(primitive, params, invals, source, avals[0])]
 
   def walk(self, jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
     env: dict[Any, Any] = {}
@@ -184,33 +193,14 @@ class _Builder:
       env[v] = a
     for eqn in jaxpr.eqns:
       invals = [read(v) for v in eqn.invars]
-      source = source_line(eqn)
-      name = eqn.primitive.name
       if not any(isinstance(a, Node) for a in invals):
         bind_params = eqn.primitive.get_bind_params(eqn.params)
         with eqn.ctx.manager:
           out = eqn.primitive.bind(*invals, **bind_params)
         outs = out if eqn.primitive.multiple_results else [out]
-      elif name in _CALL_PRIMITIVES or any(
-          isinstance(eqn.params.get(p), (ji.ClosedJaxpr, ji.Jaxpr)) for p in _CALL_JAXPR_PARAMS):
-        sub = next(eqn.params[p]
-                   for p in _CALL_JAXPR_PARAMS
-                   if isinstance(eqn.params.get(p), (ji.ClosedJaxpr, ji.Jaxpr)))
-        if isinstance(sub, ji.ClosedJaxpr):
-          outs = self.walk(sub.jaxpr, sub.consts, invals)
-        else:
-          outs = self.walk(sub, (), invals)
-      elif eqn.primitive.multiple_results:
-        if not self.supported(name):
-          raise UnsupportedPrimitiveError(
-              f"no bound rule for primitive '{name}' (applied to a bounded value at {source}); "
-              "supported primitives are listed in verify.SUPPORTED_PRIMITIVES")
-        outs = [
-            self.new_node(name, eqn.primitive, eqn.params, invals, i, v.aval, source)
-            for i, v in enumerate(eqn.outvars)
-        ]
       else:
-        outs = [self.emit(eqn.primitive, eqn.params, invals, source, eqn.outvars[0].aval)]
+        outs = self.apply(eqn.primitive, eqn.params, invals, source_line(eqn),
+                          [v.aval for v in eqn.outvars])
       for v, o in zip(eqn.outvars, outs):
         env[v] = o
     return [read(v) for v in jaxpr.outvars]
@@ -220,15 +210,13 @@ def is_interval(x: Any) -> bool:
   return isinstance(x, Interval)
 
 
-def build_graph(fn: Callable, args: Sequence[Any],
-                supported: Callable[[str], bool]) -> tuple[Graph, list[Interval]]:
+def build_graph(fn: Callable, args: Sequence[Any]) -> tuple[Graph, list[Interval]]:
   """Traces ``fn(*args)`` into a `Graph`.
 
   Args:
     fn: the function; its arguments may be pytrees whose leaves are `Interval`s
       (bounded) or arrays (constants).
     args: the arguments.
-    supported: whether a primitive name has a bound rule.
 
   Returns:
     ``(graph, boxes)``: the graph and the `Interval` of each input node, in order.
@@ -238,6 +226,9 @@ def build_graph(fn: Callable, args: Sequence[Any],
   for leaf in leaves:
     if isinstance(leaf, Interval):
       specs.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+      if not jnp.issubdtype(leaf.dtype, jnp.floating):
+        raise primitives.InputError(f"bounded inputs must be floating point, got an Interval "
+                                    f"of dtype {leaf.dtype}")
     else:
       leaf = jnp.asarray(leaf)
       specs.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
@@ -247,10 +238,13 @@ def build_graph(fn: Callable, args: Sequence[Any],
 
   closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*specs)
   out_tree = jax.tree_util.tree_structure(out_shape)
-  builder = _Builder(supported)
+  builder = _Builder()
   walk_args, boxes, inputs = [], [], []
   for leaf, spec in zip(leaves, specs):
     if isinstance(leaf, Interval):
+      if primitives.is_low_float(leaf.dtype):  # narrow inputs are bounded in float32 (exactly)
+        leaf = Interval(leaf.lower.astype(jnp.float32), leaf.upper.astype(jnp.float32))
+        spec = jax.ShapeDtypeStruct(spec.shape, jnp.float32)
       node = builder.new_node("input", None, {}, (), None, spec, "")
       inputs.append(node)
       boxes.append(leaf)

@@ -48,7 +48,7 @@ from verify.bab import branch_and_bound
 from verify.bab import round_inward
 from verify.bab import round_outward
 from verify.falsification import falsify
-from verify.graph import UnsupportedPrimitiveError
+from verify.primitives import UnsupportedPrimitiveError
 from verify.milp import milp_verify
 from verify.unsafe import UnsafeSet
 

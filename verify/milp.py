@@ -48,8 +48,9 @@ from robustlib.checks import InputError
 from verify.crown import intermediate_bounds
 from verify.crown import node_kind
 from verify.crown import _prepare
+from verify import primitives
 from verify.graph import Node
-from verify.graph import UnsupportedPrimitiveError
+from verify.primitives import UnsupportedPrimitiveError
 from verify.interval import Interval
 from verify.unsafe import UnsafeSet
 
@@ -152,7 +153,7 @@ def _relu(node: Node, z: _Expr, bounds: Interval, program: _Program) -> _Expr:
   c = np.broadcast_to(np.asarray(node.inputs[1 - pos], np.float64), node.shape).ravel()
   lo, hi = _widen(bounds)
   sign = 1.0
-  if node.name == "min":  # min(z, c) = -max(-z, -c)
+  if not primitives.is_max_relu(node):  # min(z, c) = -max(-z, -c)
     sign, c, lo, hi = -1.0, -c, -hi, -lo
     z = _Expr(-z.const, -z.coef)
   active, inactive = lo >= c, hi <= c
@@ -176,6 +177,7 @@ def _relu(node: Node, z: _Expr, bounds: Interval, program: _Program) -> _Expr:
   return _Expr(sign * const, sign * coef)
 
 
+@primitives.highest_precision
 def _bounds_fn(fn, lower, upper):
   graph, boxes, *_ = _prepare(fn, Interval(lower, upper), None)
   return intermediate_bounds(graph, boxes, "crown", intersect=True)
@@ -184,6 +186,7 @@ def _bounds_fn(fn, lower, upper):
 _jitted_bounds = compilation.jit(_bounds_fn, static_argnums=0)
 
 
+@primitives.highest_precision
 def encode(fn: Callable[[jax.Array], jax.Array], lower: jax.typing.ArrayLike,
            upper: jax.typing.ArrayLike) -> tuple[_Program, _Expr, int]:
   """The program of ``fn`` over the box ``[lower, upper]`` (one input ``[...]``).

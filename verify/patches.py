@@ -37,13 +37,12 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from verify import primitives
 from verify import relaxations as rx
 from verify.graph import Node
-from verify.rows import IN_PLACE
 from verify.rows import balanced_chunks
 from verify.rows import fold_affine_tail
 
-_CONSTANT_OPS = {"add", "sub", "mul", "div"}
 # Use patches when their elements per row are at most this fraction of the dense rows'.
 _MAX_FRACTION = 0.5
 # A window's transposed convolution is one matrix product when the matrix has at most this many
@@ -77,11 +76,13 @@ def _conv_ok(node: Node) -> bool:
 
 
 def _is_relaxed(node: Node) -> bool:
-  if node.name in ("max", "min"):
-    return True
-  if node.name == "integer_pow":
-    return node.params["y"] >= 0
-  return node.name in rx.ELEMENTWISE
+  return primitives.kind(node) in ("relu", "elementwise")
+
+
+def _is_number(v, value: float | None = None) -> bool:
+  """Whether ``v`` is a Python number (equal to ``value`` if given): a scale or offset that
+  is the same everywhere."""
+  return isinstance(v, (int, float)) and (value is None or v == value)
 
 
 def _steps_back(node: Node) -> Node | None:
@@ -92,9 +93,7 @@ def _steps_back(node: Node) -> Node | None:
   x = node.inputs[pos[0]]
   if x.shape != node.shape:
     return None
-  if node.name in IN_PLACE or node.name == "neg" or _is_relaxed(node):
-    return x
-  if node.name in _CONSTANT_OPS and not (node.name == "div" and pos[0] != 0):
+  if _is_relaxed(node) or primitives.scale_offset(node) is not None:
     return x
   return None
 
@@ -105,14 +104,14 @@ def plan(node: Node) -> Plan | None:
     return None
   n = node.shape[0]
   conv, _ = fold_affine_tail(node, None)
-  if conv.name != "conv_general_dilated" or not _conv_ok(conv):
+  if primitives.family(conv) != "conv" or not _conv_ok(conv):
     return None
   layout = tuple(conv.params["dimension_numbers"].out_spec)
   chain, cur = [], conv
   window = (1,) * (len(layout) - 2)
   largest, dense = 0, 0
-  while cur.name != "input":
-    if cur.name == "conv_general_dilated":
+  while cur.primitive is not None:
+    if primitives.family(cur) == "conv":
       p = cur.params
       lhs, rhs, out = p["dimension_numbers"]
       if not _conv_ok(cur) or tuple(out) != layout:
@@ -124,7 +123,7 @@ def plan(node: Node) -> Plan | None:
       x = cur.inputs[0]
       largest = max(largest, x.shape[layout[1]] * math.prod(window))
       dense = max(dense, math.prod(x.shape[1:]))
-    elif cur.name == "transpose":
+    elif primitives.family(cur) == "permute":
       perm = cur.params["permutation"]
       if perm[0] != 0 or cur.bounded_inputs != [0]:
         return None
@@ -238,30 +237,24 @@ def _bound_windows(pl: Plan, start: jax.Array, bounds: dict,
   total = jnp.zeros(P.shape[:3], conv.dtype)
   for cur in pl.chain:
     size = P.shape[4:]
-    if cur.name == "input":
+    if cur.primitive is None:
       box = bounds[cur.index]
       c = _windows(_canonical(box.center, cur, layout), start, size)
       rad = _windows(_canonical(box.radius, cur, layout), start, size)
       return total + _sum_rest(P * c) - _sum_rest(jnp.abs(P) * rad)
-    if cur.name == "conv_general_dilated":
+    if primitives.family(cur) == "conv":
       P, start, layout = _conv_back(P, start, cur)
-    elif cur.name == "transpose":
+    elif primitives.family(cur) == "permute":
       layout = tuple(cur.params["permutation"][a] for a in layout)
-    elif cur.name == "neg":
-      P = -P
-    elif cur.name in _CONSTANT_OPS:
-      pos = cur.bounded_inputs[0]
-      const = cur.inputs[1 - pos]
-      if cur.name == "div":
-        const = 1.0 / jnp.asarray(const, cur.dtype)
-      win = _windows(_canonical(const, cur, layout), start, size)
-      if cur.name in ("mul", "div"):
-        P = P * win
+    elif not _is_relaxed(cur):  # y = s x + t
+      scale, offset = primitives.scale_offset(cur)
+      if not _is_number(offset, 0.0):
+        total = total + _sum_rest(P * _windows(_canonical(offset, cur, layout), start, size))
+      if _is_number(scale):
+        P = P * scale if scale != 1 else P
       else:
-        total = total + (1.0 if cur.name == "add" or pos == 1 else -1.0) * _sum_rest(P * win)
-        if cur.name == "sub" and pos == 1:
-          P = -P
-    elif _is_relaxed(cur):
+        P = P * _windows(_canonical(scale, cur, layout), start, size)
+    else:
       x = cur.inputs[cur.bounded_inputs[0]]
       stacked = jnp.concatenate([_canonical(v, x, layout) for v in relaxation(cur)], axis=1)
       lw, lb, uw, ub = jnp.split(_windows(stacked, start, size), 4, axis=3)
@@ -272,19 +265,18 @@ def _bound_windows(pl: Plan, start: jax.Array, bounds: dict,
 
 
 def _channel_vector(node: Node, layout) -> jax.Array | None:
-  """The constant operand of a ``mul``/``div`` as ``[C]`` when it is one value per channel
+  """The scale of an elementwise affine node as ``[C]`` when it is one value per channel
   (the same at every example and position), else None (also for traced constants)."""
-  const = node.inputs[1 - node.bounded_inputs[0]]
+  scale, _ = primitives.scale_offset(node)
   try:
-    c = np.asarray(const, np.float64)
+    c = np.asarray(scale, np.float64)
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
     return None
   c = np.transpose(np.broadcast_to(c, node.shape), layout)  # [N, C, *S]
   first = c[(slice(0, 1), slice(None)) + (slice(0, 1),) * (c.ndim - 2)]
   if not np.all(c == first):
     return None
-  vec = first.reshape(-1)
-  return jnp.asarray(1.0 / vec if node.name == "div" else vec, node.dtype)
+  return jnp.asarray(first.reshape(-1), node.dtype)
 
 
 def static_sign_applies(pl: Plan) -> bool:
@@ -299,11 +291,11 @@ def static_sign_applies(pl: Plan) -> bool:
   for cur in chain[2:-1]:
     if _is_relaxed(cur):
       return False
-    if cur.name == "conv_general_dilated":
+    if primitives.family(cur) == "conv":
       layout = tuple(cur.params["dimension_numbers"].lhs_spec)
-    elif cur.name == "transpose":
+    elif primitives.family(cur) == "permute":
       layout = tuple(cur.params["permutation"][a] for a in layout)
-    elif cur.name in ("mul", "div") and _channel_vector(cur, layout) is None:
+    elif (not _is_number(primitives.scale_offset(cur)[0]) and _channel_vector(cur, layout) is None):
       return False
   return True
 
@@ -312,15 +304,17 @@ def _push_linear(P: jax.Array, start: jax.Array, layout, nodes) -> tuple:
   """Pushes patches through the linear part of ``nodes`` (constant additions are left out),
   without masking window elements outside the feature maps."""
   for cur in nodes:
-    if cur.name == "conv_general_dilated":
+    if primitives.family(cur) == "conv":
       P, start, layout = _conv_back(P, start, cur, masked=False)
-    elif cur.name == "transpose":
+    elif primitives.family(cur) == "permute":
       layout = tuple(cur.params["permutation"][a] for a in layout)
-    elif cur.name == "neg" or (cur.name == "sub" and cur.bounded_inputs[0] == 1):
-      P = -P
-    elif cur.name in ("mul", "div"):
-      vec = _channel_vector(cur, layout)
-      P = P * vec.reshape((1, 1, 1, -1) + (1,) * (P.ndim - 4))
+    else:
+      scale, _ = primitives.scale_offset(cur)
+      if _is_number(scale):
+        P = P * scale if scale != 1 else P
+      else:
+        vec = _channel_vector(cur, layout)
+        P = P * vec.reshape((1, 1, 1, -1) + (1,) * (P.ndim - 4))
   return P, start, layout
 
 
@@ -368,7 +362,7 @@ def _static_windows(
   T = (K.T[:, :, None] * L[:, None, :]).reshape(j, o * j_in)
   T_abs = (jnp.abs(K).T[:, :, None] * L[:, None, :]).reshape(j, o * j_in)
   radius = _canonical(bounds[inp.index].radius, inp, layout_in)
-  convs = [cur for cur in rest if cur.name == "conv_general_dilated"]
+  convs = [cur for cur in rest if primitives.family(cur) == "conv"]
 
   def windows(start: jax.Array) -> jax.Array:
     start_r = _start_back(start, conv)

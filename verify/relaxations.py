@@ -17,6 +17,9 @@ and Beyond", NeurIPS 2020):
   by bisection (taking the end of the bracket on the sound side), or the chord.
 - abs: identity or negation where the sign is fixed; otherwise chord above and
   ``+-x`` below.
+- rounding to a narrower float format (``reduce_precision``, and every
+  bfloat16/float16 operation): the identity plus or minus the format's rounding
+  reach over the interval.
 """
 
 from __future__ import annotations
@@ -186,14 +189,38 @@ def power_relax(n: int) -> Callable[..., Relaxation]:
   return relax
 
 
-ELEMENTWISE: dict[str, Callable[..., Relaxation]] = {
-    "tanh": s_shaped(jnp.tanh, 0.0),
-    "logistic": s_shaped(jax.nn.sigmoid, 1.0),
-    "exp": convex(jnp.exp),
-    "expm1": convex(jnp.expm1),
-    "log": concave(jnp.log),
-    "log1p": concave(jnp.log1p),
-    "sqrt": concave(jnp.sqrt),
-    "abs": abs_relax,
-    "square": power_relax(2),
-}
+def rounding_reach(l, u, exponent_bits: int, mantissa_bits: int) -> jax.Array:
+  """``max |round(x) - x|`` over ``[l, u]`` for rounding to nearest in the given format.
+
+  Half a unit in the last place of the largest magnitude (relative ``2^-(m+1)``), at
+  least half the smallest subnormal; infinite where the interval reaches past the
+  format's largest finite value (the value may round to infinity).
+  """
+  big = jnp.maximum(jnp.abs(l), jnp.abs(u))
+  emax = 2**(exponent_bits - 1) - 1
+  largest = (2.0 - 2.0**-mantissa_bits) * 2.0**emax
+  tiny = 2.0**(1 - emax - mantissa_bits)  # the smallest subnormal
+  reach = big * 2.0**-(mantissa_bits + 1) + tiny / 2
+  return jnp.where(big <= largest, reach, jnp.inf).astype(l.dtype)
+
+
+def rounding(exponent_bits: int, mantissa_bits: int) -> Callable[..., Relaxation]:
+  """Relaxation of rounding to a float format: ``x - r <= round(x) <= x + r``."""
+
+  def relax(l, u):
+    r = rounding_reach(l, u, exponent_bits, mantissa_bits)
+    one = jnp.ones_like(l)
+    return Relaxation(one, -r, one, r)
+
+  return relax
+
+
+# The relaxations of the elementwise functions, named by function.
+TANH = s_shaped(jnp.tanh, 0.0)
+LOGISTIC = s_shaped(jax.nn.sigmoid, 1.0)
+EXP = convex(jnp.exp)
+EXPM1 = convex(jnp.expm1)
+LOG = concave(jnp.log)
+LOG1P = concave(jnp.log1p)
+SQRT = concave(jnp.sqrt)
+SQUARE = power_relax(2)

@@ -21,10 +21,8 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from verify import primitives
 from verify.graph import Node
-
-# Operations that keep every element in place (the row index is unchanged).
-IN_PLACE = {"convert_element_type", "copy", "copy_p", "reduce_precision"}
 
 
 class Rows(NamedTuple):
@@ -132,21 +130,22 @@ def fold_affine_tail(node: Node, idx: jax.Array | None) -> tuple[Node, jax.Array
   bias = None if idx is None else jnp.zeros((idx.shape[1], n), node.dtype)
   while True:
     pos = node.bounded_inputs
-    if len(pos) != 1 or node.name == "input":
+    if len(pos) != 1 or node.primitive is None:
       return node, bias
     x = node.inputs[pos[0]]
     if not x.shape or x.shape[0] != n:
       return node, bias
-    if node.name in IN_PLACE or (node.name == "reshape" and node.params.get("dimensions") is None):
-      node = x
-    elif node.name == "add" or (node.name == "sub" and pos[0] == 0):
-      const = jnp.broadcast_to(jnp.asarray(node.inputs[1 - pos[0]], node.dtype), node.shape)
-      sign = -1.0 if node.name == "sub" else 1.0
-      if idx is not None:
-        bias = bias + sign * _gather(const.reshape(n, -1), idx)
-      node = x
-    else:
+    if not primitives.flag(node, "flat_order"):
       return node, bias
+    so = primitives.scale_offset(node)
+    if so is not None:
+      scale, offset = so
+      if not (isinstance(scale, float) and scale == 1.0):
+        return node, bias
+      if idx is not None and not (isinstance(offset, float) and offset == 0.0):
+        const = jnp.broadcast_to(jnp.asarray(offset, node.dtype), node.shape)
+        bias = bias + _gather(const.reshape(n, -1), idx)
+    node = x
 
 
 def identity_rows(node: Node, idx: jax.Array) -> Rows:
@@ -161,9 +160,9 @@ def identity_rows(node: Node, idx: jax.Array) -> Rows:
   """
   node, bias = fold_affine_tail(node, idx)
   rows = None
-  if node.name == "dot_general":
+  if primitives.family(node) == "dense":
     rows = _dense_rows(node, idx)
-  elif node.name == "conv_general_dilated":
+  elif primitives.family(node) == "conv":
     rows = _conv_rows(node, idx)
   if rows is None:
     return _one_hot(node, idx, bias)

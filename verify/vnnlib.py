@@ -17,6 +17,8 @@ Reading conventions:
   the boundary to the unsafe set: an over-approximation, sound for proving
   unsat, though a point on the boundary may not be a strict counterexample.
 * ``(= a b)`` is the two inequalities ``a <= b`` and ``b <= a``.
+* A disjunct whose input bounds contradict each other (an empty box) is
+  dropped; when that leaves no box at all, the file is an error, not ``unsat``.
 * Numbers and arithmetic on them are float64.
 * ``check-sat``, ``get-model``, ``exit``, ``set-logic``, ``set-info`` and
   ``set-option`` commands are accepted and ignored.
@@ -104,6 +106,11 @@ class Property:
     if lower.ndim != 1 or lower.shape != upper.shape:
       raise InputError(f"lower and upper must be vectors of one shape, got {lower.shape} and "
                        f"{upper.shape}")
+    inverted = ~(lower <= upper)
+    if inverted.any():
+      i = int(np.flatnonzero(inverted)[0])
+      raise InputError(f"a property's box needs lower <= upper: X_{i} has lower bound "
+                       f"{float(lower[i])!r} and upper bound {float(upper[i])!r}")
     if len({p.C.shape[1] for p in self.unsafe}) > 1:
       raise InputError("the polytopes of a property must have the same number of outputs")
     lower.flags.writeable = upper.flags.writeable = False
@@ -132,8 +139,8 @@ class Vnnlib:
   """A parsed file: unsat iff every property is unsat (a disjunction over input boxes).
 
   Attributes:
-    properties: in order of first appearance; empty when the asserts are
-      unsatisfiable on their own (no input or output can meet them).
+    properties: in order of first appearance; empty when a constant assert is
+      false (e.g. ``(< 1 0)``). Contradictory input bounds are an error instead.
     num_inputs: number of declared ``X_i``.
     num_outputs: number of declared ``Y_j``.
   """
@@ -168,6 +175,8 @@ class _Parser:
   def __init__(self, text: str, source: str):
     self.text, self.source = text, source
     self.decls: dict[str, tuple[str, int, int]] = {}  # name -> (kind, index, position)
+    # The first empty box met: (disjunct, input, lower, upper).
+    self.empty: tuple[int, int, float, float] | None = None
 
   def error(self, pos: int, what: str) -> VnnlibError:
     line = self.text.count("\n", 0, pos) + 1
@@ -353,7 +362,12 @@ class _Parser:
     return n
 
   def properties(self, dnf: _Dnf, n_x: int, n_y: int) -> tuple[Property, ...]:
-    """Groups the disjuncts by input box, in order of first appearance."""
+    """Groups the disjuncts by input box, in order of first appearance.
+
+    A disjunct whose box is empty (some ``X_i`` bounded below above its upper
+    bound) is dropped, as one of several disjuncts may be; when every disjunct's
+    box is empty the file's input constraints contradict each other, an error.
+    """
     boxes: dict[tuple, bytes | None] = {}  # the bounds of a disjunct -> its box's key
     groups: dict[bytes, tuple[np.ndarray, np.ndarray, list[Polytope]]] = {}
     for k, (bounds, rows) in enumerate(dnf):
@@ -367,6 +381,13 @@ class _Parser:
           C[r, j] = c
       d = np.array([row.bound for row in rows], np.float64)
       groups[boxes[bounds]][2].append(Polytope(C, d))
+    if not groups and self.empty is not None:
+      k, i, lo, hi = self.empty
+      where = "" if len(dnf) == 1 else (f" in disjunct {k + 1}; the boxes of all {len(dnf)} "
+                                        "disjuncts of the normal form of the asserts are empty")
+      raise self.error(
+          self.decls[f"X_{i}"][2], f"the input box is empty: X_{i} has lower bound {lo!r} "
+          f"above its upper bound {hi!r}{where}")
     return tuple(Property(lo, hi, tuple(ps)) for lo, hi, ps in groups.values())
 
   def box(self, bounds: tuple[_Bound, ...], n_x: int, k: int, groups: dict) -> bytes | None:
@@ -377,6 +398,9 @@ class _Parser:
       np.maximum.at(lower, np.array(idx, np.intp), np.array(lo, np.float64))
       np.minimum.at(upper, np.array(idx, np.intp), np.array(hi, np.float64))
     if np.any(lower > upper):
+      if self.empty is None:
+        i = int(np.flatnonzero(lower > upper)[0])
+        self.empty = (k, i, float(lower[i]), float(upper[i]))
       return None
     unbounded = ~(np.isfinite(lower) & np.isfinite(upper))
     if unbounded.any():
@@ -424,8 +448,10 @@ def parse(text: str,
     VnnlibError: ``source:line:column: problem`` for a syntax error, an
       undeclared or missing variable, a construct outside the supported subset
       (nonlinear terms, non-box input constraints, atoms mixing inputs and
-      outputs), an input without finite bounds, or declared counts that differ
-      from ``num_inputs`` / ``num_outputs``.
+      outputs), an input without finite bounds, input bounds that contradict
+      each other in every disjunct (an empty box, e.g. ``X_0 >= 0.6`` and
+      ``X_0 <= 0.4``), or declared counts that differ from ``num_inputs`` /
+      ``num_outputs``.
   """
   parser = _Parser(text, source)
   factors = []

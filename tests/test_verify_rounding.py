@@ -1,0 +1,146 @@
+"""Floating point: bounds less the rounding allowance hold for float32 evaluations, and
+"verified" survives near ties and one-ulp boxes."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import verify
+from verify import certification
+
+
+def _mlp(seed, sizes=(8, 16, 16, 3), act=jax.nn.relu):
+  keys = jax.random.split(jax.random.key(seed), len(sizes))
+  ws = [jax.random.normal(k, (a, b)) / np.sqrt(a) for k, a, b in zip(keys, sizes, sizes[1:])]
+  bs = [jax.random.normal(k, (b,)) * 0.1 for k, b in zip(keys[1:], sizes[1:])]
+
+  def fn(x):
+    h = x.reshape(x.shape[0], -1)
+    for i, (w, b) in enumerate(zip(ws, bs)):
+      h = h @ w + b
+      if i < len(ws) - 1:
+        h = act(h)
+    return h
+
+  return fn
+
+
+def _corners(lo, hi):
+  """Every corner of the box ``[lo, hi]`` (one example, flat ``[d]``): ``[2^d, d]``."""
+  bits = np.array(list(itertools.product([0, 1], repeat=lo.size)), np.float32)
+  return np.where(bits > 0, hi, lo)
+
+
+def _near_ties(fn, count, seed):
+  """``count`` inputs in [0, 1]^8 whose two largest logits differ by less than 1e-5."""
+  rng = np.random.default_rng(seed)
+  f = jax.jit(lambda x: jax.lax.top_k(fn(x), 2)[0])
+  found = []
+  while len(found) < count:
+    a, b = rng.uniform(0.1, 0.9, size=(2, 64, 8)).astype(np.float32)
+    ta, tb = np.zeros(64, np.float32), np.ones(64, np.float32)
+    # Bisection along a -> b on the gap between the top class at a and the runner-up changing.
+    cls = lambda t: np.argmax(np.asarray(fn(a + t[:, None] * (b - a))), axis=1)
+    ca, cb = cls(ta), cls(tb)
+    ok = ca != cb
+    for _ in range(40):
+      tm = (ta + tb) / 2
+      same = cls(tm) == ca
+      ta, tb = np.where(same, tm, ta), np.where(same, tb, tm)
+    x = (a + ta[:, None] * (b - a)).astype(np.float32)
+    top = np.asarray(f(jnp.asarray(x)))
+    ok &= (top[:, 0] - top[:, 1]) < 1e-5
+    found += list(x[ok])
+  return np.stack(found[:count])
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_near_ties_are_never_certified_where_a_float32_corner_is_misclassified(method):
+  fn = _mlp(0)
+  x = _near_ties(fn, 200, seed=1)
+  logits = np.asarray(fn(jnp.asarray(x)))
+  y = np.argmax(logits, axis=1).astype(np.int32)
+  eps = 1e-7
+  verified = np.asarray(verify.certify(fn, x, y, eps, method=method))
+  box = verify.linf_ball(x, eps)
+  lo, hi = np.asarray(box.lower), np.asarray(box.upper)
+  f = jax.jit(fn)
+  broken = []
+  for i in np.flatnonzero(verified):
+    z = np.asarray(f(jnp.asarray(_corners(lo[i], hi[i]))))
+    if np.any(np.argmax(z, axis=1) != y[i]) or np.any(
+        np.sort(z, axis=1)[:, -1] == np.sort(z, axis=1)[:, -2]):
+      broken.append(i)
+  # Without the allowance, CROWN's margin bounds are positive on some of these examples
+  # although a corner of their box is misclassified.
+  assert not broken, f"{len(broken)} certified examples have a misclassified corner"
+
+
+def test_the_allowance_is_what_certify_subtracts():
+  fn = _mlp(2)
+  x = jax.random.uniform(jax.random.key(0), (16, 8))
+  y = jnp.argmax(fn(x), axis=1).astype(jnp.int32)
+  eps = 1e-3
+  spec = verify.margin_spec(y, 3)
+  box = verify.linf_ball(x, eps)
+  lower = certification.margin_bounds(fn, x, y, eps, "crown")
+  lower = jnp.maximum(lower, certification.margin_bounds(fn, x, y, eps, "ibp"))
+  allow = verify.rounding_allowance(fn, box, spec)
+  assert np.all(np.asarray(allow) > 0) and np.all(np.isfinite(np.asarray(allow)))
+  # Small next to ordinary margins: relative to the logits' scale, a few 1e-6.
+  assert float(jnp.max(allow)) < 1e-4 * (1 + float(jnp.max(jnp.abs(fn(x)))))
+  want = np.all(np.asarray(lower - allow) > 0, axis=1)
+  np.testing.assert_array_equal(verify.certify(fn, x, y, eps, method="crown"), want)
+
+
+@pytest.mark.parametrize("act", [jax.nn.relu, jnp.tanh, jax.nn.sigmoid])
+@pytest.mark.parametrize("method", ["ibp", "crown_ibp", "crown"])
+def test_one_ulp_boxes_hold_float32_evaluations_within_the_allowance(act, method):
+  fn = _mlp(3, sizes=(8, 32, 32, 4), act=act)
+  rng = np.random.default_rng(0)
+  lo = rng.uniform(0, 1, size=(8, 8)).astype(np.float32)
+  hi = np.nextafter(lo, np.float32(np.inf))
+  box = verify.Interval(jnp.asarray(lo), jnp.asarray(hi))
+  b = getattr(verify, method)(fn, box)
+  allow = np.asarray(verify.rounding_allowance(fn, box))
+  f = jax.jit(fn)
+  for i in range(lo.shape[0]):
+    z = np.asarray(f(jnp.asarray(_corners(lo[i], hi[i]))))  # [256, 4]
+    assert np.all(z >= np.asarray(b.lower)[i] - allow[i]), (z.min(0) - np.asarray(b.lower)[i])
+    assert np.all(z <= np.asarray(b.upper)[i] + allow[i]), (z.max(0) - np.asarray(b.upper)[i])
+
+
+def test_narrow_float_network_is_within_its_allowance():
+  w1 = jax.random.normal(jax.random.key(5), (8, 32))
+  w2 = jax.random.normal(jax.random.key(6), (32, 3))
+  fn = lambda x: (jax.nn.relu(x.astype(jnp.bfloat16) @ w1.astype(jnp.bfloat16)) @ w2.astype(
+      jnp.bfloat16)).astype(jnp.float32)
+  rng = np.random.default_rng(1)
+  lo = rng.uniform(0, 1, size=(4, 8)).astype(np.float32)
+  hi = lo + np.float32(1e-3)
+  box = verify.Interval(jnp.asarray(lo), jnp.asarray(hi))
+  b = verify.crown(fn, box)
+  allow = np.asarray(verify.rounding_allowance(fn, box))
+  f = jax.jit(fn)
+  for i in range(lo.shape[0]):
+    pts = np.concatenate([_corners(lo[i], hi[i]), lo[i] + rng.uniform(size=(256, 8)) * 1e-3])
+    z = np.asarray(f(jnp.asarray(pts.astype(np.float32))))
+    assert np.all(z >= np.asarray(b.lower)[i] - allow[i])
+    assert np.all(z <= np.asarray(b.upper)[i] + allow[i])
+
+
+def test_eps_is_rounded_up_to_float32():
+  eps = 0.1 + 1e-12  # rounds down to float32's 0.1 by round to nearest
+  got = certification._round_up(eps)
+  assert got.dtype == np.float32 and float(got) >= eps
+  assert float(certification._round_up(0.5)) == 0.5
+
+
+def test_a_division_by_an_interval_around_zero_has_no_finite_allowance():
+  fn = lambda x: 1.0 / (x - 0.5)
+  box = verify.Interval(jnp.asarray([[0.4, 0.6]]), jnp.asarray([[0.6, 0.7]]))
+  allow = np.asarray(verify.rounding_allowance(fn, box))
+  assert np.isinf(allow[0, 0]) and np.isfinite(allow[0, 1])
