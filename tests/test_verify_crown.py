@@ -481,12 +481,24 @@ def test_an_unsupported_primitive_is_named_with_the_source_line(method):
 
 
 @pytest.mark.parametrize("method", ["crown", "crown_ibp", "alpha_crown"])
+def test_a_product_of_two_bounded_values_takes_mccormick_planes(method):
+  box = verify.linf_ball(jnp.asarray([[0.3, -0.2, 0.05]] * 2), 0.1)
+  out = bound(method, _squares, box)
+  bound_testing.assert_sound(_squares, box, out.lower, out.upper)
+  # x * x for x in [0.2, 0.4]: the planes give 0.04 - 0.04 ... at the ends, tight at a corner.
+  assert float(out.lower[0, 0]) <= 0.04 + 1e-6 and float(out.upper[0, 0]) >= 0.16 - 1e-6
+
+
+def _reciprocal_cube(x):
+  return (x @ jnp.ones((3, 3)))**-3  # CROWN-unsupported: a negative power
+
+
+@pytest.mark.parametrize("method", ["crown", "crown_ibp", "alpha_crown"])
 def test_a_primitive_without_a_linear_relaxation_is_named_with_the_source_line(method):
   box = verify.linf_ball(jnp.zeros((2, 3)), 0.1)
-  line = inspect.getsourcelines(_squares)[1] + 1
-  with pytest.raises(verify.UnsupportedPrimitiveError, match=rf"'mul'.*{THIS_FILE}:{line}"):
-    bound(method, _squares, box)
-  verify.ibp(_squares, box)  # IBP has a rule for it
+  line = inspect.getsourcelines(_reciprocal_cube)[1] + 1
+  with pytest.raises(verify.UnsupportedPrimitiveError, match=rf"'integer_pow'.*{THIS_FILE}:{line}"):
+    bound(method, _reciprocal_cube, box)
 
 
 def test_an_unknown_method_is_an_error():

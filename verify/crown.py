@@ -57,7 +57,8 @@ DEFAULT_BUDGET = 1 << 23
 
 
 def node_kind(node: Node) -> str:
-  """'input', 'identity', 'affine', 'relu', 'elementwise', 'pool' or 'unsupported'.
+  """'input', 'identity', 'affine', 'relu', 'elementwise', 'pool', 'product', 'interval' or
+  'unsupported'.
 
   The registry's ``linear`` and ``affine`` kinds are both 'affine' here; only the
   latter has a constant term (`verify.primitives`).
@@ -198,6 +199,16 @@ def backward(start: Node,
       pos_part = A >= 0
       add(x, jnp.where(pos_part, A * r.lw, A * r.uw))
       total = total + _sum_rest(jnp.where(pos_part, A * r.lb, A * r.ub))
+    elif kind == "interval":
+      total = total + concretize(A, bounds[node.index])
+    elif kind == "product":
+      a, b = node.inputs
+      ba, bb = bounds[a.index], bounds[b.index]
+      r = rx.mccormick(ba.lower, ba.upper, bb.lower, bb.upper)
+      pos_part = A >= 0
+      add(a, jnp.where(pos_part, A * r.wa_l, A * r.wa_u))
+      add(b, jnp.where(pos_part, A * r.wb_l, A * r.wb_u))
+      total = total + _sum_rest(jnp.where(pos_part, A * r.c_l, A * r.c_u))
     elif kind == "pool":
       x = node.inputs[0]
       mask, dominated, upper_const = _pool_relaxation(node, bounds[x.index])
@@ -227,6 +238,11 @@ def relaxed_inputs(graph: Graph) -> list[Node]:
     if kind in ("relu", "elementwise", "pool"):
       x = node.inputs[node.bounded_inputs[0]]
       need[x.index] = x
+    elif kind in ("product", "interval"):
+      for p in node.bounded_inputs:
+        need[node.inputs[p].index] = node.inputs[p]
+      if kind == "interval":
+        need[node.index] = node
   return [need[i] for i in sorted(need)]
 
 
@@ -386,6 +402,15 @@ def intermediate_bounds(graph: Graph,
       continue
     if node.index in exact:
       bounds[node.index] = ibp_bounds[node.index]
+      continue
+    if node_kind(node) == "interval" or not jnp.issubdtype(node.dtype, jnp.floating):
+      # No linear relaxation (or not a real value): the IBP rule over its operands' bounds.
+      ib = ibp_bounds[node.index]
+      if all(node.inputs[p].index in bounds for p in node.bounded_inputs):
+        ins = [bounds[a.index] if isinstance(a, Node) else a for a in node.inputs]
+        b = ibp_node(node, ins)
+        ib = _ordered(jnp.maximum(b.lower, ib.lower), jnp.minimum(b.upper, ib.upper))
+      bounds[node.index] = ib
       continue
     elementwise = node_kind(node) in ("relu", "elementwise")
     if elementwise and node.inputs[node.bounded_inputs[0]].index in bounds:

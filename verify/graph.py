@@ -171,7 +171,7 @@ class _Builder:
       return list(out) if primitive.multiple_results else [out]
     if name in primitives.CALLS:
       jaxpr, consts = primitives.call_body(primitive, params)
-      return self.walk(jaxpr, consts, invals)
+      return self.walk(jaxpr, consts, invals, source)
     expand = primitives.EXPANSIONS.get(name)
     if expand is not None:
       return expand(self, primitive, params, invals, source, avals)
@@ -179,7 +179,13 @@ class _Builder:
       return [self.op(primitive, params, invals, source, a, i) for i, a in enumerate(avals)]
     return [self.op(primitive, params, invals, source, avals[0])]
 
-  def walk(self, jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+  def walk(self,
+           jaxpr,
+           consts: Sequence[Any],
+           args: Sequence[Any],
+           outer_source: str = "") -> list[Any]:
+    """Walks ``jaxpr``; ``outer_source`` is the user's line of the call being inlined, for
+    equations of library code that have no user line of their own."""
     env: dict[Any, Any] = {}
 
     def read(v):
@@ -199,8 +205,8 @@ class _Builder:
           out = eqn.primitive.bind(*invals, **bind_params)
         outs = out if eqn.primitive.multiple_results else [out]
       else:
-        outs = self.apply(eqn.primitive, eqn.params, invals, source_line(eqn),
-                          [v.aval for v in eqn.outvars])
+        outs = self.apply(eqn.primitive, eqn.params, invals,
+                          source_line(eqn) or outer_source, [v.aval for v in eqn.outvars])
       for v, o in zip(eqn.outvars, outs):
         env[v] = o
     return [read(v) for v in jaxpr.outvars]

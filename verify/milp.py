@@ -48,7 +48,9 @@ from robustlib.checks import InputError
 from verify.crown import intermediate_bounds
 from verify.crown import node_kind
 from verify.crown import _prepare
+from verify import error_rules as er
 from verify import primitives
+from verify import rounding
 from verify.graph import Node
 from verify.primitives import UnsupportedPrimitiveError
 from verify.interval import Interval
@@ -272,8 +274,11 @@ def milp_verify(fn: Callable[[jax.Array], jax.Array],
     upper: ``[...]``, its upper bounds.
     unsafe: the unsafe set of outputs.
     time_limit: seconds for all the programs together.
-    tolerance: margin on the rows ``C_s y - d_s``: "verified" means every output
-      stays more than ``tolerance`` outside each polytope.
+    tolerance: relative margin on the rows ``C_s y - d_s``: "verified" means every
+      output stays outside each polytope by more than ``tolerance`` times the row's
+      largest coefficient over the program's variables (at least 1), plus the row's
+      rounding allowance (`verify.rounding_allowance`: the solver decides the
+      real-valued network, a user runs it in float32).
 
   Returns:
     `MilpResult`.
@@ -294,6 +299,12 @@ def milp_verify(fn: Callable[[jax.Array], jax.Array],
     raise InputError(f"the unsafe set has rows over {C.shape[1]} outputs, the network gives "
                      f"{out.const.size}")
   rows_const, rows_coef = C @ out.const - d, out.coef @ C.T  # [S], [V, S]
+  scale = np.maximum(1.0, np.max(np.abs(rows_coef), axis=0, initial=0.0))
+  allow = np.asarray(
+      rounding.allowance(fn, Interval(jnp.asarray(lower)[None],
+                                      jnp.asarray(upper)[None]),
+                         jnp.asarray(C, jnp.float32)[None]), np.float64)[0]
+  margin = tolerance * scale + allow + 2 * er.unit_roundoff(np.float32) * np.abs(d)
   n_in = lower.size
   status = "verified"
   for p in range(member.shape[0]):
@@ -303,7 +314,8 @@ def milp_verify(fn: Callable[[jax.Array], jax.Array],
       status = "unknown"
       break
     objective = rows_coef[:, rows].sum(axis=1)
-    reach = optimize.LinearConstraint(rows_coef[:, rows].T, -np.inf, tolerance - rows_const[rows])
+    reach = optimize.LinearConstraint(rows_coef[:, rows].T, -np.inf,
+                                      margin[rows] - rows_const[rows])
     res = _solve(program, objective, [reach], remaining)
     if res.status == 2:  # infeasible: this polytope is out of reach
       continue

@@ -27,7 +27,11 @@ Kinds for backward propagation (`kind`):
   ``elementwise``: a nonlinear function of one bounded value with a linear
     relaxation (`relaxation`);
   ``pool``: a max over windows of one bounded value;
-  ``unsupported``: IBP only.
+  ``product``: an elementwise product of two bounded values (McCormick planes);
+  ``interval``: no linear relaxation (comparisons, selections by a bounded
+    predicate, steps, quotients of bounded values, ...): backward passes take
+    the node's interval bounds, as if it were an input;
+  ``unsupported``: refused by backward passes.
 """
 
 from __future__ import annotations
@@ -216,13 +220,21 @@ def _kind_const(kind: str) -> Callable[[Any], str]:
 
 
 def _one_bounded(kind: str) -> Callable[[Any], str]:
-  """``kind`` when exactly one operand is bounded (bilinear primitives), else unsupported."""
-  return lambda node: kind if len(node.bounded_inputs) == 1 else "unsupported"
+  """``kind`` when exactly one operand is bounded (bilinear primitives), else an interval."""
+  return lambda node: kind if len(node.bounded_inputs) == 1 else "interval"
 
 
 def _first_bounded(kind: str) -> Callable[[Any], str]:
-  """``kind`` when only the first operand is bounded (indices and divisors fixed)."""
-  return lambda node: kind if node.bounded_inputs == [0] else "unsupported"
+  """``kind`` when only the first operand is bounded (indices and divisors fixed), else an
+  interval."""
+  return lambda node: kind if node.bounded_inputs == [0] else "interval"
+
+
+def _mul_kind(node) -> str:
+  if len(node.bounded_inputs) == 1:
+    return "linear"
+  same = all(tuple(a.shape) == tuple(node.shape) for a in node.inputs)
+  return "product" if same else "interval"
 
 
 def _float_operands(node) -> bool:
@@ -235,18 +247,46 @@ def _convert_kind(node) -> str:
   # Casts between floats of at least the bounds' precision are identities; casts to a lower
   # precision are rewritten by the graph builder into `reduce_precision`; to int or bool
   # they are step functions, bounded by IBP only.
-  return "linear" if _float_operands(node) else "unsupported"
+  return "linear" if _float_operands(node) else "interval"
+
+
+def _stack_kind(node) -> str:
+  return "affine" if len(node.bounded_inputs) < len(node.inputs) else "linear"
+
+
+def _equality(negate: bool) -> IbpRule:
+  """``a == b`` (or ``!=``): certain where both are one equal value, impossible where the
+  intervals are apart; a value compared with itself (a NaN test) is always equal."""
+
+  def rule(node, a, b) -> Interval:
+    if a is b:
+      same = jnp.ones(node.shape, bool)
+      return Interval(same != negate, same != negate)
+    lo = lambda v: _ends(v, False)
+    hi = lambda v: _ends(v, True)
+    overlap = (lo(a) <= hi(b)) & (lo(b) <= hi(a))
+    certain = (lo(a) == hi(a)) & (lo(b) == hi(b)) & (lo(a) == lo(b))
+    lower, upper = (~overlap, ~certain) if negate else (certain, overlap)
+    return Interval(jnp.broadcast_to(lower, node.shape), jnp.broadcast_to(upper, node.shape))
+
+  return rule
+
+
+def _is_finite(node, x: Interval) -> Interval:
+  """Certainly finite where both ends are; possibly not elsewhere (an overflow)."""
+  sure = jnp.isfinite(x.lower) & jnp.isfinite(x.upper)
+  return Interval(sure, jnp.ones_like(sure))
 
 
 def _select_kind(node) -> str:
   if 0 in node.bounded_inputs:
-    return "unsupported"
+    return "interval"
   return "affine" if len(node.bounded_inputs) < len(node.inputs) - 1 else "linear"
 
 
 def _gather_kind(node) -> str:
   if node.bounded_inputs != [0]:
-    return "unsupported"
+    return "interval"
   # Out-of-bounds indices take the fill value: a constant term.
   mode = node.params.get("mode")
   fills = mode is not None and "FILL" in str(mode).upper()
@@ -259,12 +299,12 @@ def _pow_kind(node) -> str:
 
 def _pool_kind(node) -> str:
   if any(d != 1 for d in node.params.get("base_dilation", ())):
-    return "unsupported"
+    return "interval"
   return "pool"
 
 
 def _relu_kind(node) -> str:
-  return "relu" if len(node.bounded_inputs) == 1 else "unsupported"
+  return "relu" if len(node.bounded_inputs) == 1 else "interval"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,7 +411,7 @@ def _elementwise(name, ibp, relax=None, slope=None, reach=er.transcendental, **k
     kw["error"] = er.slope(slope)
   return Primitive(name,
                    _ordered if reach is er.transcendental else ibp,
-                   _kind_const("elementwise") if relax else _kind_const("unsupported"),
+                   _kind_const("elementwise") if relax else _kind_const("interval"),
                    relaxation=relax,
                    one_to_one=True,
                    reach=reach,
@@ -413,6 +453,7 @@ _RECORDS = [
     _structural("slice", one_to_one=True),
     _structural("rev", one_to_one=True),
     _structural("concatenate", kind=_kind_const("affine")),
+    _structural("stack", kind=_stack_kind),
     _structural("pad", kind=_kind_const("affine"), family="padding"),
     _structural("split", one_to_one=True),
     _structural("real", one_to_one=True),
@@ -426,10 +467,10 @@ _RECORDS = [
     _structural("optimization_barrier", kind="identity", one_to_one=True),
     _structural("reduce_max", kind=_pool_kind),
     _structural("reduce_window_max", kind=_pool_kind),
-    _structural("reduce_min", kind="unsupported"),
-    _structural("reduce_window_min", kind="unsupported"),
-    _structural("cummax", kind="unsupported"),
-    _structural("cummin", kind="unsupported"),
+    _structural("reduce_min", kind="interval"),
+    _structural("reduce_window_min", kind="interval"),
+    _structural("cummax", kind="interval"),
+    _structural("cummin", kind="interval"),
     _structural("neg", ibp=_DEC, one_to_one=True, flat_order=_IDENTITY_FLAT, scale_offset=_so_neg),
     _structural("max", kind=_relu_kind),
     _structural("min", kind=_relu_kind),
@@ -449,17 +490,20 @@ _RECORDS = [
                  exact=True,
                  reach=None),
     # Comparisons and logic (values False < True), for selections with a bounded predicate.
-    _structural("gt", ibp=_compare((1, -1)), kind="unsupported"),
-    _structural("ge", ibp=_compare((1, -1)), kind="unsupported"),
-    _structural("lt", ibp=_compare((-1, 1)), kind="unsupported"),
-    _structural("le", ibp=_compare((-1, 1)), kind="unsupported"),
-    _structural("and", kind="unsupported"),
-    _structural("or", kind="unsupported"),
-    _structural("not", ibp=_DEC, kind="unsupported"),
-    _structural("sign", kind="unsupported"),
-    _structural("floor", kind="unsupported"),
-    _structural("ceil", kind="unsupported"),
-    _structural("round", kind="unsupported"),
+    _structural("gt", ibp=_compare((1, -1)), kind="interval"),
+    _structural("ge", ibp=_compare((1, -1)), kind="interval"),
+    _structural("lt", ibp=_compare((-1, 1)), kind="interval"),
+    _structural("is_finite", ibp=_is_finite, kind="interval"),
+    _structural("eq", ibp=_equality(negate=False), kind="interval"),
+    _structural("ne", ibp=_equality(negate=True), kind="interval"),
+    _structural("le", ibp=_compare((-1, 1)), kind="interval"),
+    _structural("and", kind="interval"),
+    _structural("or", kind="interval"),
+    _structural("not", ibp=_DEC, kind="interval"),
+    _structural("sign", kind="interval"),
+    _structural("floor", kind="interval"),
+    _structural("ceil", kind="interval"),
+    _structural("round", kind="interval"),
     # Sums (rounded).
     Primitive("add",
               _INC,
@@ -480,7 +524,7 @@ _RECORDS = [
     # Products: linear in one bounded operand.
     Primitive("mul",
               _mul,
-              _one_bounded("linear"),
+              _mul_kind,
               one_to_one=True,
               scale_offset=_guard(_single_const, _so_mul),
               error=er.products),
@@ -528,6 +572,7 @@ _RECORDS = [
     _elementwise("rsqrt", _DEC, slope=er.rsqrt_slope),
     _elementwise("cbrt", _INC),
     _elementwise("erf", _INC, slope=er.erf_slope),
+    _elementwise("erfc", _DEC, slope=er.erf_slope),
     _elementwise("atan", _INC, slope=er.atan_slope),
     _elementwise("asinh", _INC, slope=er.asinh_slope),
     _elementwise("sinh", _INC, slope=er.sinh_slope),
@@ -688,9 +733,21 @@ def _expand_clamp(builder, primitive, params, invals, source, avals):
   return [builder.emit(lax.min_p, {}, [inner, hi], source, aval)]
 
 
+def _neutral_constant(value, neutral: float) -> bool:
+  try:
+    return bool(np.all(np.asarray(value) == neutral))
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return False
+
+
 def _expand_max_min(builder, primitive, params, invals, source, avals):
   aval = avals[0]
   if not all(builder.is_node(a) for a in invals):
+    node = next(a for a in invals if builder.is_node(a))
+    const = next(a for a in invals if not builder.is_node(a))
+    if node.shape == tuple(aval.shape) and _neutral_constant(
+        const, -np.inf if primitive is lax.max_p else np.inf):
+      return [node]  # max(x, -inf) = x (softmax's shift), min(x, inf) = x
     return [builder.op(primitive, params, invals, source, aval)]
   # max(a, b) = b + relu(a - b); min(a, b) = a - relu(a - b).
   a, b = (_broadcast(builder, v, aval.shape, source) for v in invals)
@@ -752,7 +809,7 @@ def _expand_scan(builder, primitive, p, invals, source, avals):
   steps = range(length - 1, -1, -1) if p["reverse"] else range(length)
   for i in steps:
     x_i = [_index(builder, x, i, source) for x in xs]
-    outs = builder.walk(body.jaxpr, body.consts, list(consts) + carry + x_i)
+    outs = builder.walk(body.jaxpr, body.consts, list(consts) + carry + x_i, source)
     carry = list(outs[:n_carry])
     ys_steps.append(outs[n_carry:])
   if p["reverse"]:
@@ -781,7 +838,7 @@ def _expand_cond(builder, primitive, params, invals, source, avals):
         f"'cond' with an index that is traced outside the bound pass at {source} cannot be "
         "resolved; bound the function outside jit or make the index static") from None
   branch = params["branches"][i]
-  return builder.walk(branch.jaxpr, branch.consts, ops)
+  return builder.walk(branch.jaxpr, branch.consts, ops, source)
 
 
 def _refuse_while(builder, primitive, params, invals, source, avals):

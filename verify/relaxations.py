@@ -17,6 +17,8 @@ and Beyond", NeurIPS 2020):
   by bisection (taking the end of the bracket on the sound side), or the chord.
 - abs: identity or negation where the sign is fixed; otherwise chord above and
   ``+-x`` below.
+- products of two bounded values ``a b``: McCormick's planes (as auto_LiRPA),
+  ``b_l a + a_l b - a_l b_l`` below and ``b_u a + a_l b - a_l b_u`` above.
 - rounding to a narrower float format (``reduce_precision``, and every
   bfloat16/float16 operation): the identity plus or minus the format's rounding
   reach over the interval.
@@ -187,6 +189,26 @@ def power_relax(n: int) -> Callable[..., Relaxation]:
     return Relaxation(*(pick(a, b, c) for a, b, c in zip(cv, cc, const)))
 
   return relax
+
+
+class Planes(NamedTuple):
+  """``wa_l a + wb_l b + c_l <= a b <= wa_u a + wb_u b + c_u`` on the operands' box."""
+  wa_l: jax.Array
+  wb_l: jax.Array
+  c_l: jax.Array
+  wa_u: jax.Array
+  wb_u: jax.Array
+  c_u: jax.Array
+
+
+def mccormick(la, ua, lb, ub) -> Planes:
+  """McCormick's planes of ``a b`` for ``a`` in ``[la, ua]`` and ``b`` in ``[lb, ub]``.
+
+  ``(a - la)(b - lb) >= 0`` gives the lower plane and ``(a - la)(ub - b) >= 0`` the
+  upper one (McCormick, "Computability of global solutions to factorable nonconvex
+  programs", 1976).
+  """
+  return Planes(lb, la, -la * lb, ub, la, -la * ub)
 
 
 def rounding_reach(l, u, exponent_bits: int, mantissa_bits: int) -> jax.Array:
