@@ -347,3 +347,22 @@ def test_every_record_is_consistent():
       assert rec.one_to_one, name
   assert verify.SUPPORTED_PRIMITIVES == tuple(sorted(primitives.REGISTRY))
   assert all(k in kinds for k in ("linear", "affine"))
+
+
+def test_float16_subnormals_are_inside_the_bounds():
+  # A cast keeps float16 subnormals that XLA's reduce_precision flushes to zero.
+  x = jnp.full((1, 1), 1e-5, jnp.float32)
+  fn = lambda v: v.astype(jnp.float16).astype(jnp.float32)
+  value = float(fn(x)[0, 0])
+  for m in BOUNDS:
+    b = BOUNDS[m](fn, verify.Interval(x, x))
+    assert float(b.lower[0, 0]) <= value <= float(b.upper[0, 0]), m
+
+
+def test_sqrt_of_a_dead_relu_is_zero_not_nan():
+  fn = lambda x: jnp.sqrt(jax.nn.relu(x))
+  box = verify.Interval(jnp.full((1, 1), -1.0), jnp.full((1, 1), -0.5))
+  for m in BOUNDS:
+    b = jax.jit(lambda b, m=m: BOUNDS[m](fn, b))(box)
+    np.testing.assert_array_equal(b.lower, [[0.0]])
+    np.testing.assert_array_equal(b.upper, [[0.0]])

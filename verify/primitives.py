@@ -426,6 +426,14 @@ def _relax_pow(node, l, u):
   return rx.power_relax(node.params["y"])(l, u)
 
 
+def _round_ibp(node, x: Interval) -> Interval:
+  """Rounding to a narrower format: within its rounding reach of the value, whether it keeps
+  subnormals (a cast) or flushes them (XLA's reduce_precision)."""
+  p = node.params
+  r = rx.rounding_reach(x.lower, x.upper, p["exponent_bits"], p["mantissa_bits"])
+  return Interval(x.lower - r, x.upper + r)
+
+
 def _relax_round(node, l, u):
   return rx.rounding(node.params["exponent_bits"], node.params["mantissa_bits"])(l, u)
 
@@ -484,7 +492,7 @@ _RECORDS = [
               scale_offset=_guard(_float_operands, _so_identity),
               reach=er.cast),
     _elementwise("reduce_precision",
-                 _INC,
+                 _round_ibp,
                  _relax_round,
                  error=er.rounding_step,
                  exact=True,

@@ -74,12 +74,17 @@ def convex(f: Callable) -> Callable[..., Relaxation]:
 
 
 def concave(f: Callable) -> Callable[..., Relaxation]:
-  """Relaxation of a concave function: chord below, tangent at the midpoint above."""
+  """Relaxation of an increasing concave function: chord below, tangent at the midpoint
+  above; where a slope is infinite (sqrt at 0), the constant ``f(l)`` below and ``f(u)``
+  above."""
 
   def relax(l, u):
     lw, lb = _chord(f, l, u)
     uw, ub = _tangent(f, (l + u) / 2)
-    return Relaxation(lw, lb, uw, ub)
+    low_ok, up_ok = jnp.isfinite(lw) & jnp.isfinite(lb), jnp.isfinite(uw) & jnp.isfinite(ub)
+    zero = jnp.zeros_like(l)
+    return Relaxation(jnp.where(low_ok, lw, zero), jnp.where(low_ok, lb, f(l)),
+                      jnp.where(up_ok, uw, zero), jnp.where(up_ok, ub, f(u)))
 
   return relax
 
@@ -214,15 +219,17 @@ def mccormick(la, ua, lb, ub) -> Planes:
 def rounding_reach(l, u, exponent_bits: int, mantissa_bits: int) -> jax.Array:
   """``max |round(x) - x|`` over ``[l, u]`` for rounding to nearest in the given format.
 
-  Half a unit in the last place of the largest magnitude (relative ``2^-(m+1)``), at
-  least half the smallest subnormal; infinite where the interval reaches past the
-  format's largest finite value (the value may round to infinity).
+  Half a unit in the last place of the largest magnitude (relative ``2^-(m+1)``),
+  plus the smallest normal number (below it a value may be kept as a subnormal, as a
+  cast does, or flushed to zero, as XLA's ``reduce_precision`` does); infinite where
+  the interval reaches past the format's largest finite value (the value may round to
+  infinity).
   """
   big = jnp.maximum(jnp.abs(l), jnp.abs(u))
   emax = 2**(exponent_bits - 1) - 1
   largest = (2.0 - 2.0**-mantissa_bits) * 2.0**emax
-  tiny = 2.0**(1 - emax - mantissa_bits)  # the smallest subnormal
-  reach = big * 2.0**-(mantissa_bits + 1) + tiny / 2
+  normal = 2.0**(1 - emax)  # the smallest normal number
+  reach = big * 2.0**-(mantissa_bits + 1) + normal
   return jnp.where(big <= largest, reach, jnp.inf).astype(l.dtype)
 
 
