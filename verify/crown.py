@@ -198,7 +198,7 @@ def backward(start: Node,
       r = _elementwise_relaxation(node, bounds[x.index], alpha)
       pos_part = A >= 0
       add(x, jnp.where(pos_part, A * r.lw, A * r.uw))
-      total = total + _sum_rest(jnp.where(pos_part, A * r.lb, A * r.ub))
+      total = total + _sum_rest(rx.line_terms(A, r.lb, r.ub))
     elif kind == "interval":
       total = total + concretize(A, bounds[node.index])
     elif kind == "product":
@@ -208,7 +208,7 @@ def backward(start: Node,
       pos_part = A >= 0
       add(a, jnp.where(pos_part, A * r.wa_l, A * r.wa_u))
       add(b, jnp.where(pos_part, A * r.wb_l, A * r.wb_u))
-      total = total + _sum_rest(jnp.where(pos_part, A * r.c_l, A * r.c_u))
+      total = total + _sum_rest(rx.line_terms(A, r.c_l, r.c_u))
     elif kind == "pool":
       x = node.inputs[0]
       mask, dominated, upper_const = _pool_relaxation(node, bounds[x.index])

@@ -259,7 +259,7 @@ def _bound_windows(pl: Plan, start: jax.Array, bounds: dict,
       stacked = jnp.concatenate([_canonical(v, x, layout) for v in relaxation(cur)], axis=1)
       lw, lb, uw, ub = jnp.split(_windows(stacked, start, size), 4, axis=3)
       pos = P >= 0
-      total = total + _sum_rest(jnp.where(pos, P * lb, P * ub))
+      total = total + _sum_rest(rx.line_terms(P, lb, ub))
       P = jnp.where(pos, P * lw, P * uw)
   raise AssertionError("a patch chain ends at an input node")
 

@@ -138,6 +138,13 @@ def s_shaped(f: Callable, symmetry: float) -> Callable[..., Relaxation]:
   return relax
 
 
+def line_terms(A: jax.Array, low: jax.Array, high: jax.Array) -> jax.Array:
+  """``A * low`` where ``A > 0``, ``A * high`` where ``A < 0``, and 0 where ``A`` is 0, also
+  for infinite lines (log at 0, a value that may overflow a narrow format): the term a
+  lower bound takes from a relaxation's intercepts, never NaN."""
+  return jnp.where(A > 0, A * low, jnp.where(A < 0, A * high, 0.0))
+
+
 def relu_like(l, u, c, alpha=None) -> Relaxation:
   """Relaxation of ``max(x, c)`` (ReLU for ``c = 0``); ``alpha`` the lower slope if given."""
   c = jnp.broadcast_to(c, l.shape).astype(l.dtype)
