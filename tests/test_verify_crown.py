@@ -559,3 +559,19 @@ def test_certify(method):
   assert np.all(correct[certified])
   if method != "ibp":
     assert certified.any()
+
+
+def _sqrt_of_relu(x):
+  w1 = jnp.asarray([[1.0, -1.0, 0.5], [0.5, 1.0, -1.0]])
+  z = jnp.sqrt(jax.nn.relu(x @ w1) + 0.01)
+  return z @ jnp.asarray([[1.0, -2.0], [-1.0, 1.0], [0.5, 0.5]]) + z[:, :2] * 0.1
+
+
+@pytest.mark.parametrize("method", ["crown", "alpha_crown"])
+def test_a_relaxation_stays_inside_its_functions_domain(method):
+  # A backward bound of relu(z) + 0.01 reaches below 0 (the ReLU's lower line of slope 1):
+  # without IBP's lower bound 0.01 the square root's relaxation would be NaN.
+  box = verify.linf_ball(jnp.asarray([[0.1, 0.05], [-0.2, 0.3]]), 0.5)
+  out = bound(method, _sqrt_of_relu, box)
+  assert np.all(np.isfinite(out.lower)) and np.all(np.isfinite(out.upper))
+  bound_testing.assert_sound(_sqrt_of_relu, box, out.lower, out.upper)

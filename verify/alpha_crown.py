@@ -32,6 +32,7 @@ from verify.crown import node_kind
 from verify.crown import relu_alpha_init
 from verify.graph import ancestors
 from verify.interval import Interval
+from verify.interval import ordered
 
 
 def _optimise(out, A, bounds, steps: int, lr: float) -> jax.Array:
@@ -125,4 +126,4 @@ def alpha_crown(fn: Callable,
   lower, upper = r[:k].T, -r[k:].T
   if logits:
     lower, upper = lower.reshape(out_shape), upper.reshape(out_shape)
-  return Interval(lower, jnp.maximum(upper, lower))
+  return ordered(lower, upper)

@@ -144,7 +144,6 @@ class Skeleton:
     ops: the blocks in order; the last one gives ``[N, K]``.
     spec_rows: rows S of the random specification ``C [N, S, K]``.
     chunk_size: ``chunk_size`` passed to CROWN, CROWN-IBP and alpha-CROWN.
-    intersect_ibp: ``intersect_ibp`` passed to CROWN.
     stacked_spec: CROWN and CROWN-IBP bound ``fn(x)`` and ``C @ fn(x)`` in one
       call, with the specification ``[I; C]`` (alpha-CROWN always does), instead
       of one call without a specification and one with ``C``.
@@ -155,7 +154,6 @@ class Skeleton:
   ops: tuple[Op, ...]
   spec_rows: int
   chunk_size: int | None
-  intersect_ibp: bool
   stacked_spec: bool
   families: tuple[str, ...]
 
@@ -805,8 +803,7 @@ def _relu_network(rng, families) -> Skeleton:
 def _finish(rng, builder: _Builder, families) -> Skeleton:
   chunk = None if rng.random() < 0.6 else int(rng.integers(1, 4))
   return Skeleton(builder.shapes[0], int(rng.integers(1, 4)), tuple(builder.ops),
-                  int(rng.integers(1, 4)), chunk, bool(rng.random() < 0.3),
-                  bool(rng.random() < 0.7), families)
+                  int(rng.integers(1, 4)), chunk, bool(rng.random() < 0.7), families)
 
 
 def is_relu_network(skeleton: Skeleton) -> bool:
@@ -840,8 +837,6 @@ def describe(skeleton: Skeleton) -> str:
   options = f"S={skeleton.spec_rows}"
   if skeleton.chunk_size is not None:
     options += f" chunk_size={skeleton.chunk_size}"
-  if skeleton.intersect_ibp:
-    options += " intersect_ibp"
   if skeleton.stacked_spec:
     options += " stacked_spec"
   return " ".join(parts) + f" -> [{skeleton.batch},{skeleton.outputs}] ({options})"
@@ -1025,8 +1020,7 @@ def _builtin(name: str, skeleton: Skeleton) -> BoundFn:
     return lambda fn, box, spec: ibp(fn if spec is None else _spec_fn(fn, spec), box)
   chunk = skeleton.chunk_size
   if name == "crown":
-    return lambda fn, box, spec: crown(
-        fn, box, spec, chunk_size=chunk, intersect_ibp=skeleton.intersect_ibp)
+    return lambda fn, box, spec: crown(fn, box, spec, chunk_size=chunk)
   if name == "crown_ibp":
     return lambda fn, box, spec: crown_ibp(fn, box, spec, chunk_size=chunk)
   if name == "alpha_crown":
@@ -1058,12 +1052,16 @@ def _bound_outputs(skeleton: Skeleton, name: str, bound: BoundFn | None) -> Call
 
 
 # Errors raised while tracing a method on a structure: they depend on the structure only, so
-# they are raised again for later weights and boxes without tracing anew.
+# they are raised again for later weights and boxes without tracing anew (kept without their
+# tracebacks, whose frames hold the traced graphs).
 _TRACE_ERRORS: dict[tuple, Exception] = {}
+# Structures whose compilations are kept: `run` checks one structure at a time (its weights share
+# them) and `forget`s them after it; a few more serve callers of `check`.
+_CACHED = 8
 _TRACE_ERROR_TYPES = (InputError, NotImplementedError, TypeError, ValueError)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=_CACHED)
 def _compiled_bounds(skeleton: Skeleton, methods: tuple[tuple[str, BoundFn | None], ...]):
   """The bounds of several methods as one compiled function (one compilation, shared work)."""
   parts = [_bound_outputs(skeleton, name, bound) for name, bound in methods]
@@ -1091,12 +1089,12 @@ def _all_bounds(skeleton: Skeleton, methods, args) -> dict[str, Any]:
       out[key[0]] = [np.asarray(r) for r in _compiled_bounds(skeleton, (key,))(*args)[0]]
     except Exception as e:  # pylint: disable=broad-except
       if isinstance(e, _TRACE_ERROR_TYPES):
-        _TRACE_ERRORS[(skeleton,) + key] = e
+        _TRACE_ERRORS[(skeleton,) + key] = e.with_traceback(None)
       out[key[0]] = e
   return out
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=_CACHED)
 def _compiled_allowance(skeleton: Skeleton):
   """``(params, lower, upper, spec) -> ([N, K], [N, S])``: the rounding allowances."""
 
@@ -1119,7 +1117,7 @@ def _allowances(program: Program, box: Box, spec: np.ndarray) -> tuple[np.ndarra
     return np.full((n, k), np.inf), np.full((n, spec.shape[1]), np.inf)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=_CACHED)
 def _compiled_outputs(skeleton: Skeleton):
   """``(params, x [M, ...]) -> [M, K]`` and the gradient sign function, compiled once."""
 
@@ -1136,6 +1134,15 @@ def _compiled_outputs(skeleton: Skeleton):
 
   return (compilation.jit(outputs, compiler_options=_COMPILER_OPTIONS),
           compilation.jit(jacobian, compiler_options=_COMPILER_OPTIONS))
+
+
+def forget() -> None:
+  """Drops the fuzzer's compilations, its remembered trace errors and JAX's caches (a long run
+  calls it after each structure: otherwise its memory grows with every compilation)."""
+  for cached in (_compiled_bounds, _compiled_allowance, _compiled_outputs):
+    cached.cache_clear()
+  _TRACE_ERRORS.clear()
+  jax.clear_caches()
 
 
 def _points(program: Program, box: Box, spec: np.ndarray, rng: np.random.Generator,
@@ -1487,6 +1494,7 @@ def run(seconds: float | None = None,
       if now - last_log >= log_every:
         last_log = now
         logging.info("%s", _progress(report, now - start, seconds, programs))
+    forget()
     group += 1
   report.checks, report.point_checks, report.milp = tally.checks, tally.point_checks, tally.milp
   report.unsupported = dict(tally.unsupported)

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -83,6 +84,18 @@ class Interval:
   def contains(self, x: jax.typing.ArrayLike, tol: float = 0.0) -> jax.Array:
     """Whether ``x`` lies inside the box (elementwise), with tolerance ``tol``."""
     return (x >= self.lower - tol) & (x <= self.upper + tol)
+
+
+def ordered(lower: jax.Array, upper: jax.Array) -> Interval:
+  """The interval between two bounds computed apart, in order: where rounding crossed them
+  (a box a few ulps wide) the value lies between them either way.
+
+  Both pass one ``lax.optimization_barrier`` first: XLA may otherwise compute a bound twice,
+  in two fusions that round differently, and return a copy the comparison never saw (seen:
+  an output lower bound one ulp above the upper one).
+  """
+  lower, upper = lax.optimization_barrier((lower, upper))
+  return Interval(jnp.minimum(lower, upper), jnp.maximum(lower, upper))
 
 
 def linf_ball(
