@@ -258,7 +258,9 @@ def apgd(eps: float,
                       momentum=momentum,
                       rho=rho), None
 
-    best, _ = jax.lax.scan(restart, best, jax.random.split(key, restarts))
+    # Restart r draws fold_in(key, r): the first restarts of a longer run are a shorter run.
+    best, _ = jax.lax.scan(lambda b, r: restart(b, jax.random.fold_in(key, r)), best,
+                           jnp.arange(restarts))
     return best.x
 
   return core.make_attack(run,

@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Any, Sequence
 
 import jax
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 from attacks import core
 from robustlib.checks import InputError
 
-VERSIONS = ("standard", "rand")
+VERSIONS = ("standard", "plus", "rand")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -43,6 +44,17 @@ class Cascade(core.AttackFn):
     (the other attributes are those of :class:`attacks.core.AttackFn`.)
   """
   stages: tuple[core.AttackFn, ...] = ()
+
+
+def stage_key_of(key: jax.Array, stages: Sequence[core.AttackFn], s: int) -> jax.Array:
+  """Stage ``s``'s key: ``key`` folded with a hash of its name and the count of earlier
+  stages of that name. An attack draws the same randomness alone, first or later in any
+  cascade; so a cascade whose stages include another's (AutoAttack's ``plus`` holds every
+  ``standard`` stage, APGD-CE with 5 restarts the first restart alone) breaks every point
+  the other breaks, as a stage's result on a point does not depend on the other points."""
+  name = stages[s].name
+  repeat = sum(1 for t in stages[:s] if t.name == name)
+  return jax.random.fold_in(jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF), repeat)
 
 
 def run_stages(stages: Sequence[core.AttackFn],
@@ -59,8 +71,8 @@ def run_stages(stages: Sequence[core.AttackFn],
     logits_fn: ``[N, ...] -> [N, K]``.
     x: inputs ``[N, ...]``.
     y: labels ``[N]``.
-    key: PRNG key; stage ``s`` gets ``fold_in(key, s)`` (so the first stage of a
-      cascade sees exactly what the same attack run alone sees).
+    key: PRNG key; each stage draws `stage_key` (from its name: the same attack
+      gets the same draws in any cascade, and alone).
     eps: ``[N]`` radii.
     valid: optional ``[N]`` bool; rows that are False (padding) count as not
       robust, so they never keep a stage running.
@@ -77,7 +89,7 @@ def run_stages(stages: Sequence[core.AttackFn],
   x_best = x
   flags = []
   for s, stage in enumerate(stages):
-    stage_key = jax.random.fold_in(key, s)
+    stage_key = stage_key_of(key, stages, s)
 
     def attack(carry, stage=stage, stage_key=stage_key):
       robust, x_best = carry
@@ -166,14 +178,22 @@ def autoattack(eps: float,
 
   ``version="standard"``: APGD-CE (1 restart, 100 steps), APGD-T (targeted DLR
   over the top 9 other classes, 1 restart, 100 steps), FAB-T (9 targets, 1
-  restart, 100 steps) and Square (5000 queries, ``p_init=0.8``), each on the
-  points the previous ones left robust. ``version="rand"`` (randomized models):
-  APGD-CE and APGD-DLR, each averaging gradients over 20 samples (EOT).
+  restart, 100 steps) and Square (5000 queries, ``p_init=0.8``, its schedule
+  not rescaled), each on the points the previous ones left robust.
+  ``version="plus"``, as the original's: APGD-CE and APGD-DLR (5 restarts
+  each), untargeted FAB (5 restarts), Square (1 restart: the original's
+  ``plus`` leaves Square's single restart as it is), APGD-T and FAB-T.
+  ``version="rand"`` (randomized models): APGD-CE and APGD-DLR, each averaging
+  gradients over 20 samples (EOT).
+
+  Remaining deviations from the original code: the random draws differ (JAX's
+  keys, not PyTorch's seeds), and every stage runs on a whole batch under a
+  mask, not on the still-robust points gathered into new batches.
 
   Args:
     eps: radius of the threat model.
     norm: ``"linf"`` or ``"l2"``.
-    version: ``"standard"`` or ``"rand"``.
+    version: ``"standard"``, ``"plus"`` or ``"rand"``.
     bounds: the input box.
     steps, num_targets, queries, eot_samples: AutoAttack's fixed values by
       default; smaller values (quick tests) are no longer AutoAttack.
@@ -185,30 +205,39 @@ def autoattack(eps: float,
   core.check_norm(norm)
   bounds = core.check_bounds(bounds)
   if version not in VERSIONS:
-    raise InputError(f"autoattack version must be one of {VERSIONS}, got {version!r} ('plus' "
-                     "and 'custom' are not offered: build a list of attacks instead)")
+    raise InputError(f"autoattack version must be one of {VERSIONS}, got {version!r} ('custom' "
+                     "is not offered: build a list of attacks and pass it to attacks.cascade)")
   for value, field in ((steps, "steps"), (num_targets, "num_targets"), (queries, "queries"),
                        (eot_samples, "eot_samples")):
     core.check_positive_int(value, field)
   # The attack modules are imported here, not at the top, so that this module
   # (and evaluate) do not depend on which attacks a build ships.
   import attacks  # pylint: disable=import-outside-toplevel
-  needed = ("apgd", "apgd_t", "fab", "square") if version == "standard" else ("apgd", "eot")
+  needed = ("apgd", "eot") if version == "rand" else ("apgd", "apgd_t", "fab", "square")
   missing = [name for name in needed if not hasattr(attacks, name)]
   if missing:
     raise InputError(f"autoattack version {version!r} needs attacks.{', attacks.'.join(missing)}, "
                      "which this build lacks")
   common = dict(eps=eps, norm=norm, bounds=bounds)
+  apgd_t = attacks.apgd_t(steps=steps, restarts=1, num_targets=num_targets, **common)
+  fab_t = attacks.fab(steps=steps, restarts=1, num_targets=num_targets, **common)
+  square = attacks.square(queries=queries, p_init=0.8, rescale_schedule=False, **common)
   if version == "standard":
+    stages = [attacks.apgd(loss="ce", steps=steps, restarts=1, **common), apgd_t, fab_t, square]
+  elif version == "plus":
     stages = [
-        attacks.apgd(loss="ce", steps=steps, restarts=1, **common),
-        attacks.apgd_t(steps=steps, restarts=1, num_targets=num_targets, **common),
-        attacks.fab(steps=steps, restarts=1, num_targets=num_targets, **common),
-        attacks.square(queries=queries, p_init=0.8, **common),
+        attacks.apgd(loss="ce", steps=steps, restarts=5, **common),
+        attacks.apgd(loss="dlr", steps=steps, restarts=5, **common),
+        attacks.fab(steps=steps, restarts=5, num_targets=None, **common),
+        square,
+        apgd_t,
+        fab_t,
     ]
   else:
     stages = [
         attacks.eot(attacks.apgd(loss=loss, steps=steps, restarts=1, **common), samples=eot_samples)
         for loss in ("ce", "dlr")
     ]
-  return cascade(stages, eps=eps, name="autoattack" if version == "standard" else "autoattack-rand")
+  return cascade(stages,
+                 eps=eps,
+                 name="autoattack" if version == "standard" else f"autoattack-{version}")

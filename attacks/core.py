@@ -121,8 +121,10 @@ def check_logits_shape(logits: jax.Array, num_examples: int, min_classes: int = 
 
 
 def per_example_eps(eps: Any, num_examples: int, dtype=jnp.float32) -> jax.Array:
-  """Broadcasts a scalar or ``[N]`` epsilon to a float array ``[N]``."""
-  eps = jnp.asarray(eps, dtype=dtype)
+  """Broadcasts a scalar or ``[N]`` epsilon to a float array ``[N]`` of ``dtype`` or
+  float32, the wider: a radius is never rounded to a narrow input dtype (in
+  bfloat16, 0.03 is 0.0300293)."""
+  eps = jnp.asarray(eps, dtype=jnp.promote_types(dtype, jnp.float32))
   if eps.ndim > 1 or (eps.ndim == 1 and eps.shape[0] != num_examples):
     raise InputError(f"eps must be a scalar or a vector [N] with N={num_examples}, "
                      f"got shape {eps.shape}")
@@ -134,18 +136,15 @@ def _check_concrete_inputs(x, y, eps, target, bounds: Bounds, targeted: bool) ->
   check_labels(y, num_examples=np.shape(x)[0], name="y")
   check_eps(eps)
   if targeted:
-    if target is None:
-      raise InputError("this attack is targeted: pass target= (int labels [N])")
     check_labels(target, num_examples=np.shape(x)[0], name="target")
     same = np.flatnonzero(np.asarray(target) == np.asarray(y))
     if same.size:
       raise InputError(f"target must differ from the true label y; they are equal for "
                        f"{same.size} examples (first at index {int(same[0])})")
-  elif target is not None:
-    raise InputError("target= was given to an untargeted attack; build it with targeted=True")
 
 
-def _check_static_inputs(x, y, target) -> None:
+def _check_static_inputs(x, y, target, targeted: bool) -> None:
+  """Checks what is known at trace time too: shapes, dtypes, and whether a target is given."""
   if jnp.ndim(x) < 1 or jnp.ndim(y) != 1 or jnp.shape(y)[0] != jnp.shape(x)[0]:
     raise InputError(f"x must be [N, ...] and y int labels [N]; got shapes "
                      f"{jnp.shape(x)} and {jnp.shape(y)}")
@@ -155,6 +154,46 @@ def _check_static_inputs(x, y, target) -> None:
     raise InputError(f"x must have a floating dtype, got {jnp.result_type(x)}")
   if target is not None and jnp.shape(target) != jnp.shape(y):
     raise InputError(f"target must have the shape of y {jnp.shape(y)}, got {jnp.shape(target)}")
+  if targeted and target is None:
+    raise InputError("this attack is targeted: pass target= (int labels [N])")
+  if not targeted and target is not None:
+    raise InputError("target= was given to an untargeted attack; build it with targeted=True")
+
+
+# ----------------------------------------------------------------------------
+# Narrow input dtypes.
+
+
+def round_toward(v: jax.Array, x: jax.Array) -> jax.Array:
+  """``v`` (float32 or wider) in ``x``'s dtype, each coordinate rounded toward ``x``.
+
+  Every coordinate's distance to ``x`` shrinks or stays, so a point of the ball
+  around ``x`` (any norm) and of the box stays inside both in a narrow dtype
+  (float16, bfloat16), where rounding to nearest may step out by half an ulp.
+  """
+  if v.dtype == x.dtype:
+    return v
+  c = v.astype(x.dtype)
+  xw = x.astype(v.dtype)
+  beyond = jnp.abs(c.astype(v.dtype) - xw) > jnp.abs(v - xw)
+  return jnp.where(beyond, jnp.nextafter(c, x), c)
+
+
+def widen(logits_fn: LogitsFn, x: jax.Array) -> tuple[LogitsFn, jax.Array]:
+  """An attack's view of a narrow-dtype problem: iterates in float32, the model still fed
+  its own dtype. Attacks search in float32 (a float16 step of a small size would round
+  away); the result comes back with `round_toward`."""
+  wide = jnp.promote_types(x.dtype, jnp.float32)
+  if wide == x.dtype:
+    return logits_fn, x
+  cast = getattr(logits_fn, "cast_inputs", None)  # a model that must stay what it is (Randomized)
+  fn = cast(x.dtype) if cast is not None else (lambda z: logits_fn(z.astype(x.dtype)))
+  return fn, x.astype(wide)
+
+
+def _run_wide(run: Run, logits_fn, x, y, key, eps, target) -> jax.Array:
+  fn, xw = widen(logits_fn, x)
+  return round_toward(run(fn, xw, y, key, eps, target), x)
 
 
 # ----------------------------------------------------------------------------
@@ -189,16 +228,17 @@ class AttackFn:
   def _checked_run(self, logits_fn, x, y, key, eps, target):
     clean_logits = logits_fn(x)
     check_logits_shape(clean_logits, x.shape[0], self.min_classes)
-    x_adv = self.run(logits_fn, x, y, key, eps, target)
+    x_adv = _run_wide(self.run, logits_fn, x, y, key, eps, target)
     return x_adv, jnp.isfinite(clean_logits).all(), clean_logits.shape[1]
 
   def __call__(self, logits_fn, x, y, key, *, eps=None, target=None):
     eps = self.eps if eps is None else eps
-    _check_static_inputs(x, y, target)
+    _check_static_inputs(x, y, target, self.targeted)
     if is_traced(x, y, key, eps, target):
       clean_logits = jax.eval_shape(logits_fn, x)
       check_logits_shape(clean_logits, x.shape[0], self.min_classes)
-      return self.run(logits_fn, x, y, key, per_example_eps(eps, x.shape[0], x.dtype), target)
+      return _run_wide(self.run, logits_fn, x, y, key, per_example_eps(eps, x.shape[0], x.dtype),
+                       target)
     _check_concrete_inputs(x, y, eps, target, self.bounds, self.targeted)
     x = jnp.asarray(x)
     x_adv, finite, num_classes = self._jitted(logits_fn, x, jnp.asarray(y), key,
@@ -301,9 +341,16 @@ def cross_entropy_loss(logits, y, target=None):
 
 
 def margin_loss(logits, y, target=None):
-  """Untargeted: ``max_{j != y} z_j - z_y``; targeted: ``z_t - z_y`` (C&W, Gowal et al.)."""
+  """Untargeted: ``max_{j != y} z_j - z_y``; targeted: ``z_t - max_{j != t} z_j``
+  (Carlini & Wagner 2017): positive exactly where the attack succeeds, ``argmax == y``
+  misses or ``argmax == t`` hits."""
   if target is None:
     return _top_other(logits, y) - _take(logits, y)
+  return _take(logits, target) - _top_other(logits, target)
+
+
+def logit_difference(logits, y, target):
+  """``z_t - z_y``: MultiTargeted's loss (Gowal et al. 2019), one target at a time."""
   return _take(logits, target) - _take(logits, y)
 
 

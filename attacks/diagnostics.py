@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attacks import core
+from attacks.eot import Randomized
 from robustlib.checks import InputError
 
 GRADIENT_FREE = ("square", "spsa")
@@ -92,7 +93,9 @@ def check_randomized(logits_fn: core.LogitsFn,
 
   Runs the model eagerly and jitted (randomness drawn in Python or in a host
   callback shows in either), normalizes each output row to unit L2 norm and
-  compares.
+  compares. A :class:`attacks.Randomized` model draws the same randomness for
+  the same input (its calls are pure), so its draws are compared under
+  different keys instead.
 
   Args:
     logits_fn: ``[N, ...] -> [N, K]``.
@@ -104,9 +107,13 @@ def check_randomized(logits_fn: core.LogitsFn,
     A message when the model looks randomized.
   """
   x = jnp.asarray(x)
-  jitted = jax.jit(lambda v: logits_fn(v))  # pylint: disable=unnecessary-lambda
-  outputs = [np.asarray(logits_fn(x)) for _ in range(passes)]
-  outputs += [np.asarray(jitted(x)) for _ in range(passes)]
+  if isinstance(logits_fn, Randomized):
+    draw = jax.jit(logits_fn.fn)
+    outputs = [np.asarray(draw(x, jax.random.fold_in(logits_fn.key, i))) for i in range(passes)]
+  else:
+    jitted = jax.jit(lambda v: logits_fn(v))  # pylint: disable=unnecessary-lambda
+    outputs = [np.asarray(logits_fn(x)) for _ in range(passes)]
+    outputs += [np.asarray(jitted(x)) for _ in range(passes)]
   normed = [o / (np.linalg.norm(o, axis=-1, keepdims=True) + 1e-10) for o in outputs]
   diff = max(float(np.linalg.norm(a - normed[0], axis=-1).max()) for a in normed[1:])
   preds = {tuple(o.argmax(-1)) for o in outputs}

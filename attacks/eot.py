@@ -22,7 +22,7 @@ that calls stay pure and results repeatable.
 ``samples`` draws (made with the attack's key, again fresh at every new
 iterate), so each of its gradients is the average over the draws of the
 gradient of the logits -- for a loss linear in the logits, such as the
-targeted margin, exactly the average of the loss gradients. On a deterministic
+logit difference ``z_t - z_y``, exactly the average of the loss gradients. On a deterministic
 model (any other ``logits_fn``) the draws would all agree, so the wrapped attack
 runs unchanged.
 """
@@ -62,6 +62,11 @@ class Randomized:
   def __call__(self, x: jax.Array) -> jax.Array:
     """One draw: ``fn(x, key)`` with ``key`` derived from :attr:`key` and ``x``."""
     return self.fn(x, input_key(self.key, x))
+
+  def cast_inputs(self, dtype) -> "Randomized":
+    """The same model fed inputs cast to ``dtype`` (an attack searching in float32 on a
+    float16 model, `attacks.core.widen`)."""
+    return Randomized(lambda x, key: self.fn(x.astype(dtype), key), self.key)
 
   def mean_logits(self, x: jax.Array, key: jax.Array, samples: int) -> jax.Array:
     """The logits averaged over ``samples`` draws keyed by ``key`` and ``x``: ``[N, K]``."""

@@ -9,7 +9,8 @@ a random sign per channel) to a vertex of the epsilon-ball; L2 moves perturbatio
 mass from a second window into the first, shaped by the paper's centred
 "rectangles" pattern. A proposal is kept when it raises the loss or fools the
 model. The square's side shrinks with the published schedule of ``p`` (the
-fraction of pixels a window covers), rescaled to the query budget.
+fraction of pixels a window covers), rescaled to the query budget unless
+``rescale_schedule=False`` (as in AutoAttack).
 
 Inputs of rank 4 are read as ``[N, H, W, C]`` images; rank 3 as ``[N, H, W]``;
 anything else as a 1-D signal ``[N, D]`` whose windows are runs of ``p * D``
@@ -52,13 +53,20 @@ class SquareResult(NamedTuple):
   queries: jax.Array
 
 
-def p_selection(iteration: jax.Array, queries: int, p_init: float) -> jax.Array:
+def p_selection(iteration: jax.Array,
+                queries: int,
+                p_init: float,
+                rescale_schedule: bool = True) -> jax.Array:
   """The fraction of pixels a window covers at ``iteration`` (0-based).
 
   ``p_init`` halved after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000 and
-  8000 of a 10,000-query budget, the schedule rescaled to ``queries``.
+  8000; with ``rescale_schedule`` those are iterations of a 10,000-query budget,
+  the schedule rescaled to ``queries`` (iteration ``i`` reads as
+  ``floor(i * 10000 / queries)``), as the paper's code does by default;
+  AutoAttack turns the rescaling off.
   """
-  scaled = jnp.floor(jnp.asarray(iteration, jnp.float32) * 10000.0 / queries)
+  i = jnp.asarray(iteration, jnp.float32)
+  scaled = jnp.floor(i * 10000.0 / queries) if rescale_schedule else i
   halvings = jnp.sum(scaled > jnp.asarray(P_SCHEDULE, jnp.float32))
   return p_init / 2.0**halvings
 
@@ -263,7 +271,7 @@ class _State(NamedTuple):
 
 
 def _restart(logits_fn, objective, x, y, target, eps, key, spent, active, *, norm, queries, p_init,
-             bounds, table, cap):
+             rescale_schedule, bounds, table, cap):
   """One run of the random search on the examples where ``active``.
 
   Returns the run's best point, its loss and adversarialness, the examples it
@@ -288,7 +296,7 @@ def _restart(logits_fn, objective, x, y, target, eps, key, spent, active, *, nor
   def body(state):
     searching = still_searching(state)
     k_step = jax.random.fold_in(k_loop, state.iteration)
-    p = p_selection(state.iteration, queries, p_init)
+    p = p_selection(state.iteration, queries, p_init, rescale_schedule)
     if norm == "linf":
       x_new = _propose_linf(k_step, x, state.x_best, eps, p, bounds)
     else:
@@ -309,8 +317,8 @@ def _restart(logits_fn, objective, x, y, target, eps, key, spent, active, *, nor
   return state.x_best, state.loss, state.adversarial, active, state.queries
 
 
-def _search(logits_fn, x, y, key, eps, target, *, norm, queries, p_init, restarts, loss_fn,
-            bounds) -> SquareResult:
+def _search(logits_fn, x, y, key, eps, target, *, norm, queries, p_init, restarts, rescale_schedule,
+            loss_fn, bounds) -> SquareResult:
   n = x.shape[0]
   h, w, c = _image_view(x.shape[1:])
   x_img = x.reshape(n, h, w, c)
@@ -340,6 +348,7 @@ def _search(logits_fn, x, y, key, eps, target, *, norm, queries, p_init, restart
                                                        norm=norm,
                                                        queries=queries,
                                                        p_init=p_init,
+                                                       rescale_schedule=rescale_schedule,
                                                        bounds=bounds,
                                                        table=table,
                                                        cap=(r + 1) * queries)
@@ -361,6 +370,7 @@ def square_search(logits_fn: core.LogitsFn,
                   queries: int = 5000,
                   p_init: float = 0.8,
                   restarts: int = 1,
+                  rescale_schedule: bool = True,
                   loss: str = "margin",
                   bounds: Sequence[float] = (0.0, 1.0)) -> SquareResult:
   """Square Attack returning the per-example query counts as well (jittable).
@@ -372,27 +382,32 @@ def square_search(logits_fn: core.LogitsFn,
     key: PRNG key.
     eps: scalar or ``[N]`` radius (may be traced).
     target: ``[N]`` int target classes for a targeted search, else None.
-    norm, queries, p_init, restarts, loss, bounds: as in :func:`square`.
+    norm, queries, p_init, restarts, rescale_schedule, loss, bounds: as in
+      :func:`square`.
 
   Returns:
-    A :class:`SquareResult`.
+    A :class:`SquareResult` (for a float16 or bfloat16 ``x``, searched in float32
+    and rounded toward ``x``: ``adversarial`` is judged before that rounding).
   """
   loss_fn, _ = _check_config(norm, queries, p_init, restarts, loss, target is not None)
   bounds = core.check_bounds(bounds)
   core.check_eps(eps)
   x = jnp.asarray(x)
-  return _search(logits_fn,
-                 x,
-                 jnp.asarray(y),
-                 key,
-                 core.per_example_eps(eps, x.shape[0], x.dtype),
-                 target,
-                 norm=norm,
-                 queries=queries,
-                 p_init=float(p_init),
-                 restarts=restarts,
-                 loss_fn=loss_fn,
-                 bounds=bounds)
+  fn, x_wide = core.widen(logits_fn, x)
+  result = _search(fn,
+                   x_wide,
+                   jnp.asarray(y),
+                   key,
+                   core.per_example_eps(eps, x.shape[0], x.dtype),
+                   target,
+                   norm=norm,
+                   queries=queries,
+                   p_init=float(p_init),
+                   restarts=restarts,
+                   rescale_schedule=rescale_schedule,
+                   loss_fn=loss_fn,
+                   bounds=bounds)
+  return result._replace(x_adv=core.round_toward(result.x_adv, x))
 
 
 def square(eps: float,
@@ -401,6 +416,7 @@ def square(eps: float,
            queries: int = 5000,
            p_init: float = 0.8,
            restarts: int = 1,
+           rescale_schedule: bool = True,
            loss: str = "margin",
            targeted: bool = False,
            bounds: Sequence[float] = (0.0, 1.0)) -> core.AttackFn:
@@ -413,10 +429,13 @@ def square(eps: float,
       evaluation of ``x`` counts as one). Examples stop spending queries once
       they are adversarial.
     p_init: initial fraction of the pixels a window covers, in ``(0, 1]``; it
-      halves on the paper's schedule, rescaled to ``queries``.
+      halves on the paper's schedule (`p_selection`).
     restarts: independent runs, each from a fresh random start, on the
       examples no earlier run fooled.
-    loss: ``"margin"`` (``max_{j != y} z_j - z_y``) or ``"ce"``; maximized.
+    rescale_schedule: rescale the schedule of ``p`` to ``queries`` (the paper's
+      code's default); AutoAttack uses False.
+    loss: ``"margin"`` (``max_{j != y} z_j - z_y``; targeted:
+      ``z_t - max_{j != t} z_j``) or ``"ce"``; maximized.
     targeted: calls take ``target=`` and the search aims at it.
     bounds: the input box.
 
@@ -435,6 +454,7 @@ def square(eps: float,
                              queries=queries,
                              p_init=float(p_init),
                              restarts=restarts,
+                             rescale_schedule=bool(rescale_schedule),
                              loss_fn=loss_fn,
                              bounds=bounds)
 

@@ -57,13 +57,15 @@ def check_images(
     raise InputError(f"{name} must have rank {rank}, got shape {shape}")
   if len(shape) < 1:
     raise InputError(f"{name} must have a leading batch dimension, got a scalar")
-  if not np.issubdtype(dtype, np.floating):
+  if not jnp.issubdtype(dtype, jnp.floating):
     raise InputError(f"{name} must have a floating dtype (float32 images in "
                      f"{list(bounds) if bounds else 'any range'}), got {dtype}; "
                      "scale integer pixels first, e.g. x.astype(np.float32) / 255")
   if is_traced(x):
     return
   arr = np.asarray(x)
+  if arr.dtype.itemsize < 4:  # float16, bfloat16: NumPy's checks in float32
+    arr = arr.astype(np.float32)
   finite = np.isfinite(arr)
   if not finite.all():
     bad = np.flatnonzero(~finite.reshape(arr.shape[0], -1).all(axis=1))

@@ -350,7 +350,14 @@ def test_autoattack_is_the_standard_cascade():
   assert len(suite.stages) == 4 and suite.norm == "linf" and suite.eps == 0.1
   assert suite.min_classes >= 4  # targeted DLR
   with pytest.raises(InputError, match="version"):
-    attacks.autoattack(eps=0.1, version="plus")
+    attacks.autoattack(eps=0.1, version="custom")
+
+
+def test_autoattack_plus_is_the_originals_six_stages():
+  suite = attacks.autoattack(eps=0.1, version="plus")
+  assert suite.name == "autoattack-plus"
+  assert [s.name for s in suite.stages
+         ] == ["apgd-ce", "apgd-dlr", "fab-linf", "square-linf", "apgd-t", "fab-t-linf"]
 
 
 @pytest.fixture(scope="module")

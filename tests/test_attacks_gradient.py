@@ -137,6 +137,16 @@ def test_multitargeted_best_margin_is_the_closed_form(linear, multitargeted_atta
   assert (np.sign(margin) == np.where(np.arange(6) % 2 == 0, 1, -1)).all()
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_multitargeted_with_default_settings_reaches_the_closed_form(linear, norm):
+  distance = (linear.gap() / linear.dual(norm)).min(axis=1)
+  eps = (distance * np.where(np.arange(6) % 2 == 0, 0.5, 1.5)).astype(np.float32)
+  attack = attacks.multitargeted(eps=1.0, norm=norm, bounds=NO_BOX)  # 40 steps, random starts
+  x_adv = attack(linear, linear.x, linear.y, jax.random.key(2), eps=eps)
+  expected = np.min(linear.gap() - eps[:, None] * linear.dual(norm), axis=1)
+  np.testing.assert_allclose(linear.margin(np.asarray(x_adv)), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_top_targets_are_the_other_classes_by_clean_logit():
   logits = jnp.asarray([[0.0, 3.0, 1.0, 2.0], [5.0, -1.0, 4.0, 0.5]])
   y = jnp.asarray([3, 1])
@@ -356,6 +366,28 @@ def test_eot_recovers_the_mean_models_optimum():
 
   plain, averaged = gain(pgd), gain(attacks.eot(pgd, samples=64))
   assert averaged.min() > 0.85 and plain.mean() < averaged.mean() - 0.3, (plain, averaged)
+
+
+def test_a_randomized_model_is_detected_by_the_diagnostics(linear):
+  from attacks import diagnostics  # pylint: disable=import-outside-toplevel
+  noisy = NoisyLinear(0.5)
+  model = attacks.Randomized(noisy, jax.random.key(0))
+  assert diagnostics.check_randomized(model, noisy.x)
+  assert not diagnostics.check_randomized(attacks.Randomized(NoisyLinear(0.0), jax.random.key(0)),
+                                          noisy.x)
+  assert not diagnostics.check_randomized(linear, linear.x)
+
+
+def test_eot_still_averages_draws_of_a_float16_model():
+  noisy = NoisyLinear(3.0)
+  model = attacks.Randomized(lambda v, k: noisy(v.astype(jnp.float32), k), jax.random.key(0))
+  x16 = jnp.asarray(noisy.x, jnp.float16)
+  pgd = attacks.pgd(0.05, steps=20, loss="margin", targeted=True, bounds=NO_BOX)
+  d = noisy.w[:, 0][None] - noisy.w.T[noisy.target]
+  x_adv = attacks.eot(pgd, samples=64)(model, x16, noisy.y, jax.random.key(1), target=noisy.target)
+  assert x_adv.dtype == jnp.float16
+  moved = np.asarray(x_adv, np.float32) - np.asarray(x16, np.float32)
+  assert np.min(np.sum(-d * moved, axis=1) / (0.05 * np.abs(d).sum(1))) > 0.8
 
 
 def test_eot_on_a_deterministic_model_is_the_attack_itself(linear):

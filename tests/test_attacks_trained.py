@@ -5,9 +5,8 @@ The model is the digits MLP trained for 300 steps by ``python -m training.train`
 Which claims hold by construction and which are measured:
 
 * By construction of the cascade (each stage runs only on the points the
-  earlier stages left robust, and stage ``s`` draws its key as
-  ``fold_in(key, s)``, so the first stage sees exactly what the same attack run
-  alone sees): per example, robust(clean) ⊇ robust(FGSM) ⊇ robust([FGSM, PGD]) ⊇
+  earlier stages left robust, and a stage draws its key from its name, so the
+  first stage sees exactly what the same attack run alone sees): per example, robust(clean) ⊇ robust(FGSM) ⊇ robust([FGSM, PGD]) ⊇
   robust([FGSM, PGD, MultiTargeted]). The test checks that the first stage
   equals the attack alone, which is what makes these inclusions statements
   about the attacks. Likewise the stages of [AutoAttack's stages, PGD] up to
@@ -139,6 +138,19 @@ def check_autoattack(model, alone):
   assert _rarely_outside(autoattack, pgd)  # PGD alone rarely breaks a point AutoAttack missed
   assert _rarely_outside(autoattack, report.robust_flags[0])  # nor does PGD run after it
   assert not report.warnings  # no gradient masking on a plain network
+
+
+@pytest.mark.slow
+def test_autoattack_plus_is_never_weaker_than_standard_per_example(model, request):
+  # By construction (plus holds every standard stage, which draws the same keys by name) and
+  # checked here on the trained model: every point standard breaks, plus breaks.
+  if "slow" not in request.config.getoption("-m"):
+    pytest.skip("AutoAttack plus on 128 points (about 1 minute): run with -m slow")
+  eps = model[3]
+  standard = _evaluate(model, attacks.autoattack(eps=eps))
+  plus = _evaluate(model, attacks.autoattack(eps=eps, version="plus"))
+  assert _subset(plus.robust_flags[0], standard.robust_flags[0])
+  assert standard.robust_accuracy[0] < standard.clean_accuracy  # a radius where attacks matter
 
 
 def test_cascade_inclusions_hold_per_example(model, alone):
