@@ -28,3 +28,22 @@ from attacks.diagnostics import AttackWarning, diagnose
 from attacks.evaluation import Report, evaluate
 
 __all__ += ["AttackWarning", "Cascade", "Report", "autoattack", "cascade", "diagnose", "evaluate"]
+
+# An attack's module is also its factory: ``attacks.square(eps=...)`` builds the attack and
+# ``attacks.square.p_selection`` is the module's function; the name never hides the module.
+import sys as _sys
+import types as _types
+
+
+class _FactoryModule(_types.ModuleType):
+  """A module called like the factory of its own name."""
+
+  def __call__(self, *args, **kwargs):
+    return getattr(self, self.__name__.rsplit(".", 1)[1])(*args, **kwargs)
+
+
+for _name in ("apgd", "autoattack", "eot", "fab", "fgsm", "multitargeted", "pgd", "spsa", "square"):
+  _module = _sys.modules[f"{__name__}.{_name}"]
+  _module.__class__ = _FactoryModule
+  globals()[_name] = _module
+del _module, _name

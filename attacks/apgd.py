@@ -30,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -39,7 +40,6 @@ import numpy as np
 from attacks import core
 from attacks.multitargeted import top_targets
 from attacks.pgd import expand
-from robustlib import fastgrad
 from robustlib.checks import InputError
 
 
@@ -84,12 +84,16 @@ def initial_point(key: jax.Array, x: jax.Array, eps: jax.Array, norm: str,
                   bounds: core.Bounds) -> jax.Array:
   """AutoAttack's start: a random direction scaled to norm ``eps``, clipped to the box."""
   if norm == "linf":
-    t = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
+    t = core.uniform(key, x.shape, x.dtype, -1.0, 1.0)
     size = jnp.max(jnp.abs(t.reshape(t.shape[0], -1)), axis=1)
   else:
-    t = jax.random.normal(key, x.shape, x.dtype)
+    t = core.normal(key, x.shape, x.dtype)
     size = core.l2_norm(t)
   return jnp.clip(x + expand(eps / (size + 1e-12), x) * t, bounds[0], bounds[1])
+
+
+def _all_broken(state) -> jax.Array:
+  return jnp.all(state.best.adversarial)
 
 
 def run_once(fn: core.LogitsFn,
@@ -104,7 +108,9 @@ def run_once(fn: core.LogitsFn,
              norm: str,
              bounds: core.Bounds,
              momentum: float = 0.75,
-             rho: float = 0.75) -> core.Best:
+             rho: float = 0.75,
+             early_exit: bool = False,
+             large_eps: bool = False) -> core.Best:
   """One APGD run from a random start; every iterate is offered to ``best``.
 
   Args:
@@ -121,10 +127,24 @@ def run_once(fn: core.LogitsFn,
     bounds: the box.
     momentum: the weight ``a`` of the new step (0.75 in AutoAttack).
     rho: the fraction of successful steps below which the step is halved.
+    early_exit: stop once every example's best point is adversarial.
+    large_eps: L1 only: AutoAttack's schedule of radii (`run_l1`).
 
   Returns:
     The updated :class:`attacks.core.Best`.
   """
+  if norm == "l1":
+    return run_l1(fn,
+                  x,
+                  eps,
+                  key,
+                  best,
+                  loss=loss,
+                  judge=judge,
+                  steps=steps,
+                  bounds=bounds,
+                  early_exit=early_exit,
+                  large_eps=large_eps)
   marks = checkpoints(steps)
   is_check = np.zeros(steps, bool)
   length = np.ones(steps, np.float32)
@@ -133,12 +153,7 @@ def run_once(fn: core.LogitsFn,
     length[point - 1] = point - previous
   is_check, length = jnp.asarray(is_check), jnp.asarray(length)
 
-  def total(z):
-    logits = fn(z)
-    value = loss(logits)
-    return jnp.sum(value), (value, logits)
-
-  grad_fn = jax.grad(total, has_aux=True)
+  grad_fn = core.loss_gradient(fn, loss)
 
   def direction(g):
     if norm == "linf":
@@ -192,11 +207,141 @@ def run_once(fn: core.LogitsFn,
                   halved_at_check=jnp.where(check, halve, s.halved_at_check),
                   best=best)
 
-  return jax.lax.fori_loop(0, steps, body, state).best
+  return core.iterate(steps, body, state, _all_broken if early_exit else None).best
+
+
+def kth_smallest(v: jax.Array, k: jax.Array) -> jax.Array:
+  """``sort(v, axis=1)[:, k]`` for ``v >= 0`` ``[N, D]`` and ``k`` ``[N]``, without a sort
+  (XLA's CPU sort of an image batch costs several forward passes): bisection on the
+  bit patterns of non-negative floats, which order as the integers they read as."""
+  bits = jax.lax.bitcast_convert_type(v.astype(jnp.float32), jnp.int32)
+
+  def halve(_, bracket):
+    low, high = bracket  # count(bits <= low) <= k < count(bits <= high)
+    mid = low + (high - low) // 2
+    enough = jnp.sum(bits <= mid[:, None], axis=1) > k
+    return jnp.where(enough, low, mid), jnp.where(enough, mid, high)
+
+  n = v.shape[0]
+  low = jnp.full((n,), -1, jnp.int32)
+  low, high = jax.lax.fori_loop(0, 32, halve, (low, jnp.max(bits, axis=1)))
+  return jax.lax.bitcast_convert_type(high, jnp.float32).astype(v.dtype)
+
+
+class _L1State(NamedTuple):
+  x_adv: jax.Array  # [N, ...] the current iterate
+  grad: jax.Array  # [N, ...] its loss gradient
+  x_top: jax.Array  # [N, ...] the highest-loss point so far
+  grad_top: jax.Array
+  loss_top: jax.Array  # [N]
+  step: jax.Array  # [N] step sizes (the L1 length of a step)
+  density: jax.Array  # [N] the fraction of coordinates a step moves ("topk")
+  support: jax.Array  # [N] the non-zeros of x_top - x at the last check
+  best: core.Best
+
+
+def run_l1(fn: core.LogitsFn,
+           x: jax.Array,
+           eps: jax.Array,
+           key: jax.Array,
+           best: core.Best,
+           *,
+           loss: Callable[[jax.Array], jax.Array],
+           judge: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+           steps: int,
+           bounds: core.Bounds,
+           early_exit: bool = False,
+           large_eps: bool = False) -> core.Best:
+  """L1-APGD (Croce & Hein, ICML 2021, "Mind the box: l1-APGD for sparse adversarial
+  attacks on image classifiers"), as in AutoAttack's code.
+
+  A step moves the ``density`` fraction of coordinates with the largest gradient
+  magnitudes, each by ``step / count`` in the gradient's sign (no momentum), then
+  projects onto the L1 ball ∩ box (`attacks.core.project_l1_box`). Steps start at
+  ``eps`` and a density of 0.2; every ``max(int(0.04 N), 1)`` steps the density
+  becomes the best point's sparsity / 1.5, and where that sparsity fell by more
+  than 5 % since the last check the step returns to ``eps`` and the iterate to
+  the best point, elsewhere the step shrinks by 1.5 (never below ``eps / 10``).
+  With ``large_eps`` (AutoAttack's L1 setting) the run takes radii ``3 eps``,
+  ``2 eps``, ``eps`` over 30 %, 30 % and 40 % of the steps, each phase started
+  at the previous one's best point projected on the smaller ball; only the last
+  phase (radius ``eps``) is offered to ``best`` (fewer than 5 steps: one phase).
+  The first start is a Gaussian draw projected on the ball (the original's
+  projects it as a perturbation of ``x + draw``).
+  """
+  grad_fn = core.loss_gradient(fn, loss)
+  n_fts = int(np.prod(x.shape[1:]))
+  flat = lambda v: v.reshape(v.shape[0], -1)
+
+  def project(z, radius):
+    return core.project(z, x, radius, "l1", bounds)
+
+  def phase(x_start, radius, phase_steps, best, first, stop_early):
+    every = max(int(0.04 * phase_steps), 1)
+    g0, (l0, logits0) = grad_fn(x_start)
+    support = core.l0_norm(x_start - x).astype(x.dtype)
+    density = jnp.full(l0.shape, 0.2, x.dtype) if first else support / n_fts / 1.5
+    state = _L1State(x_adv=x_start,
+                     grad=g0,
+                     x_top=x_start,
+                     grad_top=g0,
+                     loss_top=l0,
+                     step=radius,
+                     density=density,
+                     support=jnp.full(l0.shape, float(n_fts), x.dtype) if first else support,
+                     best=core.update_best(best, x_start, *judge(logits0)))
+
+    def body(i, s: _L1State) -> _L1State:
+      magnitude = flat(jnp.abs(s.grad))
+      k = jnp.clip(jnp.floor((1.0 - s.density) * n_fts), 0, n_fts - 1).astype(jnp.int32)
+      moved = jnp.sign(flat(s.grad)) * (magnitude >= kth_smallest(magnitude, k)[:, None])
+      count = jnp.sum(jnp.abs(moved), axis=1, keepdims=True)
+      z = flat(s.x_adv) + s.step[:, None] * moved / (count + 1e-10)
+      z = project(z.reshape(x.shape), radius)
+      g, (value, logits) = grad_fn(z)
+      best = core.update_best(s.best, z, *judge(logits))
+      better = value > s.loss_top
+      x_top = jnp.where(expand(better, x), z, s.x_top)
+      grad_top = jnp.where(expand(better, x), g, s.grad_top)
+      loss_top = jnp.where(better, value, s.loss_top)
+      check = (i + 1) % every == 0
+      support = core.l0_norm(x_top - x).astype(x.dtype)
+      sparser = check & (support / s.support < 0.95)
+      step = jnp.where(sparser, radius, s.step / 1.5)
+      step = jnp.where(check, jnp.clip(step, radius / 10.0, radius), s.step)
+      return _L1State(x_adv=jnp.where(expand(sparser, x), x_top, z),
+                      grad=jnp.where(expand(sparser, x), grad_top, g),
+                      x_top=x_top,
+                      grad_top=grad_top,
+                      loss_top=loss_top,
+                      step=step,
+                      density=jnp.where(check, support / n_fts / 1.5, s.density),
+                      support=jnp.where(check, support, s.support),
+                      best=best)
+
+    return core.iterate(phase_steps, body, state, _all_broken if stop_early else None)
+
+  draw = core.normal(key, x.shape, x.dtype)
+  early = int(np.ceil(0.3 * steps))
+  if not large_eps or steps - 2 * early < 1:  # too few steps for three phases: one
+    return phase(project(x + draw, eps), eps, steps, best, True, early_exit).best
+  # Earlier phases search larger balls: their points are not offered to best.
+  ignored = core.init_best(x, jnp.zeros_like(best.adversarial), best.score)
+  start = project(x + draw, 3.0 * eps)
+  start = phase(start, 3.0 * eps, early, ignored, True, False).x_top
+  start = phase(project(start, 2.0 * eps), 2.0 * eps, early, ignored, False, False).x_top
+  return phase(project(start, eps), eps, steps - 2 * early, best, False, early_exit).best
+
+
+def _first_best(x: jax.Array, judged: tuple[jax.Array, jax.Array],
+                live: jax.Array | None) -> core.Best:
+  """The bookkeeping's start at ``x``; rows not ``live`` (a cascade's chunk) count as done."""
+  adversarial, score = judged
+  return core.init_best(x, adversarial if live is None else adversarial | ~live, score)
 
 
 def _check_config(norm: str, steps: Any, restarts: Any, momentum: Any, rho: Any) -> None:
-  core.check_norm(norm)
+  core.check_norm(norm, core.NORMS)
   core.check_positive_int(steps, "steps")
   core.check_positive_int(restarts, "restarts")
   for value, name in ((momentum, "momentum"), (rho, "rho")):
@@ -213,19 +358,22 @@ def apgd(eps: float,
          targeted: bool = False,
          momentum: float = 0.75,
          rho: float = 0.75,
+         large_eps: bool = False,
          bounds: Sequence[float] = (0.0, 1.0)) -> core.AttackFn:
-  """APGD on the cross-entropy or the DLR loss (Croce & Hein 2020).
+  """APGD on the cross-entropy or the DLR loss (Croce & Hein 2020); L1-APGD
+  (Croce & Hein 2021) for ``norm="l1"`` (`run_l1`).
 
   Args:
     eps: default radius (a call may pass a traced ``eps=`` scalar or ``[N]``).
     steps: steps per restart (100 in AutoAttack).
-    norm: ``"linf"`` or ``"l2"``.
+    norm: ``"linf"``, ``"l2"`` or ``"l1"``.
     loss: ``"ce"``, ``"dlr"`` (needs K >= 3) or ``"margin"``.
     restarts: independent runs (scanned), each from its own random start.
     targeted: calls take ``target=`` and the loss pulls toward it (targeted
       DLR needs K >= 4); success is being classified as the target.
     momentum: the weight of the new step (0.75).
     rho: the success fraction of the checkpoint test (0.75).
+    large_eps: L1: radii 3 eps, 2 eps, eps in turn (AutoAttack's L1 setting).
     bounds: the input box.
 
   Returns:
@@ -235,33 +383,28 @@ def apgd(eps: float,
     InputError: for invalid hyper-parameters.
   """
   _check_config(norm, steps, restarts, momentum, rho)
+  engine = dict(steps=steps, norm=norm, momentum=momentum, rho=rho, large_eps=large_eps)
   loss_fn, min_classes = core.get_loss(loss, targeted)
   bounds = core.check_bounds(bounds)
 
-  def run(logits_fn, x, y, key, eps, target):
-    fn = fastgrad.prepare(logits_fn, x)
+  def setup(logits_fn, x, y, target, live=None):
+    fn = core.prepare(logits_fn, x)
     objective = lambda logits: loss_fn(logits, y, target)
     judge = lambda logits: (core.is_adversarial(logits, y, target), objective(logits))
-    best = core.init_best(x, *judge(fn(x)))
+    options = dict(loss=objective, judge=judge, bounds=bounds, **engine)
+    return fn, _first_best(x, judge(fn(x)), live), options
 
-    def restart(best, k):
-      return run_once(fn,
-                      x,
-                      eps,
-                      k,
-                      best,
-                      loss=objective,
-                      judge=judge,
-                      steps=steps,
-                      norm=norm,
-                      bounds=bounds,
-                      momentum=momentum,
-                      rho=rho), None
-
+  def run(logits_fn, x, y, key, eps, target):
+    fn, best, options = setup(logits_fn, x, y, target)
     # Restart r draws fold_in(key, r): the first restarts of a longer run are a shorter run.
-    best, _ = jax.lax.scan(lambda b, r: restart(b, jax.random.fold_in(key, r)), best,
-                           jnp.arange(restarts))
+    best, _ = jax.lax.scan(
+        lambda b, r: (run_once(fn, x, eps, core.fold_in(key, r), b, **options), None), best,
+        jnp.arange(restarts))
     return best.x
+
+  def run_one(logits_fn, x, y, key, eps, r, live):
+    fn, best, options = setup(logits_fn, x, y, None, live)
+    return run_once(fn, x, eps, core.fold_in(key, r), best, early_exit=True, **options).x
 
   return core.make_attack(run,
                           name=f"apgd-{loss}" + ("-targeted" if targeted else ""),
@@ -269,7 +412,9 @@ def apgd(eps: float,
                           norm=norm,
                           bounds=bounds,
                           targeted=targeted,
-                          min_classes=min_classes)
+                          min_classes=min_classes,
+                          runs=restarts,
+                          run_one=None if targeted else run_one)
 
 
 def apgd_t(eps: float,
@@ -280,6 +425,7 @@ def apgd_t(eps: float,
            restarts: int = 1,
            momentum: float = 0.75,
            rho: float = 0.75,
+           large_eps: bool = False,
            bounds: Sequence[float] = (0.0, 1.0)) -> core.AttackFn:
   """APGD-T as in AutoAttack: targeted DLR toward each of the top ``num_targets`` classes.
 
@@ -293,11 +439,12 @@ def apgd_t(eps: float,
   Args:
     eps: default radius (a call may pass a traced ``eps=`` scalar or ``[N]``).
     steps: steps per run (100 in AutoAttack).
-    norm: ``"linf"`` or ``"l2"``.
+    norm: ``"linf"``, ``"l2"`` or ``"l1"``.
     num_targets: target classes (9 in AutoAttack).
     restarts: runs per target (1 in AutoAttack's standard version).
     momentum: the weight of the new step (0.75).
     rho: the success fraction of the checkpoint test (0.75).
+    large_eps: L1: radii 3 eps, 2 eps, eps in turn (AutoAttack's L1 setting).
     bounds: the input box.
 
   Returns:
@@ -307,42 +454,52 @@ def apgd_t(eps: float,
     InputError: for invalid hyper-parameters.
   """
   _check_config(norm, steps, restarts, momentum, rho)
+  engine = dict(steps=steps, norm=norm, momentum=momentum, rho=rho, large_eps=large_eps)
   core.check_positive_int(num_targets, "num_targets")
   targeted_dlr, min_classes = core.get_loss("dlr", targeted=True)
   bounds = core.check_bounds(bounds)
 
-  def run(logits_fn, x, y, key, eps, target):
-    del target  # untargeted: the attack picks its own targets
-    fn = fastgrad.prepare(logits_fn, x)
+  def setup(logits_fn, x, y, live=None):
+    fn = core.prepare(logits_fn, x)
     clean = fn(x)
     targets = top_targets(clean, y, num_targets)  # [N, T]
     judge = lambda logits: (core.is_adversarial(logits, y), core.dlr_loss(logits, y))
-    best = core.init_best(x, *judge(clean))
-
-    def one_run(best, inputs):
-      t, k = inputs
-      return run_once(fn,
-                      x,
-                      eps,
-                      k,
-                      best,
-                      loss=lambda logits: targeted_dlr(logits, y, t),
-                      judge=judge,
-                      steps=steps,
-                      norm=norm,
-                      bounds=bounds,
-                      momentum=momentum,
-                      rho=rho), None
-
     # Runs in AutoAttack's order: every restart of the first target, then the next target.
     runs_targets = jnp.repeat(targets.T, restarts, axis=0)  # [T * restarts, N]
-    keys = jax.random.split(key, runs_targets.shape[0])
-    best, _ = jax.lax.scan(one_run, best, (runs_targets, keys))
+    one_run = functools.partial(run_once, fn, x, judge=judge, bounds=bounds, **engine)
+    return one_run, _first_best(x, judge(clean), live), runs_targets
+
+  def run(logits_fn, x, y, key, eps, target):
+    del target  # untargeted: the attack picks its own targets
+    one_run, best, runs_targets = setup(logits_fn, x, y)
+
+    def step(best, inputs):
+      t, k = inputs
+      return one_run(eps, k, best, loss=lambda logits: targeted_dlr(logits, y, t)), None
+
+    keys = core.split(key, runs_targets.shape[0])
+    best, _ = jax.lax.scan(step, best, (runs_targets, keys))
     return best.x
+
+  def run_one(logits_fn, x, y, key, eps, r, live):
+    one_run, best, runs_targets = setup(logits_fn, x, y, live)
+    t = runs_targets[jnp.minimum(r, runs_targets.shape[0] - 1)]
+
+    def attack(best):
+      return one_run(eps,
+                     core.fold_in(key, r),
+                     best,
+                     loss=lambda logits: targeted_dlr(logits, y, t),
+                     early_exit=True)
+
+    # Fewer classes than num_targets + 1: the last runs have no target.
+    return jax.lax.cond(r < runs_targets.shape[0], attack, lambda b: b, best).x
 
   return core.make_attack(run,
                           name="apgd-t",
                           eps=eps,
                           norm=norm,
                           bounds=bounds,
-                          min_classes=min_classes)
+                          min_classes=min_classes,
+                          runs=num_targets * restarts,
+                          run_one=run_one)

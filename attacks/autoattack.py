@@ -1,10 +1,10 @@
 """Cascades of attacks, and AutoAttack (Croce & Hein, ICML 2020).
 
 A cascade runs its attacks one after the other, each only on the points that are
-still robust: correctly classified and unbroken by every earlier attack. Arrays
-keep a fixed shape throughout (a point that is already broken is masked, not
-removed), so nothing recompiles as points fall; a stage is skipped entirely
-(``lax.cond``) once no point of the batch is left.
+still robust: correctly classified and unbroken by every earlier attack. Before
+every run of an attack (its targets and restarts) the robust points are gathered
+into chunks of a fixed size and only the chunks holding one are attacked, so the
+work shrinks as points fall while nothing recompiles (`run_stages`).
 
 A cascade is itself an attack (it follows the calling convention of
 :mod:`attacks.core` and returns, per example, the first adversarial point found,
@@ -63,44 +63,83 @@ def run_stages(stages: Sequence[core.AttackFn],
                y: jax.Array,
                key: jax.Array,
                eps: jax.Array,
-               valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+               valid: jax.Array | None = None,
+               index: jax.Array | None = None,
+               chunk_size: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Runs ``stages`` as a cascade; the array program behind :class:`Cascade`.
+
+  Before each run of each stage (a stage's runs are its targets and restarts,
+  ``AttackFn.runs``) the examples still robust are gathered to the front and the
+  run goes over them in chunks of ``chunk_size`` rows, stopping after the last
+  chunk holding one; inside a chunk a run stops once every example is broken. So
+  the work follows the robust examples, as in the original AutoAttack, with one
+  compilation: shapes never depend on how many remain.
 
   Args:
     stages: untargeted attacks.
     logits_fn: ``[N, ...] -> [N, K]``.
     x: inputs ``[N, ...]``.
     y: labels ``[N]``.
-    key: PRNG key; each stage draws `stage_key` (from its name: the same attack
-      gets the same draws in any cascade, and alone).
+    key: PRNG key; stage ``s`` draws from `stage_key_of` folded with each
+      example's ``index``, so an example's draws depend neither on the other
+      examples nor on the chunking.
     eps: ``[N]`` radii.
     valid: optional ``[N]`` bool; rows that are False (padding) count as not
       robust, so they never keep a stage running.
+    index: ``[N]`` int, each example's number in the data set (default
+      ``0..N-1``).
+    chunk_size: rows per chunk (default all ``N``: one chunk).
 
   Returns:
     ``(x_adv [N, ...], correct [N] bool, robust [S, N] bool)``: per example the
     first adversarial point found (``x`` where ``x`` is misclassified; the last
-    stage's point where no stage succeeded), whether ``x`` is classified
+    run's point where no stage succeeded), whether ``x`` is classified
     correctly, and whether it is still robust after each stage.
   """
+  n = x.shape[0]
   pred = jnp.argmax(logits_fn(x), axis=-1)
   correct = pred == y
   robust = correct if valid is None else correct & valid
+  index = jnp.arange(n) if index is None else index
+  chunk = n if chunk_size is None else max(1, min(int(chunk_size), n))
+  num_chunks = -(-n // chunk)
   x_best = x
   flags = []
   for s, stage in enumerate(stages):
     stage_key = stage_key_of(key, stages, s)
+    keys = jax.vmap(lambda i, k=stage_key: jax.random.fold_in(k, i))(index)
 
-    def attack(carry, stage=stage, stage_key=stage_key):
+    def one_run(r, carry, stage=stage, stage_key=stage_key, keys=keys):
       robust, x_best = carry
-      x_stage = stage(logits_fn, x, y, stage_key, eps=eps)
-      broken = jnp.argmax(logits_fn(x_stage), axis=-1) != y
-      # Rows robust so far take this stage's point: the first adversarial one or
-      # the latest non-adversarial best; broken rows keep their first success.
-      x_best = jnp.where(core._expand(robust, x), x_stage, x_best)  # pylint: disable=protected-access
-      return robust & ~broken, x_best
+      # Robust rows first, then the others; past N, rows that gathers clip and scatters drop.
+      order = jnp.argsort(~robust, stable=True)
+      order = jnp.concatenate([order, jnp.full((num_chunks * chunk - n,), n, order.dtype)])
+      count = jnp.sum(robust)
 
-    robust, x_best = jax.lax.cond(robust.any(), attack, lambda carry: carry, (robust, x_best))
+      def chunk_run(state):
+        i, robust_now, x_now = state
+        rows = jax.lax.dynamic_slice_in_dim(order, i * chunk, chunk)
+        live = jnp.take(robust, rows, mode="fill", fill_value=False)
+        take = lambda a: jnp.take(a, jnp.minimum(rows, n - 1), axis=0)
+        if stage.run_one is None:
+          chunk_key = jax.random.fold_in(jax.random.fold_in(stage_key, r), i)
+        else:
+          chunk_key = keys[jnp.minimum(rows, n - 1)]
+        x_c, y_c = take(x), take(y)
+        x_run = stage.run_part(logits_fn, x_c, y_c, chunk_key, take(eps), r, live)
+        broken = jnp.argmax(logits_fn(x_run), axis=-1) != y_c
+        x_now = x_now.at[rows].set(
+            jnp.where(core._expand(live, x_c), x_run, take(x_now)),  # pylint: disable=protected-access
+            mode="drop")
+        robust_now = robust_now.at[rows].set(take(robust_now) & ~(broken & live), mode="drop")
+        return i + 1, robust_now, x_now
+
+      _, robust, x_best = jax.lax.while_loop(lambda state: state[0] * chunk < count, chunk_run,
+                                             (0, robust, x_best))
+      return robust, x_best
+
+    runs = stage.runs if stage.run_one is not None else 1
+    robust, x_best = jax.lax.fori_loop(0, runs, one_run, (robust, x_best))
     flags.append(robust)
   robust_flags = jnp.stack(flags) if flags else jnp.zeros((0,) + y.shape, bool)
   return x_best, correct, robust_flags
@@ -184,15 +223,20 @@ def autoattack(eps: float,
   each), untargeted FAB (5 restarts), Square (1 restart: the original's
   ``plus`` leaves Square's single restart as it is), APGD-T and FAB-T.
   ``version="rand"`` (randomized models): APGD-CE and APGD-DLR, each averaging
-  gradients over 20 samples (EOT).
+  its loss gradients over 20 draws and judging on one (EOT, as the original).
+  ``norm="l1"`` (standard only): L1-APGD-CE with 5 restarts and L1-APGD-T over
+  the top 5 classes, both with radii 3, 2 and 1 times eps in turn (the
+  original's ``use_largereps``); the original's list of attacks also names
+  FAB-T and Square, which this cascade leaves out in L1.
 
   Remaining deviations from the original code: the random draws differ (JAX's
-  keys, not PyTorch's seeds), and every stage runs on a whole batch under a
-  mask, not on the still-robust points gathered into new batches.
+  keys, not PyTorch's seeds), and a run stops once every example of its chunk
+  is broken (the original runs its steps to the end; the robust accuracy is the
+  same, the broken examples' points may differ).
 
   Args:
     eps: radius of the threat model.
-    norm: ``"linf"`` or ``"l2"``.
+    norm: ``"linf"``, ``"l2"`` or ``"l1"``.
     version: ``"standard"``, ``"plus"`` or ``"rand"``.
     bounds: the input box.
     steps, num_targets, queries, eot_samples: AutoAttack's fixed values by
@@ -202,7 +246,7 @@ def autoattack(eps: float,
     A :class:`Cascade` named ``"autoattack"``.
   """
   core.check_eps(eps)
-  core.check_norm(norm)
+  core.check_norm(norm, core.NORMS)
   bounds = core.check_bounds(bounds)
   if version not in VERSIONS:
     raise InputError(f"autoattack version must be one of {VERSIONS}, got {version!r} ('custom' "
@@ -219,6 +263,19 @@ def autoattack(eps: float,
     raise InputError(f"autoattack version {version!r} needs attacks.{', attacks.'.join(missing)}, "
                      "which this build lacks")
   common = dict(eps=eps, norm=norm, bounds=bounds)
+  if norm == "l1":
+    if version != "standard":
+      raise InputError(f"autoattack in L1 has the standard version only, got {version!r}")
+    # The original's L1 setting: APGD with radii 3, 2, 1 x eps, 5 restarts, 5 targets.
+    stages = [
+        attacks.apgd(loss="ce", steps=steps, restarts=5, large_eps=True, **common),
+        attacks.apgd_t(steps=steps,
+                       restarts=1,
+                       num_targets=min(num_targets, 5),
+                       large_eps=True,
+                       **common),
+    ]
+    return cascade(stages, eps=eps, name="autoattack-l1")
   apgd_t = attacks.apgd_t(steps=steps, restarts=1, num_targets=num_targets, **common)
   fab_t = attacks.fab(steps=steps, restarts=1, num_targets=num_targets, **common)
   square = attacks.square(queries=queries, p_init=0.8, rescale_schedule=False, **common)
@@ -235,8 +292,9 @@ def autoattack(eps: float,
     ]
   else:
     stages = [
-        attacks.eot(attacks.apgd(loss=loss, steps=steps, restarts=1, **common), samples=eot_samples)
-        for loss in ("ce", "dlr")
+        attacks.eot(attacks.apgd(loss=loss, steps=steps, restarts=1, **common),
+                    samples=eot_samples,
+                    judge_one_draw=True) for loss in ("ce", "dlr")
     ]
   return cascade(stages,
                  eps=eps,

@@ -37,11 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from robustlib import compilation
+from robustlib import fastgrad
 from robustlib.checks import InputError
 from robustlib.checks import check_images
 from robustlib.checks import check_labels
 
-NORMS = ("linf", "l2")
+NORMS = ("linf", "l2", "l1")  # every norm some attack supports
 Bounds = tuple[float, float]
 LogitsFn = Callable[[jax.Array], jax.Array]
 Run = Callable[..., jax.Array]
@@ -76,9 +77,11 @@ def is_traced(*values: Any) -> bool:
   return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(values))
 
 
-def check_norm(norm: str) -> str:
-  if norm not in NORMS:
-    raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
+def check_norm(norm: str, supported: Sequence[str] = ("linf", "l2")) -> str:
+  """``norm`` if the attack supports it (L1: `attacks.apgd`, `attacks.apgd_t`)."""
+  if norm not in supported:
+    also = " (L1 attacks: attacks.apgd, attacks.apgd_t)" if norm == "l1" else ""
+    raise InputError(f"norm must be one of {tuple(supported)}, got {norm!r}{also}")
   return norm
 
 
@@ -161,6 +164,87 @@ def _check_static_inputs(x, y, target, targeted: bool) -> None:
 
 
 # ----------------------------------------------------------------------------
+# Keys: one for the batch, or one per example (cascades pass these, so that an
+# example's draws do not depend on which other examples share its chunk).
+
+
+def per_example(key: jax.Array) -> bool:
+  """True for a key array ``[N]`` holding one key per example."""
+  return jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1
+
+
+def fold_in(key: jax.Array, data: Any) -> jax.Array:
+  """``jax.random.fold_in`` of one key, or of each example's key."""
+  if per_example(key):
+    return jax.vmap(jax.random.fold_in, (0, None))(key, data)
+  return jax.random.fold_in(key, data)
+
+
+def split(key: jax.Array, num: int) -> jax.Array:
+  """``num`` keys ``[num]``, or ``[num, N]`` from per-example keys."""
+  if per_example(key):
+    return jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, num))(key), 0, 1)
+  return jax.random.split(key, num)
+
+
+def uniform(key: jax.Array,
+            shape: tuple[int, ...],
+            dtype=jnp.float32,
+            minval: float = 0.0,
+            maxval: float = 1.0,
+            flat: bool = False) -> jax.Array:
+  """Uniform draws of ``shape`` ``[N, ...]``; from per-example keys, row ``i`` from key
+  ``i``. ``flat`` draws a vector and reshapes it (XLA compiles threefry for rank-1
+  shapes much faster)."""
+  if per_example(key):
+    size = int(np.prod(shape[1:]))
+    draw = lambda k: jax.random.uniform(k, (size,), dtype, minval, maxval)
+    return jax.vmap(draw)(key).reshape(shape)
+  if flat:
+    return jax.random.uniform(key, (int(np.prod(shape)),), dtype, minval, maxval).reshape(shape)
+  return jax.random.uniform(key, shape, dtype, minval, maxval)
+
+
+def normal(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32, flat: bool = False):
+  """Standard normal draws of ``shape`` ``[N, ...]``, like :func:`uniform`."""
+  if per_example(key):
+    size = int(np.prod(shape[1:]))
+    return jax.vmap(lambda k: jax.random.normal(k, (size,), dtype))(key).reshape(shape)
+  if flat:
+    return jax.random.normal(key, (int(np.prod(shape)),), dtype).reshape(shape)
+  return jax.random.normal(key, shape, dtype)
+
+
+# ----------------------------------------------------------------------------
+# Gradients of a loss.
+
+
+def prepare(logits_fn: LogitsFn, x: jax.Array) -> LogitsFn:
+  """``logits_fn`` with fast input-gradients (`robustlib.fastgrad.prepare`), called once
+  before an attack's loop; an EOT view (`attacks.eot`) stays what it is."""
+  if getattr(logits_fn, "expected_gradient", None) is not None:
+    return logits_fn
+  return fastgrad.prepare(logits_fn, x)
+
+
+def loss_gradient(fn: LogitsFn, loss: Callable[[jax.Array], jax.Array]):
+  """``z -> (gradient of sum(loss(fn(z))), (loss [N], logits [N, K]))``: what every
+  gradient attack ascends. For an EOT view of a randomized model (`attacks.eot`) the
+  gradient is averaged over its draws and the loss and logits are those of one draw,
+  as AutoAttack's EOT does (Croce & Hein 2020)."""
+  expected = getattr(fn, "expected_gradient", None)
+  if expected is not None:
+    return expected(loss)
+
+  def total(z):
+    logits = fn(z)
+    value = loss(logits)
+    return jnp.sum(value), (value, logits)
+
+  return jax.grad(total, has_aux=True)
+
+
+# ----------------------------------------------------------------------------
 # Narrow input dtypes.
 
 
@@ -212,6 +296,12 @@ class AttackFn:
     bounds: the input box.
     targeted: whether calls take ``target=``.
     min_classes: the fewest classes the attack's loss is defined for.
+    runs: the attack's independent runs (targets times restarts), between
+      which a cascade gathers the examples still robust.
+    run_one: ``run_one(logits_fn, x, y, key, eps[N], r, live[N]) -> x_adv``,
+      run ``r`` (traced) alone, with ``key`` one key per example, stopping once
+      every live example is adversarial (rows not ``live`` count as done); None
+      when the attack has no such form (a cascade calls ``run``).
   """
   run: Run
   name: str
@@ -220,6 +310,8 @@ class AttackFn:
   bounds: Bounds
   targeted: bool = False
   min_classes: int = 2
+  runs: int = 1
+  run_one: Callable[..., jax.Array] | None = None
 
   def __post_init__(self):
     jitted = compilation.jit(self._checked_run, static_argnums=0)
@@ -230,6 +322,17 @@ class AttackFn:
     check_logits_shape(clean_logits, x.shape[0], self.min_classes)
     x_adv = _run_wide(self.run, logits_fn, x, y, key, eps, target)
     return x_adv, jnp.isfinite(clean_logits).all(), clean_logits.shape[1]
+
+  def run_part(self, logits_fn, x, y, key, eps, r, live) -> jax.Array:
+    """Run ``r`` of this untargeted attack on a cascade's chunk (traced): ``run_one``
+    with per-example ``key`` ``[N]``, or ``run`` with one key when there is none;
+    narrow dtypes searched in float32, as every call."""
+    fn, xw = widen(logits_fn, x)
+    if self.run_one is None:
+      x_adv = self.run(fn, xw, y, key, eps, None)
+    else:
+      x_adv = self.run_one(fn, xw, y, key, eps, r, live)
+    return round_toward(x_adv, x)
 
   def __call__(self, logits_fn, x, y, key, *, eps=None, target=None):
     eps = self.eps if eps is None else eps
@@ -259,16 +362,20 @@ def make_attack(run: Run,
                 norm: str = "linf",
                 bounds: Sequence[float] = (0.0, 1.0),
                 targeted: bool = False,
-                min_classes: int = 2) -> AttackFn:
+                min_classes: int = 2,
+                runs: int = 1,
+                run_one: Callable[..., jax.Array] | None = None) -> AttackFn:
   """Validates a factory's hyper-parameters and wraps ``run`` as an attack."""
   check_eps(eps)
   return AttackFn(run=run,
                   name=name,
                   eps=float(eps),
-                  norm=check_norm(norm),
+                  norm=check_norm(norm, NORMS),
                   bounds=check_bounds(bounds),
                   targeted=targeted,
-                  min_classes=min_classes)
+                  min_classes=min_classes,
+                  runs=runs,
+                  run_one=run_one)
 
 
 # ----------------------------------------------------------------------------
@@ -292,6 +399,8 @@ def project(x_adv: jax.Array, x: jax.Array, eps: jax.Array, norm: str, bounds: B
   box, so clipping only shrinks each coordinate's distance to ``x``).
   """
   delta = x_adv - x
+  if norm == "l1":
+    return x + project_l1_box(delta, x, eps, bounds)
   if norm == "linf":
     e = _expand(eps, x)
     delta = jnp.clip(delta, -e, e)
@@ -300,6 +409,62 @@ def project(x_adv: jax.Array, x: jax.Array, eps: jax.Array, norm: str, bounds: B
     scale = jnp.minimum(1.0, eps / jnp.maximum(n, 1e-12))
     delta = delta * _expand(scale, x)
   return jnp.clip(x + delta, bounds[0], bounds[1])
+
+
+# Halvings of a projection's threshold bracket: to 2^-24 of its width, float32's resolution, so
+# the last solve on the bracket's linear piece is exact up to rounding.
+BISECTIONS = 24
+
+
+def project_l1_box(delta: jax.Array, x: jax.Array, eps: jax.Array, bounds: Bounds) -> jax.Array:
+  """The Euclidean projection of ``x + delta`` onto ``{||z - x||_1 <= eps} ∩ box``, as a step
+  from ``x``: ``[N, ...]``.
+
+  The minimizer soft-thresholds every coordinate and clips it to the box,
+  ``w_i = sign(d_i) min(max(|d_i| - tau, 0), room_i)``, with ``tau >= 0`` the
+  smallest threshold giving ``||w||_1 <= eps`` (Croce & Hein 2021, "Mind the
+  box: l1-APGD for sparse adversarial attacks on image classifiers", whose
+  code sorts; here ``tau`` is bracketed by bisection, then solved on the
+  bracket's linear piece).
+  """
+  n = x.shape[0]
+  d = delta.reshape(n, -1)
+  xf = x.reshape(n, -1)
+  size = jnp.abs(d)
+  room = jnp.maximum(jnp.where(d > 0, bounds[1] - xf, xf - bounds[0]), 0.0)
+  e = jnp.asarray(eps, d.dtype)
+
+  def mass(tau):
+    return jnp.sum(jnp.minimum(jnp.maximum(size - tau[:, None], 0.0), room), axis=1)
+
+  def bisect(_, bracket):
+    low, high = bracket
+    mid = 0.5 * (low + high)
+    over = mass(mid) > e
+    return jnp.where(over, mid, low), jnp.where(over, high, mid)
+
+  low, high = jax.lax.fori_loop(0, BISECTIONS, bisect, (jnp.zeros(
+      (n,), d.dtype), jnp.max(size, axis=1)))
+  # On (low, high] the mass is linear: free coordinates lose tau, capped ones keep their room.
+  free = (size > low[:, None]) & (size - low[:, None] < room)
+  capped = size - low[:, None] >= room
+  free_mass = jnp.sum(jnp.where(free, size, 0.0), axis=1)
+  capped_mass = jnp.sum(jnp.where(capped, room, 0.0), axis=1)
+  count = jnp.sum(free, axis=1)
+  tau = jnp.clip((free_mass + capped_mass - e) / jnp.maximum(count, 1), low, high)
+  tau = jnp.where(mass(jnp.zeros((n,), d.dtype)) > e, tau, 0.0)
+  w = jnp.minimum(jnp.maximum(size - tau[:, None], 0.0), room)
+  return (jnp.sign(d) * w).reshape(delta.shape)
+
+
+def l0_norm(v: jax.Array) -> jax.Array:
+  """Per-example count of non-zero coordinates: ``[N, ...] -> [N]``."""
+  return jnp.sum(v.reshape(v.shape[0], -1) != 0, axis=1)
+
+
+def l1_norm(v: jax.Array) -> jax.Array:
+  """Per-example L1 norm: ``[N, ...] -> [N]``."""
+  return jnp.sum(jnp.abs(v.reshape(v.shape[0], -1)), axis=1)
 
 
 def random_init(key: jax.Array, x: jax.Array, eps: jax.Array, norm: str,
@@ -389,6 +554,15 @@ def is_adversarial(logits: jax.Array, y: jax.Array, target: jax.Array | None = N
   """``[N]`` bool: misclassified (untargeted) or classified as ``target``."""
   pred = jnp.argmax(logits, axis=-1)
   return pred != y if target is None else pred == target
+
+
+def iterate(steps: int, body: Callable, state: Any, done: Callable[[Any], jax.Array] | None = None):
+  """``lax.fori_loop(0, steps, body, state)``; with ``done``, a while loop that also stops
+  once ``done(state)`` (a cascade's run whose examples are all broken)."""
+  if done is None:
+    return jax.lax.fori_loop(0, steps, body, state)
+  return jax.lax.while_loop(lambda c: (c[0] < steps) & ~done(c[1]), lambda c:
+                            (c[0] + 1, body(c[0], c[1])), (0, state))[1]
 
 
 # ----------------------------------------------------------------------------

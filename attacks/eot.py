@@ -18,11 +18,11 @@ from its own key and the bits of ``x``: every new input sees new randomness
 (as a deployed randomized defence does), and the same input the same draw, so
 that calls stay pure and results repeatable.
 
-:func:`eot` wraps a gradient attack: the attack runs on the average logits of
-``samples`` draws (made with the attack's key, again fresh at every new
-iterate), so each of its gradients is the average over the draws of the
-gradient of the logits -- for a loss linear in the logits, such as the
-logit difference ``z_t - z_y``, exactly the average of the loss gradients. On a deterministic
+:func:`eot` wraps an attack: at every iterate a gradient attack takes the
+average over ``samples`` draws of its loss gradient (draws made with the
+attack's key, fresh at every new iterate) and judges its steps on the mean
+logits, or on the last draw as AutoAttack's ``rand`` version does
+(``judge_one_draw``); a score-based attack ranks by the mean logits. On a deterministic
 model (any other ``logits_fn``) the draws would all agree, so the wrapped attack
 runs unchanged.
 """
@@ -74,18 +74,60 @@ class Randomized:
     return jnp.mean(jax.vmap(lambda k: self.fn(x, k))(keys), axis=0)
 
 
-def eot(attack: core.AttackFn, samples: int = 20) -> core.AttackFn:
+@dataclasses.dataclass(frozen=True, eq=False)
+class Expectation:
+  """What an EOT attack sees of a :class:`Randomized` model: ``samples`` draws per iterate,
+  keyed by ``key`` and the iterate's bits.
+
+  Called, it gives the logits averaged over the draws (what score-based attacks
+  rank by); `attacks.core.loss_gradient` takes from it the loss gradient
+  averaged over the draws, with the loss and logits of the mean logits, or with
+  ``judge_one_draw`` of the last draw (AutoAttack's EOT: step sizes and success
+  judged on one draw).
+  """
+  model: Randomized
+  key: jax.Array
+  samples: int
+  judge_one_draw: bool = False
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.model.mean_logits(x, self.key, self.samples)
+
+  def expected_gradient(self, loss: Callable[[jax.Array], jax.Array]):
+    """``z -> (mean over draws of grad sum(loss(draw(z))), (loss, logits))``."""
+
+    def one_draw(z, key):
+      logits = self.model.fn(z, key)
+      value = loss(logits)
+      return jnp.sum(value), (value, logits)
+
+    def gradient(z):
+      keys = jax.random.split(input_key(self.key, z), self.samples)
+      grads, (values, logits) = jax.vmap(jax.grad(one_draw, has_aux=True), (None, 0))(z, keys)
+      if self.judge_one_draw:
+        return jnp.mean(grads, axis=0), (values[-1], logits[-1])
+      mean_logits = jnp.mean(logits, axis=0)
+      return jnp.mean(grads, axis=0), (loss(mean_logits), mean_logits)
+
+    return gradient
+
+
+def eot(attack: core.AttackFn, samples: int = 20, judge_one_draw: bool = False) -> core.AttackFn:
   """Makes a gradient attack average over ``samples`` draws of a :class:`Randomized` model.
 
   Args:
     attack: a gradient attack, e.g. ``attacks.apgd(...)`` or ``attacks.pgd(...)``.
     samples: draws per iterate (20 in AutoAttack's ``rand`` version); memory
       grows with it (the draws are vectorised).
+    judge_one_draw: a gradient attack judges its steps and successes on the
+      last draw, as AutoAttack's ``rand`` version does, instead of the mean
+      logits (a steadier choice of the best iterate).
 
   Returns:
     An attack with ``attack``'s settings, named ``eot-<name>``; called with a
-    :class:`Randomized` model it attacks the mean logits of ``samples`` draws,
-    with any other ``logits_fn`` it is ``attack``.
+    :class:`Randomized` model it runs on its :class:`Expectation` (gradients
+    averaged over ``samples`` draws, success judged on one; score-based attacks
+    rank by the mean logits), with any other ``logits_fn`` it is ``attack``.
 
   Raises:
     InputError: for a bad ``samples`` or something that is not an attack.
@@ -98,8 +140,8 @@ def eot(attack: core.AttackFn, samples: int = 20) -> core.AttackFn:
     if not isinstance(logits_fn, Randomized):
       return attack.run(logits_fn, x, y, key, eps, target)
     attack_key, draw_key = jax.random.split(key)
-    averaged = lambda z: logits_fn.mean_logits(z, draw_key, samples)
-    return attack.run(averaged, x, y, attack_key, eps, target)
+    view = Expectation(logits_fn, draw_key, samples, judge_one_draw)
+    return attack.run(view, x, y, attack_key, eps, target)
 
   return core.make_attack(run,
                           name=f"eot-{attack.name}",

@@ -42,7 +42,8 @@ _SUITE = flags.DEFINE_string(
     "suite", "autoattack", "Attack names separated by commas (a cascade): "
     f"{', '.join(evaluation.SUITES)}.")
 _EPS = flags.DEFINE_list("eps", ["0.1"], "Radii, separated by commas (a sweep compiles once).")
-_NORM = flags.DEFINE_enum("norm", "linf", ["linf", "l2"], "Threat model.")
+_NORM = flags.DEFINE_enum("norm", "linf", ["linf", "l2", "l1"],
+                          "Threat model (l1: apgd, apgd_t, autoattack).")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 1000, "First test examples to use (0: all).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Examples per batch.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory (default: the run's).")

@@ -43,7 +43,7 @@ from robustlib.evaluation import pad_to_multiple
 from robustlib.pipelines import check_logits_fn
 
 _LOG = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -127,15 +127,23 @@ class Report:
     return "\n".join(lines)
 
 
-def _evaluate_batch(stages, logits_fn, x, y, valid, key, eps):
+def _evaluate_batch(stages, logits_fn, chunk_size, x, y, valid, index, key, eps):
   """One batch, one epsilon (traced scalar): ``(correct [B], robust [S, B])``."""
   eps = core.per_example_eps(eps, x.shape[0], x.dtype)
-  _, correct, robust = run_stages(stages, logits_fn, x, y, key, eps, valid)
+  _, correct, robust = run_stages(stages, logits_fn, x, y, key, eps, valid, index, chunk_size)
   return correct, robust
 
 
-# Compiled once per (stages, logits_fn) and input shape; epsilon is traced.
-evaluate_batch = compilation.jit(_evaluate_batch, static_argnums=(0, 1))
+# Compiled once per (stages, logits_fn, chunk_size) and input shape; epsilon is traced.
+evaluate_batch = compilation.jit(_evaluate_batch, static_argnums=(0, 1, 2))
+
+
+def default_chunk_size(batch_size: int) -> int:
+  """Rows per chunk of a cascade's runs: half the batch, at least 32. Measured on a 2-core
+  CPU (small MNIST CNN, AutoAttack, 200 points, 92 % robust): two chunks of 100 cost 2 %
+  more than one of 200, four of 50 cost 20 % more; a model whose points fall early skips
+  the chunks they would fill."""
+  return min(batch_size, max(32, -(-batch_size // 2)))
 
 
 def _check_eps_list(eps: Any, stages: Sequence[core.AttackFn]) -> tuple[float, ...]:
@@ -250,6 +258,7 @@ def evaluate(logits_fn: core.LogitsFn,
              key: Any,
              eps: float | Sequence[float] | None = None,
              batch_size: int = 256,
+             chunk_size: int | None = None,
              norm: str | None = None,
              plot_path: str | None = None,
              state_dir: str | None = None,
@@ -259,8 +268,8 @@ def evaluate(logits_fn: core.LogitsFn,
              callback: Callable[[int, int], None] | None = None) -> Report:
   """Robust accuracy of ``logits_fn`` on ``(x, y)`` under ``suite``.
 
-  Each attack of a cascade runs on the points still robust (masked in a fixed
-  shape); a point counts as robust when it is classified correctly and no
+  Each run of each attack of a cascade runs on the points still robust,
+  gathered into chunks of fixed shape; a point counts as robust when it is classified correctly and no
   attack's result fools the model. With several epsilons (a sweep) the same
   compiled batch function runs for each: epsilon is a traced argument.
 
@@ -270,10 +279,15 @@ def evaluate(logits_fn: core.LogitsFn,
     y: integer labels ``[N]``.
     suite: an attack, a list of attacks (a cascade) or ``attacks.autoattack(...)``;
       all untargeted, sharing one norm and box.
-    key: a PRNG key (or an int seed); batch ``b``, epsilon ``j`` use
-      ``fold_in(fold_in(key, b), j)``, so results do not depend on resuming.
+    key: a PRNG key (or an int seed); epsilon ``j`` uses ``fold_in(key, j)``
+      and each stage draws per example from its index in ``x`` (see
+      `attacks.autoattack.run_stages`), so results depend neither on resuming
+      nor on the batch size.
     eps: one radius or a list; by default the suite's.
     batch_size: rows per call (the last batch is padded).
+    chunk_size: rows each run of a cascade's stage works on at a time; the
+      still-robust rows are gathered into as few chunks as hold them (default
+      `default_chunk_size`).
     norm: if given, must be the suite's norm (a guard against mixing up units).
     plot_path: where to save a PNG of robust accuracy against epsilon.
     state_dir: directory for resumable state; a rerun with the same
@@ -297,7 +311,7 @@ def evaluate(logits_fn: core.LogitsFn,
   eps_list = _check_eps_list(eps, stages)
   suite_name = suite.name if isinstance(suite, core.AttackFn) else "+".join(s.name for s in stages)
   cascade(stages, eps=eps_list[0])  # validates: untargeted, one norm, one box
-  if norm is not None and core.check_norm(norm) != stages[0].norm:
+  if norm is not None and core.check_norm(norm, core.NORMS) != stages[0].norm:
     raise InputError(f"norm={norm!r} but the suite attacks in {stages[0].norm!r}")
   x = np.asarray(x)
   y = np.asarray(y)
@@ -307,6 +321,8 @@ def evaluate(logits_fn: core.LogitsFn,
     raise InputError("evaluate needs at least one example")
   batch_size = min(core.check_positive_int(batch_size, "batch_size"), x.shape[0])
   core.check_positive_int(state_every, "state_every")
+  chunk = default_chunk_size(batch_size) if chunk_size is None else min(
+      core.check_positive_int(chunk_size, "chunk_size"), batch_size)
   key = _key(key)
   num_classes = check_logits_fn(logits_fn, (batch_size,) + x.shape[1:], x.dtype)
   diagnostics.check_num_classes(num_classes, stages)
@@ -349,10 +365,10 @@ def evaluate(logits_fn: core.LogitsFn,
   loop_start = time.time()
   for b in range(done, num_batches):
     rows = slice(b * batch_size, (b + 1) * batch_size)
-    batch_key = jax.random.fold_in(key, b)
+    index = np.arange(rows.start, rows.stop, dtype=np.int32)
     outputs = [
-        evaluate_batch(stages, logits_fn, xp[rows], yp[rows], valid[rows],
-                       jax.random.fold_in(batch_key, j), e) for j, e in enumerate(eps_arrays)
+        evaluate_batch(stages, logits_fn, chunk, xp[rows], yp[rows], valid[rows], index,
+                       jax.random.fold_in(key, j), e) for j, e in enumerate(eps_arrays)
     ]
     outputs = jax.device_get(outputs)
     clean[rows] = outputs[0][0]
@@ -437,6 +453,9 @@ SUITES: dict[str, tuple[str, dict]] = {
     "square": ("square", {}),
     "spsa": ("spsa", {}),
     "autoattack": ("autoattack", {}),
+    "autoattack_plus": ("autoattack", {
+        "version": "plus"
+    }),
     "autoattack_rand": ("autoattack", {
         "version": "rand"
     }),

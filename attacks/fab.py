@@ -62,8 +62,8 @@ def project_onto_hyperplane(points: jax.Array, w: jax.Array, b: jax.Array, norm:
   each row (the projection of the FAB paper, Sec. 3.1): the optimal step moves
   every coordinate against ``sign(w)`` by ``min(lam, room)`` (L-inf) or
   ``min(lam * |w|, room)`` (L2), with ``room`` the distance to the box face in
-  that direction; the Lagrange multiplier ``lam`` is found by sorting the
-  breakpoints of this piecewise-linear function. When the box does not reach
+  that direction; the Lagrange multiplier ``lam`` is found by bisection on this increasing
+  piecewise-linear function, then solved exactly on the bracket's linear piece. When the box does not reach
   the hyperplane, the step goes to the box corner closest to it.
 
   Args:
@@ -91,21 +91,24 @@ def project_onto_hyperplane(points: jax.Array, w: jax.Array, b: jax.Array, norm:
     slope, knot = aw * aw, room / jnp.where(moves, aw, 1.0)
   slope = jnp.where(moves, slope, 0.0)
   knot = jnp.where(moves, knot, big)
-  # g(lam) = sum_i slope_i * min(lam, knot_i) is the decrease of <w, .>; g(lam) = gap.
-  order = jnp.argsort(knot, axis=1)
-  knot_s = jnp.take_along_axis(knot, order, axis=1)
-  slope_s = jnp.take_along_axis(slope, order, axis=1)
-  saturated = jnp.cumsum(jnp.where(slope_s > 0, slope_s * knot_s, 0.0), axis=1)
-  total = jnp.sum(slope, axis=1, keepdims=True)
-  free = jnp.maximum(total - jnp.cumsum(slope_s, axis=1), 0.0)
-  at_knots = saturated + jnp.where(free > 0, knot_s * free, 0.0)
-  count = jnp.sum(at_knots < gap[:, None], axis=1)
-  dim = points.shape[1]
-  index = jnp.clip(count - 1, 0, dim - 1)[:, None]
-  sat_k = jnp.where(count > 0, jnp.take_along_axis(saturated, index, axis=1)[:, 0], 0.0)
-  free_k = jnp.where(count > 0, jnp.take_along_axis(free, index, axis=1)[:, 0], total[:, 0])
-  lam = jnp.maximum(gap - sat_k, 0.0) / jnp.maximum(free_k, jnp.finfo(w.dtype).tiny)
-  lam = jnp.where(count >= dim, big, lam)[:, None]
+  # g(lam) = sum_i slope_i * min(lam, knot_i), the decrease of <w, .>, is increasing and
+  # piecewise linear: bisection brackets g(lam) = gap (no sort: XLA's CPU sort of a [N, D]
+  # array costs ten forward passes), then g is solved on the bracket's linear piece.
+  finite = jnp.where(moves, knot, 0.0)
+  reach = jnp.sum(slope * finite, axis=1)  # g at the largest knot: every face reached
+
+  def bisect(_, bracket):
+    low, high = bracket
+    mid = 0.5 * (low + high)
+    below = jnp.sum(slope * jnp.minimum(mid[:, None], knot), axis=1) < gap
+    return jnp.where(below, mid, low), jnp.where(below, high, mid)
+
+  low, high = jax.lax.fori_loop(0, core.BISECTIONS, bisect,
+                                (jnp.zeros_like(gap), jnp.max(finite, axis=1)))
+  saturated = jnp.sum(jnp.where(knot <= low[:, None], slope * finite, 0.0), axis=1)
+  free = jnp.sum(jnp.where(knot > low[:, None], slope, 0.0), axis=1)
+  lam = jnp.clip((gap - saturated) / jnp.maximum(free, jnp.finfo(w.dtype).tiny), low, high)
+  lam = jnp.where(gap > reach, big, lam)[:, None]
   if norm == "linf":
     size = jnp.minimum(lam, room)
   else:
@@ -126,14 +129,33 @@ def _check_config(norm, steps, restarts, num_targets, alpha_max, eta, beta):
       raise InputError(f"{name} must be a number in {what}, got {value!r}")
 
 
-def _run(logits_fn, x, y, key, eps, target, *, norm, steps, restarts, num_targets, alpha_max, eta,
-         beta, bounds):
+def _run(logits_fn,
+         x,
+         y,
+         key,
+         eps,
+         target,
+         r=None,
+         live=None,
+         *,
+         norm,
+         steps,
+         restarts,
+         num_targets,
+         alpha_max,
+         eta,
+         beta,
+         bounds):
+  """Every run in turn; or, with ``r`` (traced), run ``r`` alone, stopping once every
+  example where ``live`` is adversarial inside the ball."""
   n = x.shape[0]
   x0 = x.reshape(n, -1)
   dtype = x.dtype
 
+  fast_fn = core.prepare(logits_fn, x)
+
   def logits_flat(z):
-    return logits_fn(z.reshape(x.shape))
+    return fast_fn(z.reshape(x.shape))
 
   clean = logits_flat(x0)
   num_classes = clean.shape[1]
@@ -187,7 +209,8 @@ def _run(logits_fn, x, y, key, eps, target, *, norm, steps, restarts, num_target
     return jnp.where(adversarial, -dist, objective(logits))
 
   clean_adv = core.is_adversarial(clean, y, success_target)
-  best = core.init_best(x0, clean_adv, score(clean, clean_adv, jnp.zeros((n,), dtype)))
+  best = core.init_best(x0, clean_adv if live is None else clean_adv | ~live,
+                        score(clean, clean_adv, jnp.zeros((n,), dtype)))
   smallest = jnp.where(clean_adv, 0.0, jnp.inf).astype(dtype)
   x_smallest = x0
 
@@ -198,13 +221,12 @@ def _run(logits_fn, x, y, key, eps, target, *, norm, steps, restarts, num_target
       t = jnp.take(top_targets, r // restarts, axis=1)
     else:
       t = target  # None for mode "all".
-    k_run = jax.random.fold_in(key, r)
+    k_run = core.fold_in(key, r)
     radius = 0.5 * jnp.minimum(smallest, eps)
-    # Drawn flat: XLA compiles threefry for rank-1 shapes much faster.
     if norm == "linf":
-      u = jax.random.uniform(k_run, (x0.size,), dtype, -1.0, 1.0).reshape(x0.shape)
+      u = core.uniform(k_run, x0.shape, dtype, -1.0, 1.0, flat=True)
     else:
-      u = jax.random.normal(k_run, (x0.size,), dtype).reshape(x0.shape)
+      u = core.normal(k_run, x0.shape, dtype, flat=True)
     u = u / jnp.maximum(_norm(u, norm), 1e-12)[:, None]
     start = jnp.clip(x0 + radius[:, None] * u, *bounds)
     x1 = jnp.where(restart > 0, start, x0)
@@ -232,12 +254,20 @@ def _run(logits_fn, x, y, key, eps, target, *, norm, steps, restarts, num_target
       x1 = jnp.where(adversarial[:, None], x0 + beta * (x1 - x0), x1)
       return x1, best, smallest, x_smallest
 
-    _, best, smallest, x_smallest = jax.lax.fori_loop(0, steps, step,
-                                                      (x1, best, smallest, x_smallest))
-    return (best, smallest, x_smallest), None
+    state = (x1, best, smallest, x_smallest)
+    state = core.iterate(steps, step, state,
+                         None if r_only is None else lambda c: jnp.all(c[1].adversarial))
+    return state[1:], None
 
-  (best, smallest, x_smallest), _ = jax.lax.scan(one_run, (best, smallest, x_smallest),
-                                                 jnp.arange(runs_per_restart * restarts))
+  r_only = r
+  if r is None:
+    (best, smallest, x_smallest), _ = jax.lax.scan(one_run, (best, smallest, x_smallest),
+                                                   jnp.arange(runs_per_restart * restarts))
+  else:
+    # Fewer classes than num_targets + 1: the last runs have no target.
+    (best, smallest, x_smallest) = jax.lax.cond(r < runs_per_restart * restarts,
+                                                lambda c: one_run(c, r)[0], lambda c: c,
+                                                (best, smallest, x_smallest))
   # The smallest adversarial point, pulled into the ball when it lies outside.
   pulled = core.project(x_smallest, x0, eps, norm, bounds)
   logits = logits_flat(pulled)
@@ -315,10 +345,14 @@ def fab(eps: float,
     name = f"fab-{norm}"
   else:
     name = f"fab-t-{norm}"
-  return core.make_attack(run,
-                          name=name,
-                          eps=eps,
-                          norm=norm,
-                          bounds=bounds,
-                          targeted=targeted,
-                          min_classes=2)
+  return core.make_attack(
+      run,
+      name=name,
+      eps=eps,
+      norm=norm,
+      bounds=bounds,
+      targeted=targeted,
+      min_classes=2,
+      runs=(num_targets or 1) * restarts,
+      run_one=None if targeted else
+      (lambda fn, x, y, key, eps, r, live: run(fn, x, y, key, eps, None, r, live)))

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 
 from attacks import core
 from attacks.pgd import expand
-from robustlib import fastgrad
 
 
 def fgsm(eps: float,
@@ -45,13 +43,8 @@ def fgsm(eps: float,
 
   def run(logits_fn, x, y, key, eps, target):
     del key, target
-    fn = fastgrad.prepare(logits_fn, x)
-
-    def total(z):
-      logits = fn(z)
-      return jnp.sum(loss_fn(logits, y)), logits
-
-    grad, logits = jax.grad(total, has_aux=True)(x)
+    fn = core.prepare(logits_fn, x)
+    grad, (_, logits) = core.loss_gradient(fn, lambda logits: loss_fn(logits, y))(x)
     if norm == "linf":
       direction = jnp.sign(grad)
     else:

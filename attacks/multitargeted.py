@@ -28,7 +28,6 @@ import optax
 
 from attacks import core
 from attacks import pgd as pgd_lib
-from robustlib import fastgrad
 from robustlib.checks import InputError
 
 
@@ -120,7 +119,7 @@ def multitargeted(
 
     tile = lambda v: jnp.tile(v, (chunk,) + (1,) * (v.ndim - 1))  # [N, ...] -> [C*N, ...]
     x_c, y_c, eps_c = tile(x), tile(y), tile(eps)
-    fn = fastgrad.prepare(logits_fn, x_c)
+    fn = core.prepare(logits_fn, x_c)
     if norm == "l2" and step_size is None and optimizer is None:
       tx = pgd_lib.cosine_l2_rule(eps_c, steps, x_c)
     else:

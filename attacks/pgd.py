@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import optax
 
 from attacks import core
-from robustlib import fastgrad
 from robustlib.checks import InputError
 
 StepSize = float | Callable[[jax.Array], Any] | None
@@ -134,15 +133,11 @@ def ascend(fn: core.LogitsFn, x: jax.Array, x_start: jax.Array, eps: jax.Array, 
     The updated :class:`attacks.core.Best`.
   """
 
-  def total(z):
-    logits = fn(z)
-    return jnp.sum(objective(logits)), logits
-
-  grad_fn = jax.grad(total, has_aux=True)
+  grad_fn = core.loss_gradient(fn, objective)
 
   def body(_, carry):
     z, opt_state, best = carry
-    grad, logits = grad_fn(z)
+    grad, (_, logits) = grad_fn(z)
     adversarial, score = judge(logits)
     best = core.update_best(best, z, adversarial, score)
     updates, opt_state = tx.update(jax.tree.map(jnp.negative, grad), opt_state, z)
@@ -223,7 +218,7 @@ def pgd(
   bounds = core.check_bounds(bounds)
 
   def run(logits_fn, x, y, key, eps, target):
-    fn = fastgrad.prepare(logits_fn, x)
+    fn = core.prepare(logits_fn, x)
     objective, judge = loss_judge(loss_fn, y, target)
     best = core.init_best(x, *judge(fn(x)))
     tx = make_step_rule(norm, step_size, optimizer, eps, steps, x)

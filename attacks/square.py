@@ -125,8 +125,8 @@ def _windows(u_top: jax.Array, u_left: jax.Array, side: jax.Array, h: int,
 
 
 def _uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Uniform [0, 1) draws, made flat: XLA compiles threefry for rank-1 shapes much faster."""
-  return jax.random.uniform(key, (int(np.prod(shape)),)).reshape(shape)
+  """Uniform [0, 1) draws ``[N, ...]``, made flat (one key, or one per example)."""
+  return core.uniform(key, shape, flat=True)
 
 
 def _signs(u: jax.Array, dtype) -> jax.Array:
@@ -278,7 +278,7 @@ def _restart(logits_fn, objective, x, y, target, eps, key, spent, active, *, nor
   ran on (``active`` and with a query left for the start) and the updated
   per-example query counts.
   """
-  k_init, k_loop = jax.random.split(key)
+  k_init, k_loop = core.split(key, 2)
   if norm == "linf":
     x_init = _init_linf(k_init, x, eps, bounds)
   else:
@@ -295,7 +295,7 @@ def _restart(logits_fn, objective, x, y, target, eps, key, spent, active, *, nor
 
   def body(state):
     searching = still_searching(state)
-    k_step = jax.random.fold_in(k_loop, state.iteration)
+    k_step = core.fold_in(k_loop, state.iteration)
     p = p_selection(state.iteration, queries, p_init, rescale_schedule)
     if norm == "linf":
       x_new = _propose_linf(k_step, x, state.x_best, eps, p, bounds)
@@ -317,8 +317,24 @@ def _restart(logits_fn, objective, x, y, target, eps, key, spent, active, *, nor
   return state.x_best, state.loss, state.adversarial, active, state.queries
 
 
-def _search(logits_fn, x, y, key, eps, target, *, norm, queries, p_init, restarts, rescale_schedule,
-            loss_fn, bounds) -> SquareResult:
+def _search(logits_fn,
+            x,
+            y,
+            key,
+            eps,
+            target,
+            *,
+            norm,
+            queries,
+            p_init,
+            restarts,
+            rescale_schedule,
+            loss_fn,
+            bounds,
+            first_restart=0,
+            live=None) -> SquareResult:
+  """Restarts ``first_restart, ..., first_restart + restarts - 1`` on the examples
+  where ``live`` (all by default)."""
   n = x.shape[0]
   h, w, c = _image_view(x.shape[1:])
   x_img = x.reshape(n, h, w, c)
@@ -331,7 +347,8 @@ def _search(logits_fn, x, y, key, eps, target, *, norm, queries, p_init, restart
     return loss_fn(logits, y, target)
 
   clean = logits_fn(x)
-  best = core.init_best(x_img, core.is_adversarial(clean, y, target), objective(clean))
+  clean_adv = core.is_adversarial(clean, y, target)
+  best = core.init_best(x_img, clean_adv if live is None else clean_adv | ~live, objective(clean))
   spent = jnp.ones((n,), jnp.int32)
 
   def one_restart(carry, r):
@@ -342,7 +359,7 @@ def _search(logits_fn, x, y, key, eps, target, *, norm, queries, p_init, restart
                                                        y,
                                                        target,
                                                        eps,
-                                                       jax.random.fold_in(key, r),
+                                                       core.fold_in(key, first_restart + r),
                                                        spent,
                                                        ~best.adversarial,
                                                        norm=norm,
@@ -453,13 +470,15 @@ def square(eps: float,
                              norm=norm,
                              queries=queries,
                              p_init=float(p_init),
-                             restarts=restarts,
                              rescale_schedule=bool(rescale_schedule),
                              loss_fn=loss_fn,
                              bounds=bounds)
 
   def run(logits_fn, x, y, key, eps, target):
-    return search(logits_fn, x, y, key, eps, target).x_adv
+    return search(logits_fn, x, y, key, eps, target, restarts=restarts).x_adv
+
+  def run_one(logits_fn, x, y, key, eps, r, live):
+    return search(logits_fn, x, y, key, eps, None, restarts=1, first_restart=r, live=live).x_adv
 
   return core.make_attack(run,
                           name=f"square-{norm}",
@@ -467,4 +486,6 @@ def square(eps: float,
                           norm=norm,
                           bounds=bounds,
                           targeted=targeted,
-                          min_classes=min_classes)
+                          min_classes=min_classes,
+                          runs=restarts,
+                          run_one=None if targeted else run_one)

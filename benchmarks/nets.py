@@ -142,8 +142,17 @@ def mnist_nchw(split: str, num: int) -> tuple[np.ndarray, np.ndarray]:
   return np.transpose(ds.images[:num], (0, 3, 1, 2)).copy(), ds.labels[:num]
 
 
-def train(name: str, steps: int, seed: int = 0, batch_size: int = 128) -> Params:
-  """Adam (1e-3) on cross-entropy for ``steps`` steps on MNIST; prints the time taken."""
+def train(name: str,
+          steps: int,
+          seed: int = 0,
+          batch_size: int = 128,
+          adversarial_eps: float = 0.0) -> Params:
+  """Adam (1e-3) on cross-entropy for ``steps`` steps on MNIST; prints the time taken.
+
+  With ``adversarial_eps > 0``, on L-inf FGSM points with a random start of that
+  radius (step 1.25 eps; Wong et al. 2020, "Fast is better than free"), so that a
+  robustness evaluation has points that survive its first attacks.
+  """
   x, y = mnist_nchw("train", 60000)
   params = [(jnp.asarray(w), jnp.asarray(b)) for w, b in init_params(name, jax.random.key(seed))]
   tx = optax.adam(1e-3)
@@ -154,7 +163,13 @@ def train(name: str, steps: int, seed: int = 0, batch_size: int = 128) -> Params
                                                            yb).mean()
 
   @jax.jit
-  def step(p, o, xb, yb):
+  def step(p, o, xb, yb, key):
+    if adversarial_eps > 0:
+      delta = jax.random.uniform(key, xb.shape, minval=-adversarial_eps, maxval=adversarial_eps)
+      g = jax.grad(lambda z: loss(p, z, yb))(jnp.clip(xb + delta, 0.0, 1.0))
+      delta = jnp.clip(delta + 1.25 * adversarial_eps * jnp.sign(g), -adversarial_eps,
+                       adversarial_eps)
+      xb = jnp.clip(xb + delta, 0.0, 1.0)
     g = jax.grad(loss)(p, xb, yb)
     u, o = tx.update(g, o, p)
     return optax.apply_updates(p, u), o
@@ -162,11 +177,13 @@ def train(name: str, steps: int, seed: int = 0, batch_size: int = 128) -> Params
   opt_state = tx.init(params)
   rng = np.random.default_rng(seed)
   start = time.perf_counter()
-  for _ in range(steps):
+  key = jax.random.key(seed)
+  for i in range(steps):
     idx = rng.integers(0, x.shape[0], batch_size)
-    params, opt_state = step(params, opt_state, x[idx], y[idx])
+    params, opt_state = step(params, opt_state, x[idx], y[idx], jax.random.fold_in(key, i))
   jax.block_until_ready(params)
-  print(f"trained {name} for {steps} steps in {time.perf_counter() - start:.1f} s")
+  kind = f"FGSM-RS eps {adversarial_eps:g}" if adversarial_eps > 0 else "clean"
+  print(f"trained {name} ({kind}) for {steps} steps in {time.perf_counter() - start:.1f} s")
   return [(np.asarray(w), np.asarray(b)) for w, b in params]
 
 

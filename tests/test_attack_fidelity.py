@@ -6,8 +6,6 @@ implementation, or checks a contract the original keeps (targeted or not, known
 at trace time; the epsilon-ball in float16 and bfloat16).
 """
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +15,7 @@ import attacks
 from attacks import core
 from robustlib.checks import InputError
 
-square_lib = importlib.import_module("attacks.square")  # the module, not the function
+square_lib = attacks.square  # the module (called, the factory)
 
 # ----------------------------------------------------------------------------
 # Square's schedule of p.

@@ -12,6 +12,7 @@ queries), on random shapes, radii and boxes (one case per seed):
 """
 
 import inspect
+import types
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 import attacks
+from attacks import core
 
 NUM_CLASSES = 10
 
@@ -56,6 +58,14 @@ VARIANTS = {
         "steps": 5,
         "loss": "dlr"
     }, "l2", False),
+    "apgd-l1": ("apgd", {
+        "steps": 6,
+        "large_eps": True
+    }, "l1", False),
+    "apgd-t-l1": ("apgd_t", {
+        "steps": 5,
+        "num_targets": 2
+    }, "l1", False),
     "apgd_t": ("apgd_t", {
         "steps": 5,
         "num_targets": 3
@@ -154,7 +164,7 @@ def test_attack_properties(variant, seed, request):
     pytest.skip("another seed of this attack: run with -m slow")
   rng, n, shape, bounds = case(seed)
   norm, targeted = VARIANTS[variant][2], VARIANTS[variant][3]
-  base_eps = float(rng.uniform(0.05, 0.3)) * (3.0 if norm == "l2" else 1.0)
+  base_eps = float(rng.uniform(0.05, 0.3)) * {"linf": 1.0, "l2": 3.0, "l1": 10.0}[norm]
   attack = build(variant, base_eps, bounds)
   assert attack.norm == norm and attack.bounds == bounds and attack.targeted == targeted
   model = Counted(int(np.prod(shape)), seed)
@@ -181,7 +191,11 @@ def test_attack_properties(variant, seed, request):
     # Inside the box and the ball.
     assert x_adv.min() >= bounds[0] and x_adv.max() <= bounds[1]
     delta = (x_adv - x).reshape(n, -1)
-    size = np.abs(delta).max(1) if norm == "linf" else np.linalg.norm(delta, axis=1)
+    size = {
+        "linf": np.abs(delta).max(1),
+        "l2": np.linalg.norm(delta, axis=1),
+        "l1": np.abs(delta).sum(1)
+    }[norm]
     np.testing.assert_array_less(size, np.broadcast_to(np.asarray(eps), (n,)) * (1 + 1e-5) + 1e-6)
     # Never less adversarial than x.
     before = is_adversarial(model, x, y, target)
@@ -212,8 +226,21 @@ def test_every_attack_factory_in_the_package_is_covered():
   covered = {v[0] for v in VARIANTS.values()}
   for name in attacks.__all__:
     obj = getattr(attacks, name)
+    if isinstance(obj, types.ModuleType):  # a module that is its factory: attacks.square(...)
+      obj = getattr(obj, name)
     if name in NOT_FACTORIES or not inspect.isfunction(obj):
       continue
     params = list(inspect.signature(obj).parameters)
     if params and params[0] == "eps":
       assert name in covered, f"attacks.{name} looks like an attack factory with no property test"
+
+
+def test_an_attacks_module_is_reachable_and_is_its_factory():
+  square = attacks.square
+  assert isinstance(square, types.ModuleType)
+  assert float(square.p_selection(60, 5000, 0.8, rescale_schedule=False)) == pytest.approx(0.2)
+  assert isinstance(square(eps=0.1), core.AttackFn) and square(eps=0.1).name == "square-linf"
+  assert attacks.apgd.checkpoints(100)[:3] == [22, 41, 57]
+  assert attacks.autoattack(eps=0.1).name == "autoattack"
+  from attacks import pgd  # pylint: disable=import-outside-toplevel
+  assert pgd(eps=0.1).eps == 0.1 and pgd.pgd is attacks.pgd.pgd

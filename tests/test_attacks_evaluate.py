@@ -20,7 +20,7 @@ import pytest
 import attack_models
 import attacks
 from attacks import core, diagnostics
-from attacks.autoattack import Cascade, cascade
+from attacks.autoattack import Cascade, cascade, run_stages
 from robustlib.checks import InputError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -138,6 +138,53 @@ def test_padded_rows_do_not_count(problem, suite):
   padded = attacks.evaluate(model, x, y, suite, batch_size=32, **kwargs)  # 64 rows, 14 padded
   assert padded.robust_flags.shape == (1, 50)
   np.testing.assert_array_equal(whole.stage_flags, padded.stage_flags)
+
+
+@pytest.fixture(scope="module")
+def random_suite():
+  """AutoAttack's kinds of runs, small: restarts, targets, a random search."""
+  return [
+      attacks.apgd(eps=0.1, steps=5, restarts=2),
+      attacks.apgd_t(eps=0.1, steps=5, num_targets=3),
+      attacks.fab(eps=0.1, steps=5, num_targets=2),
+      attacks.square(eps=0.1, queries=30),
+  ]
+
+
+def test_results_depend_neither_on_the_batch_nor_on_the_chunk_size(problem, random_suite):
+  model, x, y = problem
+  kwargs = dict(eps=0.1, key=jax.random.key(3), progress=False, run_diagnostics=False)
+  whole = attacks.evaluate(model, x, y, random_suite, batch_size=50, chunk_size=50, **kwargs)
+  small = attacks.evaluate(model, x, y, random_suite, batch_size=16, chunk_size=5, **kwargs)
+  np.testing.assert_array_equal(whole.stage_flags, small.stage_flags)
+  assert whole.robust_accuracy[0] < whole.clean_accuracy  # the attacks break points
+  assert whole.robust_accuracy[0] > 0  # and leave some: every stage runs
+
+
+def test_runs_go_only_over_the_chunks_holding_robust_points():
+  """A stage's run is called once per chunk holding a robust point, never on the rest."""
+  calls = []
+
+  def run_one(logits_fn, x, y, key, eps, r, live):
+    jax.debug.callback(lambda r_, live_: calls.append((int(r_), int(live_.sum()))), r, live)
+    return x
+
+  counting = core.make_attack(lambda *a: a[1], name="counting", eps=0.1, runs=2, run_one=run_one)
+  w = np.eye(3, dtype=np.float32)
+  x = np.tile(np.eye(3, dtype=np.float32), (10, 1))  # 30 points, argmax = row % 3
+  y = (np.arange(30) % 3).astype(np.int32)
+  y[:21] = (y[:21] + 1) % 3  # 21 misclassified: 9 robust
+  _, _, robust = run_stages([counting],
+                            lambda v: v @ w,
+                            jnp.asarray(x),
+                            jnp.asarray(y),
+                            jax.random.key(0),
+                            jnp.full((30,), 0.1),
+                            chunk_size=4)
+  jax.effects_barrier()
+  # 9 robust points in chunks of 4: 3 chunks (4, 4, 1 live) of 8, for each of the 2 runs.
+  assert sorted(calls) == sorted([(r, c) for r in range(2) for c in (4, 4, 1)])
+  assert int(robust.sum()) == 9
 
 
 def test_a_cascade_is_an_attack_returning_the_first_adversarial_point(problem, suite):
