@@ -97,6 +97,8 @@ def run_stages(stages: Sequence[core.AttackFn],
     correctly, and whether it is still robust after each stage.
   """
   n = x.shape[0]
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):  # a raw uint32 key: typed, so that
+    key = jax.random.wrap_key_data(key)  # per-example keys are one key each
   pred = jnp.argmax(logits_fn(x), axis=-1)
   correct = pred == y
   robust = correct if valid is None else correct & valid

@@ -161,6 +161,14 @@ def test_results_depend_neither_on_the_batch_nor_on_the_chunk_size(problem, rand
   assert whole.robust_accuracy[0] > 0  # and leave some: every stage runs
 
 
+def test_a_raw_key_gives_the_typed_keys_results(problem, random_suite):
+  model, x, y = problem
+  kwargs = dict(eps=0.1, batch_size=25, progress=False, run_diagnostics=False)
+  typed = attacks.evaluate(model, x, y, random_suite[:1], key=jax.random.key(5), **kwargs)
+  raw = attacks.evaluate(model, x, y, random_suite[:1], key=jax.random.PRNGKey(5), **kwargs)
+  np.testing.assert_array_equal(typed.stage_flags, raw.stage_flags)
+
+
 def test_runs_go_only_over_the_chunks_holding_robust_points():
   """A stage's run is called once per chunk holding a robust point, never on the rest."""
   calls = []
