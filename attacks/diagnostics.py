@@ -127,6 +127,37 @@ def check_randomized(logits_fn: core.LogitsFn,
   ]
 
 
+def check_dynamic(logits_fn: core.LogitsFn, x: jax.Array, tolerance: float = 1e-4) -> list[str]:
+  """Flags a model whose output for an example depends on the other examples of its batch
+  (BatchNorm with batch statistics, for instance), as AutoAttack's ``check_dynamic`` does:
+  the first half of the batch alone against the same rows inside the whole batch.
+
+  Args:
+    logits_fn: ``[N, ...] -> [N, K]``.
+    x: inputs ``[N, ...]``, ``N >= 2``.
+    tolerance: largest accepted L2 difference of rows normalized to unit norm.
+
+  Returns:
+    A message when the outputs depend on the batch.
+  """
+  x = jnp.asarray(x)
+  half = x.shape[0] // 2
+  if half == 0 or isinstance(logits_fn, Randomized):
+    return []
+  jitted = jax.jit(lambda v: logits_fn(v))  # pylint: disable=unnecessary-lambda
+  whole, alone = np.asarray(jitted(x))[:half], np.asarray(jitted(x[:half]))
+  unit = lambda o: o / (np.linalg.norm(o, axis=-1, keepdims=True) + 1e-10)
+  diff = float(np.linalg.norm(unit(whole) - unit(alone), axis=-1).max())
+  if diff <= tolerance:
+    return []
+  return [
+      f"the model's outputs depend on the other inputs of its batch (largest difference of "
+      f"normalized outputs {diff:.2g} between {half} inputs alone and in a batch of "
+      f"{x.shape[0]}; BatchNorm with batch statistics?): attacks and robust accuracy then "
+      "depend on the batch size and composition; evaluate the model in inference mode"
+  ]
+
+
 def check_probabilities(logits: jax.Array, tolerance: float = 1e-5) -> list[str]:
   """Flags outputs that look like probabilities: in [0, 1] with rows summing to 1.
 
@@ -207,6 +238,7 @@ def diagnose(logits_fn: core.LogitsFn,
   messages += check_zero_gradients(logits_fn, x, y)
   if not randomized:
     messages += check_randomized(logits_fn, x)
+  messages += check_dynamic(logits_fn, x)
   if emit:
     warn(messages)
   return tuple(messages)

@@ -363,6 +363,19 @@ def test_zero_gradients_are_flagged(problem, suite):
   assert any("16 of 16 examples" in m and "zero input gradient" in m for m in messages)
 
 
+def test_a_model_depending_on_its_batch_is_flagged(problem, suite):
+  _, x, y = problem
+  base = Counted()
+
+  def batch_normed(v):  # normalized with the batch's statistics, as BatchNorm in training
+    z = base(v)
+    return (z - z.mean(axis=0)) / (z.std(axis=0) + 1e-3)
+
+  messages = _warnings_of(batch_normed, x[:16], y[:16], suite)
+  assert any("depend on the other inputs of its batch" in m for m in messages)
+  assert not diagnostics.check_dynamic(base, x[:16])
+
+
 def test_a_randomized_model_is_flagged(problem, suite):
   _, x, y = problem
   rng = np.random.default_rng(0)
