@@ -48,8 +48,8 @@ class Cascade(core.AttackFn):
 
 def stage_key_of(key: jax.Array, stages: Sequence[core.AttackFn], s: int) -> jax.Array:
   """Stage ``s``'s key: ``key`` folded with a hash of its name and the count of earlier
-  stages of that name. An attack draws the same randomness alone, first or later in any
-  cascade; so a cascade whose stages include another's (AutoAttack's ``plus`` holds every
+  stages of that name. A stage draws the same randomness first or later in any cascade
+  (each example from this key and its own index, `run_stages`); so a cascade whose stages include another's (AutoAttack's ``plus`` holds every
   ``standard`` stage, APGD-CE with 5 restarts the first restart alone) breaks every point
   the other breaks, as a stage's result on a point does not depend on the other points."""
   name = stages[s].name

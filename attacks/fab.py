@@ -214,14 +214,14 @@ def _run(logits_fn,
   smallest = jnp.where(clean_adv, 0.0, jnp.inf).astype(dtype)
   x_smallest = x0
 
-  def one_run(carry, r):
+  def one_run(carry, run):
     best, smallest, x_smallest = carry
-    restart = r % restarts
+    restart = run % restarts
     if mode == "top":
-      t = jnp.take(top_targets, r // restarts, axis=1)
+      t = jnp.take(top_targets, run // restarts, axis=1)
     else:
       t = target  # None for mode "all".
-    k_run = core.fold_in(key, r)
+    k_run = core.fold_in(key, run)
     radius = 0.5 * jnp.minimum(smallest, eps)
     if norm == "linf":
       u = core.uniform(k_run, x0.shape, dtype, -1.0, 1.0, flat=True)
@@ -256,10 +256,9 @@ def _run(logits_fn,
 
     state = (x1, best, smallest, x_smallest)
     state = core.iterate(steps, step, state,
-                         None if r_only is None else lambda c: jnp.all(c[1].adversarial))
+                         None if r is None else lambda c: jnp.all(c[1].adversarial))
     return state[1:], None
 
-  r_only = r
   if r is None:
     (best, smallest, x_smallest), _ = jax.lax.scan(one_run, (best, smallest, x_smallest),
                                                    jnp.arange(runs_per_restart * restarts))
