@@ -15,12 +15,13 @@ from attacks.pgd import pgd
 
 __all__ += ["Randomized", "apgd", "apgd_t", "eot", "fgsm", "multitargeted", "pgd"]
 
-# Minimum-norm and black-box attacks: FAB, Square, SPSA.
+# Minimum-norm and black-box attacks: FAB, FMN, Square, SPSA.
 from attacks.fab import fab
+from attacks.fmn import fmn
 from attacks.spsa import spsa, spsa_gradient
 from attacks.square import SquareResult, square, square_search
 
-__all__ += ["SquareResult", "fab", "spsa", "spsa_gradient", "square", "square_search"]
+__all__ += ["SquareResult", "fab", "fmn", "spsa", "spsa_gradient", "square", "square_search"]
 
 # Evaluation: cascades, AutoAttack, evaluate, diagnostics.
 from attacks.autoattack import Cascade, autoattack, cascade
@@ -42,7 +43,8 @@ class _FactoryModule(_types.ModuleType):
     return getattr(self, self.__name__.rsplit(".", 1)[1])(*args, **kwargs)
 
 
-for _name in ("apgd", "autoattack", "eot", "fab", "fgsm", "multitargeted", "pgd", "spsa", "square"):
+for _name in ("apgd", "autoattack", "eot", "fab", "fgsm", "fmn", "multitargeted", "pgd", "spsa",
+              "square"):
   _module = _sys.modules[f"{__name__}.{_name}"]
   _module.__class__ = _FactoryModule
   globals()[_name] = _module

@@ -38,8 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from attacks import core
-from attacks.multitargeted import top_targets
-from attacks.pgd import expand
 from robustlib.checks import InputError
 
 
@@ -89,7 +87,7 @@ def initial_point(key: jax.Array, x: jax.Array, eps: jax.Array, norm: str,
   else:
     t = core.normal(key, x.shape, x.dtype)
     size = core.l2_norm(t)
-  return jnp.clip(x + expand(eps / (size + 1e-12), x) * t, bounds[0], bounds[1])
+  return jnp.clip(x + core.expand(eps / (size + 1e-12), x) * t, bounds[0], bounds[1])
 
 
 def _all_broken(state) -> jax.Array:
@@ -156,9 +154,7 @@ def run_once(fn: core.LogitsFn,
   grad_fn = core.loss_gradient(fn, loss)
 
   def direction(g):
-    if norm == "linf":
-      return jnp.sign(g)
-    return g / expand(core.l2_norm(g) + 1e-12, g)
+    return core.steepest_direction(g, norm)
 
   def project(z):
     return core.project(z, x, eps, norm, bounds)
@@ -180,23 +176,23 @@ def run_once(fn: core.LogitsFn,
 
   def body(i, s: _State) -> _State:
     a = jnp.where(i > 0, momentum, 1.0).astype(x.dtype)
-    z = project(s.x_adv + expand(s.eta, x) * direction(s.grad))
+    z = project(s.x_adv + core.expand(s.eta, x) * direction(s.grad))
     z = project(s.x_adv + a * (z - s.x_adv) + (1 - a) * (s.x_adv - s.x_prev))
     g, (value, logits) = grad_fn(z)
     best = core.update_best(s.best, z, *judge(logits))
     successes = s.successes + (value > s.loss_prev)
     better = value > s.loss_top
-    x_top = jnp.where(expand(better, x), z, s.x_top)
-    grad_top = jnp.where(expand(better, x), g, s.grad_top)
+    x_top = jnp.where(core.expand(better, x), z, s.x_top)
+    grad_top = jnp.where(core.expand(better, x), g, s.grad_top)
     loss_top = jnp.where(better, value, s.loss_top)
     # The checkpoint test (only where is_check[i]).
     check = is_check[i]
     stalled = successes <= rho * length[i]
     unchanged = ~s.halved_at_check & (s.top_at_check >= loss_top)
     halve = check & (stalled | unchanged)
-    return _State(x_adv=jnp.where(expand(halve, x), x_top, z),
+    return _State(x_adv=jnp.where(core.expand(halve, x), x_top, z),
                   x_prev=s.x_adv,
-                  grad=jnp.where(expand(halve, x), grad_top, g),
+                  grad=jnp.where(core.expand(halve, x), grad_top, g),
                   loss_prev=value,
                   x_top=x_top,
                   grad_top=grad_top,
@@ -208,24 +204,6 @@ def run_once(fn: core.LogitsFn,
                   best=best)
 
   return core.iterate(steps, body, state, _all_broken if early_exit else None).best
-
-
-def kth_smallest(v: jax.Array, k: jax.Array) -> jax.Array:
-  """``sort(v, axis=1)[:, k]`` for ``v >= 0`` ``[N, D]`` and ``k`` ``[N]``, without a sort
-  (XLA's CPU sort of an image batch costs several forward passes): bisection on the
-  bit patterns of non-negative floats, which order as the integers they read as."""
-  bits = jax.lax.bitcast_convert_type(v.astype(jnp.float32), jnp.int32)
-
-  def halve(_, bracket):
-    low, high = bracket  # count(bits <= low) <= k < count(bits <= high)
-    mid = low + (high - low) // 2
-    enough = jnp.sum(bits <= mid[:, None], axis=1) > k
-    return jnp.where(enough, low, mid), jnp.where(enough, mid, high)
-
-  n = v.shape[0]
-  low = jnp.full((n,), -1, jnp.int32)
-  low, high = jax.lax.fori_loop(0, 32, halve, (low, jnp.max(bits, axis=1)))
-  return jax.lax.bitcast_convert_type(high, jnp.float32).astype(v.dtype)
 
 
 class _L1State(NamedTuple):
@@ -294,23 +272,23 @@ def run_l1(fn: core.LogitsFn,
     def body(i, s: _L1State) -> _L1State:
       magnitude = flat(jnp.abs(s.grad))
       k = jnp.clip(jnp.floor((1.0 - s.density) * n_fts), 0, n_fts - 1).astype(jnp.int32)
-      moved = jnp.sign(flat(s.grad)) * (magnitude >= kth_smallest(magnitude, k)[:, None])
+      moved = jnp.sign(flat(s.grad)) * (magnitude >= core.kth_smallest(magnitude, k)[:, None])
       count = jnp.sum(jnp.abs(moved), axis=1, keepdims=True)
       z = flat(s.x_adv) + s.step[:, None] * moved / (count + 1e-10)
       z = project(z.reshape(x.shape), radius)
       g, (value, logits) = grad_fn(z)
       best = core.update_best(s.best, z, *judge(logits))
       better = value > s.loss_top
-      x_top = jnp.where(expand(better, x), z, s.x_top)
-      grad_top = jnp.where(expand(better, x), g, s.grad_top)
+      x_top = jnp.where(core.expand(better, x), z, s.x_top)
+      grad_top = jnp.where(core.expand(better, x), g, s.grad_top)
       loss_top = jnp.where(better, value, s.loss_top)
       check = (i + 1) % every == 0
       support = core.l0_norm(x_top - x).astype(x.dtype)
       sparser = check & (support / s.support < 0.95)
       step = jnp.where(sparser, radius, s.step / 1.5)
       step = jnp.where(check, jnp.clip(step, radius / 10.0, radius), s.step)
-      return _L1State(x_adv=jnp.where(expand(sparser, x), x_top, z),
-                      grad=jnp.where(expand(sparser, x), grad_top, g),
+      return _L1State(x_adv=jnp.where(core.expand(sparser, x), x_top, z),
+                      grad=jnp.where(core.expand(sparser, x), grad_top, g),
                       x_top=x_top,
                       grad_top=grad_top,
                       loss_top=loss_top,
@@ -341,7 +319,7 @@ def _first_best(x: jax.Array, judged: tuple[jax.Array, jax.Array],
 
 
 def _check_config(norm: str, steps: Any, restarts: Any, momentum: Any, rho: Any) -> None:
-  core.check_norm(norm, core.NORMS)
+  core.check_norm(norm, ("linf", "l2", "l1"))
   core.check_positive_int(steps, "steps")
   core.check_positive_int(restarts, "restarts")
   for value, name in ((momentum, "momentum"), (rho, "rho")):
@@ -462,7 +440,7 @@ def apgd_t(eps: float,
   def setup(logits_fn, x, y, live=None):
     fn = core.prepare(logits_fn, x)
     clean = fn(x)
-    targets = top_targets(clean, y, num_targets)  # [N, T]
+    targets = core.top_targets(clean, y, num_targets)  # [N, T]
     judge = lambda logits: (core.is_adversarial(logits, y), core.dlr_loss(logits, y))
     # Runs in AutoAttack's order: every restart of the first target, then the next target.
     runs_targets = jnp.repeat(targets.T, restarts, axis=0)  # [T * restarts, N]

@@ -130,9 +130,8 @@ def run_stages(stages: Sequence[core.AttackFn],
         x_c, y_c = take(x), take(y)
         x_run = stage.run_part(logits_fn, x_c, y_c, chunk_key, take(eps), r, live)
         broken = jnp.argmax(logits_fn(x_run), axis=-1) != y_c
-        x_now = x_now.at[rows].set(
-            jnp.where(core._expand(live, x_c), x_run, take(x_now)),  # pylint: disable=protected-access
-            mode="drop")
+        x_now = x_now.at[rows].set(jnp.where(core.expand(live, x_c), x_run, take(x_now)),
+                                   mode="drop")
         robust_now = robust_now.at[rows].set(take(robust_now) & ~(broken & live), mode="drop")
         return i + 1, robust_now, x_now
 
@@ -248,7 +247,7 @@ def autoattack(eps: float,
     A :class:`Cascade` named ``"autoattack"``.
   """
   core.check_eps(eps)
-  core.check_norm(norm, core.NORMS)
+  core.check_norm(norm, ("linf", "l2", "l1"))
   bounds = core.check_bounds(bounds)
   if version not in VERSIONS:
     raise InputError(f"autoattack version must be one of {VERSIONS}, got {version!r} ('custom' "

@@ -42,7 +42,7 @@ from robustlib.checks import InputError
 from robustlib.checks import check_images
 from robustlib.checks import check_labels
 
-NORMS = ("linf", "l2", "l1")  # every norm some attack supports
+NORMS = ("linf", "l2", "l1", "l0")  # every norm some attack supports
 Bounds = tuple[float, float]
 LogitsFn = Callable[[jax.Array], jax.Array]
 Run = Callable[..., jax.Array]
@@ -78,9 +78,13 @@ def is_traced(*values: Any) -> bool:
 
 
 def check_norm(norm: str, supported: Sequence[str] = ("linf", "l2")) -> str:
-  """``norm`` if the attack supports it (L1: `attacks.apgd`, `attacks.apgd_t`)."""
+  """``norm`` if the attack supports it (L1: `attacks.apgd`, `attacks.apgd_t`, `attacks.fab`,
+  `attacks.fmn`; L0: `attacks.fmn`)."""
   if norm not in supported:
-    also = " (L1 attacks: attacks.apgd, attacks.apgd_t)" if norm == "l1" else ""
+    also = {
+        "l1": " (L1 attacks: attacks.apgd, attacks.apgd_t, attacks.fab, attacks.fmn)",
+        "l0": " (the L0 attack: attacks.fmn)"
+    }.get(norm, "")
     raise InputError(f"norm must be one of {tuple(supported)}, got {norm!r}{also}")
   return norm
 
@@ -92,15 +96,17 @@ def check_bounds(bounds: Sequence[float]) -> Bounds:
   return lo, hi
 
 
-def check_eps(eps: Any, name: str = "eps") -> None:
-  """Rejects negative or non-finite epsilons (scalar or per example), if concrete."""
+def check_eps(eps: Any, name: str = "eps", allow_inf: bool = False) -> None:
+  """Rejects negative, NaN or (unless ``allow_inf``: a minimum-norm attack, unbounded)
+  infinite epsilons, scalar or per example, if concrete."""
   if eps is None or is_traced(eps):
     return
   arr = np.asarray(eps, dtype=np.float64)
   if arr.ndim > 1:
     raise InputError(f"{name} must be a scalar or a vector [N], got shape {arr.shape}")
-  if not np.isfinite(arr).all() or (arr < 0).any():
-    raise InputError(f"{name} must be finite and >= 0, got {eps}")
+  if np.isnan(arr).any() or (arr < 0).any() or (not allow_inf and np.isinf(arr).any()):
+    also = "" if allow_inf else " (only minimum-norm attacks, attacks.fmn and attacks.fab, take inf)"
+    raise InputError(f"{name} must be {'' if allow_inf else 'finite and '}>= 0, got {eps}{also}")
 
 
 def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
@@ -134,10 +140,11 @@ def per_example_eps(eps: Any, num_examples: int, dtype=jnp.float32) -> jax.Array
   return jnp.broadcast_to(eps, (num_examples,))
 
 
-def _check_concrete_inputs(x, y, eps, target, bounds: Bounds, targeted: bool) -> None:
+def _check_concrete_inputs(x, y, eps, target, bounds: Bounds, targeted: bool,
+                           allow_inf: bool) -> None:
   check_images(x, bounds=bounds, name="x")
   check_labels(y, num_examples=np.shape(x)[0], name="y")
-  check_eps(eps)
+  check_eps(eps, allow_inf=allow_inf)
   if targeted:
     check_labels(target, num_examples=np.shape(x)[0], name="target")
     same = np.flatnonzero(np.asarray(target) == np.asarray(y))
@@ -291,8 +298,8 @@ class AttackFn:
   Attributes:
     run: ``run(logits_fn, x, y, key, eps[N], target) -> x_adv``, pure.
     name: the attack's name as reports print it.
-    eps: the default epsilon.
-    norm: ``"linf"`` or ``"l2"``.
+    eps: the default epsilon (``inf`` for a minimum-norm attack built without one).
+    norm: ``"linf"``, ``"l2"``, ``"l1"`` or ``"l0"``.
     bounds: the input box.
     targeted: whether calls take ``target=``.
     min_classes: the fewest classes the attack's loss is defined for.
@@ -302,6 +309,9 @@ class AttackFn:
       run ``r`` (traced) alone, with ``key`` one key per example, stopping once
       every live example is adversarial (rows not ``live`` count as done); None
       when the attack has no such form (a cascade calls ``run``).
+    minimum_norm: ``run`` with ``eps = inf`` returns the smallest adversarial
+      point it finds (FMN, FAB): `distances` reads an attack's robustness curve
+      over every epsilon from one run.
   """
   run: Run
   name: str
@@ -312,6 +322,7 @@ class AttackFn:
   min_classes: int = 2
   runs: int = 1
   run_one: Callable[..., jax.Array] | None = None
+  minimum_norm: bool = False
 
   def __post_init__(self):
     jitted = compilation.jit(self._checked_run, static_argnums=0)
@@ -342,7 +353,7 @@ class AttackFn:
       check_logits_shape(clean_logits, x.shape[0], self.min_classes)
       return _run_wide(self.run, logits_fn, x, y, key, per_example_eps(eps, x.shape[0], x.dtype),
                        target)
-    _check_concrete_inputs(x, y, eps, target, self.bounds, self.targeted)
+    _check_concrete_inputs(x, y, eps, target, self.bounds, self.targeted, self.minimum_norm)
     x = jnp.asarray(x)
     x_adv, finite, num_classes = self._jitted(logits_fn, x, jnp.asarray(y), key,
                                               per_example_eps(eps, x.shape[0], x.dtype),
@@ -354,6 +365,15 @@ class AttackFn:
       check_labels(target, num_classes=int(num_classes), name="target")
     return x_adv
 
+  def distances(self, logits_fn, x, y, key, *, target=None) -> jax.Array:
+    """``[N]`` the norm of the smallest adversarial perturbation this minimum-norm attack
+    finds (unbounded: ``eps = inf``); 0 where ``x`` itself is misclassified (or hits
+    ``target``), ``inf`` where it finds none."""
+    if not self.minimum_norm:
+      raise InputError(f"{self.name} is not a minimum-norm attack (attacks.fmn, attacks.fab)")
+    x_adv = self(logits_fn, x, y, key, eps=jnp.inf, target=target)
+    return adversarial_distance(logits_fn, jnp.asarray(x), x_adv, jnp.asarray(y), self.norm, target)
+
 
 def make_attack(run: Run,
                 *,
@@ -364,9 +384,10 @@ def make_attack(run: Run,
                 targeted: bool = False,
                 min_classes: int = 2,
                 runs: int = 1,
-                run_one: Callable[..., jax.Array] | None = None) -> AttackFn:
+                run_one: Callable[..., jax.Array] | None = None,
+                minimum_norm: bool = False) -> AttackFn:
   """Validates a factory's hyper-parameters and wraps ``run`` as an attack."""
-  check_eps(eps)
+  check_eps(eps, allow_inf=minimum_norm)
   return AttackFn(run=run,
                   name=name,
                   eps=float(eps),
@@ -375,16 +396,54 @@ def make_attack(run: Run,
                   targeted=targeted,
                   min_classes=min_classes,
                   runs=runs,
-                  run_one=run_one)
+                  run_one=run_one,
+                  minimum_norm=minimum_norm)
+
+
+def make_minimum_norm_attack(run: Callable[..., jax.Array], *, family: str, eps: float, norm: str,
+                             bounds: Bounds, targeted: bool, num_targets: int | None,
+                             runs: int) -> AttackFn:
+  """A minimum-norm attack (FAB, FMN) from ``run(fn, x, y, key, eps, target, r=None,
+  live=None)``, which runs every run or, with ``r``, run ``r`` alone (a cascade's form).
+  Named ``<family>-targeted-<norm>`` (calls take ``target=``), ``<family>-<norm>``
+  (untargeted, ``num_targets=None``) or ``<family>-t-<norm>`` (runs over top classes)."""
+  if targeted:
+    name = f"{family}-targeted-{norm}"
+  elif num_targets is None:
+    name = f"{family}-{norm}"
+  else:
+    name = f"{family}-t-{norm}"
+  run_one = None if targeted else (
+      lambda fn, x, y, key, eps, r, live: run(fn, x, y, key, eps, None, r, live))
+  return make_attack(run,
+                     name=name,
+                     eps=eps,
+                     norm=norm,
+                     bounds=bounds,
+                     targeted=targeted,
+                     min_classes=2,
+                     runs=runs,
+                     run_one=run_one,
+                     minimum_norm=True)
 
 
 # ----------------------------------------------------------------------------
 # Geometry.
 
 
-def _expand(v: jax.Array, like: jax.Array) -> jax.Array:
-  """``[N]`` -> ``[N, 1, ..., 1]`` broadcastable against ``like``."""
+def expand(v: jax.Array, like: jax.Array) -> jax.Array:
+  """``[N]`` -> ``[N, 1, ..., 1]`` broadcastable against ``like`` ``[N, ...]``."""
   return jnp.reshape(v, v.shape + (1,) * (like.ndim - 1))
+
+
+def steepest_direction(g: jax.Array, norm: str) -> jax.Array:
+  """The unit-``norm`` direction of steepest ascent along ``g`` ``[N, ...]``, per example:
+  ``sign(g)`` for L-inf, ``g / ||g||_2`` for L2 (zero stays zero)."""
+  if norm == "linf":
+    return jnp.sign(g)
+  if norm == "l2":
+    return g / expand(jnp.maximum(l2_norm(g), 1e-12), g)
+  raise InputError(f"steepest_direction takes 'linf' or 'l2', got {norm!r}")
 
 
 def l2_norm(v: jax.Array) -> jax.Array:
@@ -401,13 +460,15 @@ def project(x_adv: jax.Array, x: jax.Array, eps: jax.Array, norm: str, bounds: B
   delta = x_adv - x
   if norm == "l1":
     return x + project_l1_box(delta, x, eps, bounds)
+  if norm == "l0":
+    return jnp.clip(x + project_l0(delta, eps), bounds[0], bounds[1])
   if norm == "linf":
-    e = _expand(eps, x)
+    e = expand(eps, x)
     delta = jnp.clip(delta, -e, e)
   else:
     n = l2_norm(delta)
     scale = jnp.minimum(1.0, eps / jnp.maximum(n, 1e-12))
-    delta = delta * _expand(scale, x)
+    delta = delta * expand(scale, x)
   return jnp.clip(x + delta, bounds[0], bounds[1])
 
 
@@ -457,6 +518,41 @@ def project_l1_box(delta: jax.Array, x: jax.Array, eps: jax.Array, bounds: Bound
   return (jnp.sign(d) * w).reshape(delta.shape)
 
 
+def kth_smallest(v: jax.Array, k: jax.Array) -> jax.Array:
+  """``sort(v, axis=1)[:, k]`` for ``v >= 0`` ``[N, D]`` and ``k`` ``[N]``, without a sort
+  (XLA's CPU sort of an image batch costs several forward passes): bisection on the
+  bit patterns of non-negative floats, which order as the integers they read as."""
+  bits = jax.lax.bitcast_convert_type(v.astype(jnp.float32), jnp.int32)
+
+  def halve(_, bracket):
+    low, high = bracket  # count(bits <= low) <= k < count(bits <= high)
+    mid = low + (high - low) // 2
+    enough = jnp.sum(bits <= mid[:, None], axis=1) > k
+    return jnp.where(enough, low, mid), jnp.where(enough, mid, high)
+
+  n = v.shape[0]
+  low = jnp.full((n,), -1, jnp.int32)
+  low, high = jax.lax.fori_loop(0, 32, halve, (low, jnp.max(bits, axis=1)))
+  return jax.lax.bitcast_convert_type(high, jnp.float32).astype(v.dtype)
+
+
+def project_l0(delta: jax.Array, k: jax.Array) -> jax.Array:
+  """``delta`` ``[N, ...]`` with all but its ``floor(k)`` (``[N]``) largest-magnitude
+  coordinates zeroed, ties broken by position: the Euclidean projection onto
+  ``{||d||_0 <= k}``."""
+  n = delta.shape[0]
+  d = delta.reshape(n, -1)
+  size = jnp.abs(d)
+  dim = d.shape[1]
+  keep = jnp.clip(jnp.floor(jnp.nan_to_num(k, posinf=dim)), 0, dim).astype(jnp.int32)
+  threshold = kth_smallest(size, jnp.clip(dim - keep, 0, dim - 1))[:, None]
+  above = size > threshold
+  tied = size == threshold
+  room = keep - jnp.sum(above, axis=1)
+  kept = above | (tied & (jnp.cumsum(tied, axis=1) <= room[:, None]))
+  return jnp.where(kept & (keep[:, None] > 0), d, 0.0).reshape(delta.shape)
+
+
 def l0_norm(v: jax.Array) -> jax.Array:
   """Per-example count of non-zero coordinates: ``[N, ...] -> [N]``."""
   return jnp.sum(v.reshape(v.shape[0], -1) != 0, axis=1)
@@ -467,18 +563,49 @@ def l1_norm(v: jax.Array) -> jax.Array:
   return jnp.sum(jnp.abs(v.reshape(v.shape[0], -1)), axis=1)
 
 
+def linf_norm(v: jax.Array) -> jax.Array:
+  """Per-example L-inf norm: ``[N, ...] -> [N]``."""
+  return jnp.max(jnp.abs(v.reshape(v.shape[0], -1)), axis=1)
+
+
+def lp_norm(v: jax.Array, norm: str) -> jax.Array:
+  """Per-example ``norm`` (``"linf"``, ``"l2"``, ``"l1"``, ``"l0"``): ``[N, ...] -> [N]``,
+  in ``v``'s dtype."""
+  fns = {"linf": linf_norm, "l2": l2_norm, "l1": l1_norm, "l0": l0_norm}
+  return fns[norm](v).astype(v.dtype)
+
+
+def dual_norm(v: jax.Array, norm: str) -> jax.Array:
+  """Per-example dual of ``norm`` (L1 for L-inf, L2 for L2, L-inf for L1): ``[N, ...] -> [N]``;
+  ``|f(x)| / dual_norm(grad f)`` is the distance to ``f = 0`` of the linearization."""
+  return lp_norm(v, {"linf": "l1", "l2": "l2", "l1": "linf"}[norm])
+
+
+def adversarial_distance(logits_fn: LogitsFn,
+                         x: jax.Array,
+                         x_adv: jax.Array,
+                         y: jax.Array,
+                         norm: str,
+                         target: jax.Array | None = None) -> jax.Array:
+  """``[N]``: ``||x_adv - x||`` (float32 or wider) where ``x_adv`` fools ``logits_fn``
+  (misclassified, or classified as ``target``), ``inf`` elsewhere."""
+  wide = jnp.promote_types(x.dtype, jnp.float32)
+  dist = lp_norm(x_adv.astype(wide) - x.astype(wide), norm)
+  return jnp.where(is_adversarial(logits_fn(x_adv), y, target), dist, jnp.inf)
+
+
 def random_init(key: jax.Array, x: jax.Array, eps: jax.Array, norm: str,
                 bounds: Bounds) -> jax.Array:
   """A uniform random point of the ``norm`` ball around ``x``, clipped to the box."""
   if norm == "linf":
-    e = _expand(eps, x)
+    e = expand(eps, x)
     delta = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0) * e
   else:
     k_dir, k_rad = jax.random.split(key)
     d = jax.random.normal(k_dir, x.shape, x.dtype)
     dim = np.prod(x.shape[1:])
     radius = eps * jax.random.uniform(k_rad, (x.shape[0],), x.dtype)**(1.0 / dim)
-    delta = d * _expand(radius / jnp.maximum(l2_norm(d), 1e-12), x)
+    delta = d * expand(radius / jnp.maximum(l2_norm(d), 1e-12), x)
   return jnp.clip(x + delta, bounds[0], bounds[1])
 
 
@@ -550,6 +677,23 @@ def get_loss(name: str | Callable, targeted: bool = False) -> tuple[Callable, in
   return LOSSES[name], MIN_CLASSES[name] + (1 if targeted and name == "dlr" else 0)
 
 
+def top_targets(logits: jax.Array, y: jax.Array, num_targets: int | None) -> jax.Array:
+  """The classes other than ``y`` ordered by decreasing clean logit.
+
+  Args:
+    logits: clean logits ``[N, K]``.
+    y: labels ``[N]``.
+    num_targets: how many to keep (at most ``K - 1``), or None for all ``K - 1``.
+
+  Returns:
+    Target classes ``[N, T]`` (int32), ``T = min(num_targets, K - 1)``.
+  """
+  num_classes = logits.shape[1]
+  count = num_classes - 1 if num_targets is None else min(num_targets, num_classes - 1)
+  others = jnp.where(jnp.arange(num_classes)[None] == y[:, None], -jnp.inf, logits)
+  return jnp.argsort(-others, axis=1)[:, :count].astype(jnp.int32)
+
+
 def is_adversarial(logits: jax.Array, y: jax.Array, target: jax.Array | None = None) -> jax.Array:
   """``[N]`` bool: misclassified (untargeted) or classified as ``target``."""
   pred = jnp.argmax(logits, axis=-1)
@@ -595,5 +739,5 @@ def update_best(best: Best, x: jax.Array, adversarial: jax.Array, score: jax.Arr
   """
   better = (adversarial & ~best.adversarial) | ((adversarial == best.adversarial) &
                                                 (score > best.score))
-  return Best(jnp.where(_expand(better, x), x, best.x), best.adversarial | adversarial,
+  return Best(jnp.where(expand(better, x), x, best.x), best.adversarial | adversarial,
               jnp.where(better, score, best.score))

@@ -149,4 +149,5 @@ def eot(attack: core.AttackFn, samples: int = 20, judge_one_draw: bool = False) 
                           norm=attack.norm,
                           bounds=attack.bounds,
                           targeted=attack.targeted,
-                          min_classes=attack.min_classes)
+                          min_classes=attack.min_classes,
+                          minimum_norm=attack.minimum_norm)

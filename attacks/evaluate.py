@@ -11,6 +11,11 @@ Examples::
 
   python -m attacks.evaluate --workdir=runs/digits_mlp --suite=autoattack --eps=0.05,0.1
   python -m attacks.evaluate --workdir=runs/digits_mlp --suite=fgsm,pgd --norm=l2 --eps=0.5,1
+  python -m attacks.evaluate --workdir=runs/digits_mlp --suite=fmn --norm=l2 --eps=0.25,0.5,1,2
+
+A minimum-norm attack alone (``fmn``, ``fab``) runs once, unbounded, and reads every
+radius from the smallest adversarial perturbation it finds per example
+(``attacks.json`` holds them; the plot shows the whole curve).
 
 A network from elsewhere: ``--onnx=model.onnx --dataset=mnist`` instead of
 ``--workdir`` (inputs NCHW, NHWC or flattened, values in [0, 1]; results go beside
@@ -42,8 +47,8 @@ _SUITE = flags.DEFINE_string(
     "suite", "autoattack", "Attack names separated by commas (a cascade): "
     f"{', '.join(evaluation.SUITES)}.")
 _EPS = flags.DEFINE_list("eps", ["0.1"], "Radii, separated by commas (a sweep compiles once).")
-_NORM = flags.DEFINE_enum("norm", "linf", ["linf", "l2", "l1"],
-                          "Threat model (l1: apgd, apgd_t, autoattack).")
+_NORM = flags.DEFINE_enum("norm", "linf", ["linf", "l2", "l1", "l0"],
+                          "Threat model (l1: apgd, apgd_t, fab, fmn, autoattack; l0: fmn).")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 1000, "First test examples to use (0: all).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Examples per batch.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory (default: the run's).")
@@ -83,4 +88,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  scripts.run(main)

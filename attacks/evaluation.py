@@ -15,6 +15,14 @@ Example::
   report.robust_accuracy        # (E,) overall robust accuracy per epsilon
   report.stage_accuracy         # (E, S) after each attack of the cascade
   report.robust_flags           # bool [E, N]
+
+A minimum-norm attack alone (`attacks.fmn`, `attacks.fab`) runs once, unbounded:
+each example's smallest adversarial perturbation found (``report.distances``)
+gives the robust accuracy at every epsilon of the sweep, and the plot draws the
+whole curve::
+
+  report = attacks.evaluate(logits_fn, x, y, attacks.fmn(norm="l2"),
+                            eps=np.linspace(0, 3, 31), key=jax.random.key(0))
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from robustlib.evaluation import pad_to_multiple
 from robustlib.pipelines import check_logits_fn
 
 _LOG = logging.getLogger(__name__)
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -52,7 +60,7 @@ class Report:
 
   Attributes:
     suite: the suite's name.
-    norm: ``"linf"`` or ``"l2"``.
+    norm: ``"linf"``, ``"l2"``, ``"l1"`` or ``"l0"``.
     eps: the epsilons ``(E,)``.
     stage_names: the cascade's attacks in order ``(S,)``.
     num_examples: ``N``.
@@ -67,6 +75,10 @@ class Report:
     seconds: wall time of this call.
     resumed_from_batch: batches read from a saved state instead of computed.
     warnings: the diagnostics' messages (also emitted as ``AttackWarning``).
+    distances: for a minimum-norm attack run unbounded, ``[N]`` the norm of the
+      smallest adversarial perturbation found per example (0 where ``x`` is
+      misclassified, ``inf`` where none was found); robust at epsilon means
+      correct with a distance above it. None for a fixed-epsilon suite.
   """
   suite: str
   norm: str
@@ -82,6 +94,7 @@ class Report:
   seconds: float
   resumed_from_batch: int = 0
   warnings: tuple[str, ...] = ()
+  distances: np.ndarray | None = None
 
   def to_dict(self, flags: bool = True) -> dict:
     """Plain values (lists, floats, strings) ready for ``json.dump``.
@@ -103,7 +116,14 @@ class Report:
         "resumed_from_batch": self.resumed_from_batch,
         "warnings": list(self.warnings),
     }
+    if self.distances is not None:
+      out["minimal_distance_quantiles"] = {
+          f"{q:g}": _finite_or_none(np.quantile(self.distances, q, method="inverted_cdf"))
+          for q in (0.1, 0.25, 0.5)
+      }
     if flags:
+      if self.distances is not None:
+        out["distances"] = [_finite_or_none(d) for d in self.distances]
       out["clean_flags"] = self.clean_flags.astype(int).tolist()
       out["robust_flags"] = self.robust_flags.astype(int).tolist()
       out["stage_flags"] = self.stage_flags.astype(int).tolist()
@@ -127,6 +147,11 @@ class Report:
     return "\n".join(lines)
 
 
+def _finite_or_none(value: float) -> float | None:
+  """JSON has no infinity: ``None`` stands for "no adversarial point found"."""
+  return float(value) if np.isfinite(value) else None
+
+
 def _evaluate_batch(stages, logits_fn, chunk_size, x, y, valid, index, key, eps):
   """One batch, one epsilon (traced scalar): ``(correct [B], robust [S, B])``."""
   eps = core.per_example_eps(eps, x.shape[0], x.dtype)
@@ -136,6 +161,36 @@ def _evaluate_batch(stages, logits_fn, chunk_size, x, y, valid, index, key, eps)
 
 # Compiled once per (stages, logits_fn, chunk_size) and input shape; epsilon is traced.
 evaluate_batch = compilation.jit(_evaluate_batch, static_argnums=(0, 1, 2))
+
+
+def _distance_batch(attack, logits_fn, x, y, valid, index, key):
+  """One batch under a minimum-norm attack run unbounded: ``(correct [B], distances [B])``,
+  the distance 0 where ``x`` is misclassified (or padding). Each example draws from
+  ``key`` folded with its index (one key per batch for an attack without per-example
+  runs)."""
+  n = x.shape[0]
+  if attack.run_one is not None:
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
+  else:
+    keys = jax.random.fold_in(key, index[0])
+  fn, xw = core.widen(logits_fn, x)
+  x_adv = core.round_toward(attack.run(fn, xw, y, keys, jnp.full((n,), jnp.inf, xw.dtype), None), x)
+  correct = (jnp.argmax(logits_fn(x), axis=-1) == y) & valid
+  dist = core.adversarial_distance(logits_fn, x, x_adv, y, attack.norm)
+  return correct, jnp.where(correct, dist, 0.0)
+
+
+distance_batch = compilation.jit(_distance_batch, static_argnums=(0, 1))
+
+
+def _is_minimum_norm(suite: Any, minimum_norm: bool | None) -> bool:
+  single = isinstance(suite, core.AttackFn) and not hasattr(suite, "stages")
+  if minimum_norm is None:
+    return single and suite.minimum_norm
+  if minimum_norm and not (single and suite.minimum_norm):
+    raise InputError("minimum_norm=True needs one minimum-norm attack (attacks.fmn, attacks.fab) "
+                     f"as the suite, got {getattr(suite, 'name', type(suite).__name__)}")
+  return bool(minimum_norm)
 
 
 def default_chunk_size(batch_size: int) -> int:
@@ -151,6 +206,9 @@ def _check_eps_list(eps: Any, stages: Sequence[core.AttackFn]) -> tuple[float, .
     values = sorted({s.eps for s in stages})
     if len(values) > 1:
       raise InputError(f"the attacks of the suite have different eps {values}; pass eps=")
+    if not np.isfinite(values[0]):
+      raise InputError(f"{stages[0].name} is unbounded (eps=inf): pass eps=, the radii at which "
+                       "to read its robust accuracy")
     return (values[0],)
   arr = np.asarray(eps, dtype=np.float64)
   if arr.ndim > 1 or arr.size == 0:
@@ -212,21 +270,23 @@ def _load_state(path: str, fingerprint: str):
     with np.load(path) as state:
       if str(state["fingerprint"]) != fingerprint:
         return None
-      return int(state["done"]), state["clean"].copy(), state["stages"].copy()
+      return (int(state["done"]), state["clean"].copy(), state["stages"].copy(),
+              state["distances"].copy())
   except (OSError, KeyError, ValueError) as e:
     _LOG.warning("ignoring unreadable evaluation state %s (%s)", path, e)
     return None
 
 
-def _save_state(path: str, fingerprint: str, done: int, clean: np.ndarray,
-                stages: np.ndarray) -> None:
+def _save_state(path: str, fingerprint: str, done: int, clean: np.ndarray, stages: np.ndarray,
+                distances: np.ndarray | None) -> None:
   tmp = f"{path}.tmp"
   with open(tmp, "wb") as f:
     np.savez(f,
              fingerprint=np.asarray(fingerprint),
              done=np.asarray(done),
              clean=clean,
-             stages=stages)
+             stages=stages,
+             distances=np.zeros(0) if distances is None else distances)
   os.replace(tmp, path)
 
 
@@ -265,6 +325,7 @@ def evaluate(logits_fn: core.LogitsFn,
              state_every: int = 1,
              progress: bool = True,
              run_diagnostics: bool = True,
+             minimum_norm: bool | None = None,
              callback: Callable[[int, int], None] | None = None) -> Report:
   """Robust accuracy of ``logits_fn`` on ``(x, y)`` under ``suite``.
 
@@ -296,6 +357,10 @@ def evaluate(logits_fn: core.LogitsFn,
     progress: show a progress bar with rate and ETA (INFO log lines are
       written either way).
     run_diagnostics: run :func:`attacks.diagnostics.diagnose` on the first batch.
+    minimum_norm: run the suite, one minimum-norm attack, once unbounded and read
+      every epsilon from the distances it finds (``report.distances``); by
+      default whenever the suite is one such attack (`attacks.fmn`,
+      `attacks.fab`). False runs it at each epsilon instead.
     callback: ``callback(batches_done, num_batches)`` after each computed batch
       (after its state is saved).
 
@@ -307,6 +372,7 @@ def evaluate(logits_fn: core.LogitsFn,
       model with too few classes for an attack of the suite (before any work).
   """
   start = time.time()
+  distance_mode = _is_minimum_norm(suite, minimum_norm)
   stages = flatten(suite)
   eps_list = _check_eps_list(eps, stages)
   suite_name = suite.name if isinstance(suite, core.AttackFn) else "+".join(s.name for s in stages)
@@ -341,16 +407,20 @@ def evaluate(logits_fn: core.LogitsFn,
 
   clean = np.zeros(xp.shape[0], bool)
   robust = np.zeros((num_eps, num_stages, xp.shape[0]), bool)
+  distances = np.zeros(xp.shape[0], np.float32) if distance_mode else None
   done = 0
   state_path = fingerprint = None
   if state_dir is not None:
     os.makedirs(state_dir, exist_ok=True)
     first_logits = compilation.jit(lambda v: logits_fn(v))(xp[:batch_size])  # pylint: disable=unnecessary-lambda
-    fingerprint = _fingerprint(stages, eps_list, key, batch_size, x, y, first_logits)
+    fingerprint = _fingerprint(stages, (eps_list, distance_mode), key, batch_size, x, y,
+                               first_logits)
     state_path = os.path.join(state_dir, f"evaluate-{fingerprint[:16]}.npz")
     loaded = _load_state(state_path, fingerprint)
     if loaded is not None:
-      done, clean, robust = loaded
+      done, clean, robust, saved_distances = loaded
+      if distance_mode:
+        distances = saved_distances
       _LOG.info("resuming the evaluation from %s: %d of %d batches done", state_path, done,
                 num_batches)
   resumed = done
@@ -366,14 +436,21 @@ def evaluate(logits_fn: core.LogitsFn,
   for b in range(done, num_batches):
     rows = slice(b * batch_size, (b + 1) * batch_size)
     index = np.arange(rows.start, rows.stop, dtype=np.int32)
-    outputs = [
-        evaluate_batch(stages, logits_fn, chunk, xp[rows], yp[rows], valid[rows], index,
-                       jax.random.fold_in(key, j), e) for j, e in enumerate(eps_arrays)
-    ]
-    outputs = jax.device_get(outputs)
-    clean[rows] = outputs[0][0]
-    for j, (_, flags) in enumerate(outputs):
-      robust[j, :, rows] = flags
+    if distance_mode:
+      correct, dist = jax.device_get(
+          distance_batch(stages[0], logits_fn, xp[rows], yp[rows], valid[rows], index, key))
+      clean[rows], distances[rows] = correct, dist
+      for j, e in enumerate(eps_list):
+        robust[j, 0, rows] = correct & (dist > e)
+    else:
+      outputs = [
+          evaluate_batch(stages, logits_fn, chunk, xp[rows], yp[rows], valid[rows], index,
+                         jax.random.fold_in(key, j), e) for j, e in enumerate(eps_arrays)
+      ]
+      outputs = jax.device_get(outputs)
+      clean[rows] = outputs[0][0]
+      for j, (_, flags) in enumerate(outputs):
+        robust[j, :, rows] = flags
     done = b + 1
     seen = min(done * batch_size, n)
     running = robust[:, -1, :seen].mean(axis=1)
@@ -384,7 +461,7 @@ def evaluate(logits_fn: core.LogitsFn,
     _LOG.info("%s: batch %d/%d, robust accuracy so far %s | %.1f ex/s | ETA %.0f s", suite_name,
               done, num_batches, ", ".join(f"{a:.2%}" for a in running), rate, eta)
     if state_path is not None and (done % state_every == 0 or done == num_batches):
-      _save_state(state_path, fingerprint, done, clean, robust)
+      _save_state(state_path, fingerprint, done, clean, robust, distances)
     if callback is not None:
       callback(done, num_batches)
   bar.close()
@@ -411,16 +488,32 @@ def evaluate(logits_fn: core.LogitsFn,
                   stage_flags=robust,
                   seconds=time.time() - start,
                   resumed_from_batch=resumed,
-                  warnings=messages)
+                  warnings=messages,
+                  distances=None if distances is None else distances[:n].copy())
   if plot_path is not None:
     save_plot(report, plot_path)
   return report
 
 
+def robustness_curve(distances: np.ndarray, eps: Sequence[float]) -> np.ndarray:
+  """Robust accuracy at each of ``eps`` from per-example minimal distances ``[N]`` (0 for
+  a misclassified example, ``inf`` where no adversarial point was found): the fraction
+  above each radius."""
+  d = np.asarray(distances, np.float64)
+  return np.asarray([float(np.mean(d > e)) for e in eps])
+
+
 def save_plot(report: Report, path: str) -> str:
-  """Saves robust accuracy against epsilon (clean, after each stage) as a PNG."""
+  """Saves robust accuracy against epsilon (clean, after each stage) as a PNG; for a
+  minimum-norm attack, the whole curve its distances give."""
   eps = list(report.eps)
   series = {"clean": (eps, [report.clean_accuracy] * len(eps))}
+  if report.distances is not None:
+    grid = np.linspace(min(eps), max(eps), 200).tolist()
+    series[f"robust ({report.suite})"] = (grid, robustness_curve(report.distances, grid).tolist())
+    return plotting.save_line_plots(path, {"robust accuracy": series},
+                                    xlabel=f"epsilon ({report.norm})",
+                                    title=f"{report.suite}, {report.num_examples} examples")
   if len(report.stage_names) > 1:
     for s, name in enumerate(report.stage_names[:-1]):
       series[f"after {name}"] = (eps, [row[s] for row in report.stage_accuracy])
@@ -450,6 +543,7 @@ SUITES: dict[str, tuple[str, dict]] = {
     }),
     "apgd_t": ("apgd_t", {}),
     "fab": ("fab", {}),
+    "fmn": ("fmn", {}),
     "square": ("square", {}),
     "spsa": ("spsa", {}),
     "autoattack": ("autoattack", {}),
@@ -472,8 +566,9 @@ def build_suite(spec: str | Sequence[str],
   Args:
     spec: names separated by commas (``"fgsm,pgd"``: a cascade) or a list; see
       :data:`SUITES`.
-    eps: the attacks' default radius (:func:`evaluate` passes its own).
-    norm: ``"linf"`` or ``"l2"``.
+    eps: the attacks' default radius (:func:`evaluate` passes its own; a
+      minimum-norm attack alone runs unbounded, see :func:`evaluate`).
+    norm: ``"linf"``, ``"l2"``, ``"l1"`` or ``"l0"`` (the attacks' own support).
     bounds: the input box.
 
   Returns:

@@ -7,7 +7,7 @@ runs its targeted version against the top 9 other classes.
 Each iteration linearizes the decision boundary between the true class ``y``
 and a class ``t`` at the current iterate, ``z_t - z_y = 0``, and projects both
 the iterate and the original point onto that hyperplane intersected with the
-box (the paper's box-constrained projection, solved exactly for L-inf and L2).
+box (the paper's box-constrained projection, solved exactly for L-inf, L2 and L1).
 The next iterate is a convex combination of the two projections, biased toward
 the original point (weight ``alpha <= alpha_max``), each extrapolated by
 ``eta``; after a success the iterate steps back toward ``x`` by ``beta``.
@@ -40,18 +40,44 @@ from attacks import core
 from robustlib.checks import InputError
 
 
-def _norm(v: jax.Array, norm: str) -> jax.Array:
-  """Per-row norm of ``[N, D]``."""
-  if norm == "linf":
-    return jnp.max(jnp.abs(v), axis=1)
-  return jnp.sqrt(jnp.sum(v * v, axis=1))
-
-
 def _dual_norm(v: jax.Array, norm: str) -> jax.Array:
-  """Per-row dual norm of ``[..., D]`` (L1 for L-inf, L2 for L2)."""
+  """Per-row dual norm of ``[..., D]`` (L1 for L-inf, L2 for L2, L-inf for L1)."""
   if norm == "linf":
     return jnp.sum(jnp.abs(v), axis=-1)
+  if norm == "l1":
+    return jnp.max(jnp.abs(v), axis=-1)
   return jnp.sqrt(jnp.sum(v * v, axis=-1))
+
+
+def _project_l1(w: jax.Array, gap: jax.Array, room: jax.Array) -> jax.Array:
+  """The L1 case of `project_onto_hyperplane` (``w`` signed so that ``gap >= 0``): the
+  sizes ``[N, D]`` of the moves against ``sign(w)``. Every unit of L1 moved along
+  coordinate ``i`` gains ``|w_i|``, so the optimum fills the coordinates of largest
+  ``|w_i|`` to their room, the ties at the threshold in equal proportion; the threshold is
+  found by bisection on the bit patterns of ``|w|`` (non-negative floats order as the
+  integers they read as), with no sort."""
+  aw = jnp.abs(w)
+  bits = jax.lax.bitcast_convert_type(aw.astype(jnp.float32), jnp.int32)
+  gain = aw * room
+
+  def reach(level):  # the decrease from filling every coordinate above ``level``
+    return jnp.sum(jnp.where(bits > level[:, None], gain, 0.0), axis=1)
+
+  def halve(_, bracket):
+    low, high = bracket  # reach(low) >= gap > reach(high)
+    mid = low + (high - low) // 2
+    enough = reach(mid) >= gap
+    return jnp.where(enough, mid, low), jnp.where(enough, high, mid)
+
+  n = w.shape[0]
+  _, level = jax.lax.fori_loop(0, 32, halve, (jnp.full((n,), -1, jnp.int32), jnp.max(bits, axis=1)))
+  above = reach(level)
+  tied = bits == level[:, None]
+  tied_gain = jnp.sum(jnp.where(tied, gain, 0.0), axis=1)
+  share = jnp.clip((gap - above) / jnp.maximum(tied_gain, jnp.finfo(w.dtype).tiny), 0.0, 1.0)
+  size = jnp.where(bits > level[:, None], room, jnp.where(tied, share[:, None] * room, 0.0))
+  size = jnp.where((gap > jnp.sum(gain, axis=1))[:, None], jnp.where(aw > 0, room, 0.0), size)
+  return jnp.where((gap > 0)[:, None], size, 0.0)
 
 
 def project_onto_hyperplane(points: jax.Array, w: jax.Array, b: jax.Array, norm: str,
@@ -61,7 +87,8 @@ def project_onto_hyperplane(points: jax.Array, w: jax.Array, b: jax.Array, norm:
   Solves ``min_d ||d||  s.t.  <w, p + d> = b,  lo <= p + d <= hi`` exactly for
   each row (the projection of the FAB paper, Sec. 3.1): the optimal step moves
   every coordinate against ``sign(w)`` by ``min(lam, room)`` (L-inf) or
-  ``min(lam * |w|, room)`` (L2), with ``room`` the distance to the box face in
+  ``min(lam * |w|, room)`` (L2), or fills the coordinates of largest ``|w|`` (L1,
+  `_project_l1`), with ``room`` the distance to the box face in
   that direction; the Lagrange multiplier ``lam`` is found by bisection on this increasing
   piecewise-linear function, then solved exactly on the bracket's linear piece. When the box does not reach
   the hyperplane, the step goes to the box corner closest to it.
@@ -70,7 +97,7 @@ def project_onto_hyperplane(points: jax.Array, w: jax.Array, b: jax.Array, norm:
     points: ``[N, D]`` points ``p`` inside the box.
     w: ``[N, D]`` normals.
     b: ``[N]`` offsets.
-    norm: ``"linf"`` or ``"l2"``.
+    norm: ``"linf"``, ``"l2"`` or ``"l1"``.
     bounds: the box ``(lo, hi)``.
 
   Returns:
@@ -82,6 +109,8 @@ def project_onto_hyperplane(points: jax.Array, w: jax.Array, b: jax.Array, norm:
   w = w * sign[:, None]
   gap = gap * sign  # >= 0: <w, p + d> must fall by gap.
   room = jnp.where(w > 0, points - lo, hi - points)
+  if norm == "l1":
+    return -jnp.sign(w) * jnp.maximum(_project_l1(w, gap, room), 0.0)
   aw = jnp.abs(w)
   moves = aw > (0.0 if norm == "linf" else 1e-12)
   big = jnp.asarray(jnp.finfo(w.dtype).max / 4, w.dtype)
@@ -117,7 +146,7 @@ def project_onto_hyperplane(points: jax.Array, w: jax.Array, b: jax.Array, norm:
 
 
 def _check_config(norm, steps, restarts, num_targets, alpha_max, eta, beta):
-  core.check_norm(norm)
+  core.check_norm(norm, ("linf", "l2", "l1"))
   core.check_positive_int(steps, "steps")
   core.check_positive_int(restarts, "restarts")
   if num_targets is not None:
@@ -145,9 +174,11 @@ def _run(logits_fn,
          alpha_max,
          eta,
          beta,
-         bounds):
+         bounds,
+         restart_eps):
   """Every run in turn; or, with ``r`` (traced), run ``r`` alone, stopping once every
-  example where ``live`` is adversarial inside the ball."""
+  example where ``live`` is adversarial inside the ball. With ``eps = inf`` (unbounded,
+  the smallest adversarial point) restarts start within ``restart_eps``."""
   n = x.shape[0]
   x0 = x.reshape(n, -1)
   dtype = x.dtype
@@ -168,9 +199,8 @@ def _run(logits_fn,
     mode, runs_per_restart = "all", 1
   else:
     mode = "top"
-    runs_per_restart = min(num_targets, num_classes - 1)
-    others = jnp.where(classes[None] == y[:, None], -jnp.inf, clean)
-    top_targets = jnp.argsort(-others, axis=1)[:, :runs_per_restart]
+    top_targets = core.top_targets(clean, y, num_targets)
+    runs_per_restart = top_targets.shape[1]
 
   def linearize(z, t):
     """``df [N]``, ``dg [N, D]``: ``z_t - z_j`` at ``z`` and its gradient.
@@ -222,12 +252,12 @@ def _run(logits_fn,
     else:
       t = target  # None for mode "all".
     k_run = core.fold_in(key, run)
-    radius = 0.5 * jnp.minimum(smallest, eps)
+    radius = 0.5 * jnp.minimum(smallest, jnp.where(jnp.isfinite(eps), eps, restart_eps))
     if norm == "linf":
       u = core.uniform(k_run, x0.shape, dtype, -1.0, 1.0, flat=True)
     else:
       u = core.normal(k_run, x0.shape, dtype, flat=True)
-    u = u / jnp.maximum(_norm(u, norm), 1e-12)[:, None]
+    u = u / jnp.maximum(core.lp_norm(u, norm), 1e-12)[:, None]
     start = jnp.clip(x0 + radius[:, None] * u, *bounds)
     x1 = jnp.where(restart > 0, start, x0)
 
@@ -238,13 +268,13 @@ def _run(logits_fn,
       d = project_onto_hyperplane(jnp.concatenate([x1, x0]), jnp.concatenate([dg, dg]),
                                   jnp.concatenate([b, b]), norm, bounds)
       d1, d2 = d[:n], d[n:]
-      a1 = jnp.maximum(_norm(d1, norm), 1e-8)
-      a2 = jnp.maximum(_norm(d2, norm), 1e-8)
+      a1 = jnp.maximum(core.lp_norm(d1, norm), 1e-8)
+      a2 = jnp.maximum(core.lp_norm(d2, norm), 1e-8)
       alpha = jnp.clip(a1 / (a1 + a2), 0.0, alpha_max)[:, None]
       x1 = jnp.clip((x1 + eta * d1) * (1 - alpha) + (x0 + eta * d2) * alpha, *bounds)
       logits = logits_flat(x1)
       adversarial = core.is_adversarial(logits, y, success_target)
-      dist = _norm(x1 - x0, norm)
+      dist = core.lp_norm(x1 - x0, norm)
       shorter = adversarial & (dist < smallest)
       smallest = jnp.where(shorter, dist, smallest)
       x_smallest = jnp.where(shorter[:, None], x1, x_smallest)
@@ -272,7 +302,7 @@ def _run(logits_fn,
   logits = logits_flat(pulled)
   adversarial = core.is_adversarial(logits, y, success_target)
   best = core.update_best(best, pulled, adversarial,
-                          score(logits, adversarial, _norm(pulled - x0, norm)))
+                          score(logits, adversarial, core.lp_norm(pulled - x0, norm)))
   return best.x.reshape(x.shape)
 
 
@@ -307,8 +337,10 @@ def fab(eps: float,
   Args:
     eps: default radius; FAB's result is used when its norm is at most
       ``eps`` (the search itself does not depend on it, except for the
-      random starts of restarts).
-    norm: ``"linf"`` or ``"l2"``.
+      random starts of restarts). Called with ``eps=inf`` FAB returns the
+      smallest adversarial point it finds (``attack.distances``), its restarts
+      starting within this ``eps``.
+    norm: ``"linf"``, ``"l2"`` or ``"l1"``.
     steps: iterations per run.
     restarts: runs per target; the first starts at ``x``, the others at a
       random point at half the smallest norm found so far (capped by ``eps``).
@@ -326,6 +358,7 @@ def fab(eps: float,
     InputError: for bad hyper-parameters.
   """
   _check_config(norm, steps, restarts, num_targets, alpha_max, eta, beta)
+  core.check_eps(eps)  # finite: the restarts' radius when a call is unbounded
   bounds = core.check_bounds(bounds)
   if targeted:
     num_targets = None
@@ -337,21 +370,13 @@ def fab(eps: float,
                           alpha_max=float(alpha_max),
                           eta=float(eta),
                           beta=float(beta),
-                          bounds=bounds)
-  if targeted:
-    name = f"fab-targeted-{norm}"
-  elif num_targets is None:
-    name = f"fab-{norm}"
-  else:
-    name = f"fab-t-{norm}"
-  return core.make_attack(
-      run,
-      name=name,
-      eps=eps,
-      norm=norm,
-      bounds=bounds,
-      targeted=targeted,
-      min_classes=2,
-      runs=(num_targets or 1) * restarts,
-      run_one=None if targeted else
-      (lambda fn, x, y, key, eps, r, live: run(fn, x, y, key, eps, None, r, live)))
+                          bounds=bounds,
+                          restart_eps=float(eps))
+  return core.make_minimum_norm_attack(run,
+                                       family="fab",
+                                       eps=eps,
+                                       norm=norm,
+                                       bounds=bounds,
+                                       targeted=targeted,
+                                       num_targets=num_targets,
+                                       runs=(num_targets or 1) * restarts)

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import jax.numpy as jnp
 
 from attacks import core
-from attacks.pgd import expand
 
 
 def fgsm(eps: float,
@@ -45,11 +43,8 @@ def fgsm(eps: float,
     del key, target
     fn = core.prepare(logits_fn, x)
     grad, (_, logits) = core.loss_gradient(fn, lambda logits: loss_fn(logits, y))(x)
-    if norm == "linf":
-      direction = jnp.sign(grad)
-    else:
-      direction = grad / expand(jnp.maximum(core.l2_norm(grad), 1e-12), grad)
-    x_step = core.project(x + expand(eps, x) * direction, x, eps, norm, bounds)
+    direction = core.steepest_direction(grad, norm)
+    x_step = core.project(x + core.expand(eps, x) * direction, x, eps, norm, bounds)
     best = core.init_best(x, core.is_adversarial(logits, y), loss_fn(logits, y))
     logits_step = fn(x_step)
     best = core.update_best(best, x_step, core.is_adversarial(logits_step, y),

@@ -31,23 +31,6 @@ from attacks import pgd as pgd_lib
 from robustlib.checks import InputError
 
 
-def top_targets(logits: jax.Array, y: jax.Array, num_targets: int | None) -> jax.Array:
-  """The classes other than ``y`` ordered by decreasing clean logit.
-
-  Args:
-    logits: clean logits ``[N, K]``.
-    y: labels ``[N]``.
-    num_targets: how many to keep (at most ``K - 1``), or None for all ``K - 1``.
-
-  Returns:
-    Target classes ``[N, T]`` (int32), ``T = min(num_targets, K - 1)``.
-  """
-  num_classes = logits.shape[1]
-  count = num_classes - 1 if num_targets is None else min(num_targets, num_classes - 1)
-  others = jnp.where(jnp.arange(num_classes)[None] == y[:, None], -jnp.inf, logits)
-  return jnp.argsort(-others, axis=1)[:, :count].astype(jnp.int32)
-
-
 def multitargeted(
     eps: float,
     steps: int = 40,
@@ -107,7 +90,7 @@ def multitargeted(
     del target  # untargeted: the attack picks its own targets
     n = x.shape[0]
     clean = logits_fn(x)
-    targets = top_targets(clean, y, num_targets)  # [N, T]
+    targets = core.top_targets(clean, y, num_targets)  # [N, T]
     num_pairs = restarts * targets.shape[1]
     num_chunks = -(-num_pairs // chunk_size)
     chunk = -(-num_pairs // num_chunks)  # at most chunk_size, with the least padding

@@ -37,23 +37,10 @@ Judge = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 # Step rules.
 
 
-def expand(v: jax.Array, like: jax.Array) -> jax.Array:
-  """``[N]`` -> ``[N, 1, ..., 1]``, broadcastable against ``like`` ``[N, ...]``."""
-  return jnp.reshape(v, v.shape + (1,) * (like.ndim - 1))
-
-
-def _per_example_l2_normalize() -> optax.GradientTransformation:
-  """Scales each example's update ``[N, ...]`` to unit L2 norm (zero stays zero)."""
-
-  def normalize(updates, params=None):
-    del params
-    return jax.tree.map(lambda u: u / expand(jnp.maximum(core.l2_norm(u), 1e-12), u), updates)
-
-  return optax.stateless(normalize)
-
-
-def _sign() -> optax.GradientTransformation:
-  return optax.stateless(lambda updates, params=None: jax.tree.map(jnp.sign, updates))
+def _steepest(norm: str) -> optax.GradientTransformation:
+  """Each example's update ``[N, ...]`` as `core.steepest_direction` (sign, unit L2)."""
+  return optax.stateless(lambda updates, params=None: jax.tree.map(
+      lambda u: core.steepest_direction(u, norm), updates))
 
 
 def step_rule(norm: str, learning_rate: Any) -> optax.GradientTransformation:
@@ -71,8 +58,7 @@ def step_rule(norm: str, learning_rate: Any) -> optax.GradientTransformation:
   Returns:
     An ``optax.GradientTransformation``.
   """
-  direction = _sign() if norm == "linf" else _per_example_l2_normalize()
-  return optax.chain(direction, optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(_steepest(norm), optax.scale_by_learning_rate(learning_rate))
 
 
 def cosine_l2_rule(eps: jax.Array, steps: int, like: jax.Array) -> optax.GradientTransformation:
@@ -80,7 +66,7 @@ def cosine_l2_rule(eps: jax.Array, steps: int, like: jax.Array) -> optax.Gradien
   cosine: long first steps turn the iterate to the sphere's best direction (on a linear
   model the angle to it shrinks by more than half per step), short last ones settle there,
   where a fixed ``2.5 eps / steps`` leaves a few percent of the margin after 40 steps."""
-  peak = expand(2.0 * eps, like)
+  peak = core.expand(2.0 * eps, like)
   return step_rule("l2", lambda count: peak * optax.cosine_decay_schedule(1.0, steps)(count))
 
 
@@ -98,7 +84,7 @@ def make_step_rule(norm: str, step_size: StepSize, optimizer: optax.GradientTran
   if optimizer is not None:
     return optimizer
   if step_size is None:
-    return step_rule(norm, expand(2.5 * eps / steps, like))
+    return step_rule(norm, core.expand(2.5 * eps / steps, like))
   return step_rule(norm, step_size)
 
 

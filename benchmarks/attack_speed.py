@@ -21,7 +21,7 @@ so torchattacks' time over the floor is the highest ratio reachable here.
 from __future__ import annotations
 
 import functools
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +31,7 @@ import attacks
 from benchmarks import nets
 from robustlib import compilation
 from robustlib import fastgrad
+from robustlib import scripts
 
 _MODELS = flags.DEFINE_list("models", ["mlp", "cnn_small"], "Networks in benchmarks.nets.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per attack call.")
@@ -126,4 +127,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  scripts.run(main)

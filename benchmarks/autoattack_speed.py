@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +40,7 @@ import attacks
 from benchmarks import nets
 from robustlib import compilation
 from robustlib import fastgrad
+from robustlib import scripts
 
 _MODELS = flags.DEFINE_list("models", ["cnn_small", "mlp"], "Networks in benchmarks.nets.")
 _POINTS = flags.DEFINE_list("num_points", ["200"], "First test points, one run per value.")
@@ -185,4 +186,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  scripts.run(main)

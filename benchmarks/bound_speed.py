@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +31,7 @@ import numpy as np
 import verify
 from benchmarks import nets
 from robustlib import compilation
+from robustlib import scripts
 from verify.crown import lower_bounds
 
 _MODELS = flags.DEFINE_list("models", ["mlp", "cnn_small", "cnn_large"], "benchmarks.nets names.")
@@ -165,4 +166,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  scripts.run(main)

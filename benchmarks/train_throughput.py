@@ -16,10 +16,10 @@ import statistics
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from robustlib import compilation
-from robustlib import data, models, parallel
+from robustlib import data, models, parallel, scripts
 from training import methods, optim, state as state_lib, steps
 from training.configs import default
 
@@ -143,4 +143,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  scripts.run(main)

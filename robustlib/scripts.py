@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging as std_logging
-from typing import Any
+import sys
+from typing import Any, Callable
 
-from absl import app, logging
+from absl import app, flags, logging
 
 from robustlib import checkpoints, checks, data, models
 
@@ -19,6 +20,40 @@ def setup_logging() -> None:
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(
       lambda record: record.levelno >= std_logging.WARNING or "orbax" not in record.pathname)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with status 0 for ``--help`` (absl exits with 1) and 2 for a bad
+  flag."""
+  wants_help = any(
+      a.split("=")[0] in ("--help", "-help", "--helpshort", "--helpfull", "-?") for a in argv[1:])
+  try:
+    return flags.FLAGS(argv)
+  except SystemExit:
+    if wants_help:
+      sys.exit(0)
+    raise
+  except flags.Error as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --help for usage.\n")
+    sys.exit(2)
+
+
+def run(main: Callable[[list[str]], Any],
+        flags_parser: Callable[[list[str]], list[str]] = parse_flags) -> None:
+  """``absl.app.run(main)`` with :func:`parse_flags`, a usage error (``app.UsageError``, or
+  one of `USER_ERRORS` escaping ``main``) exiting with status 2: what every script's
+  ``__main__`` calls."""
+
+  def checked(argv):
+    try:
+      return main(argv)
+    except USER_ERRORS as e:
+      raise app.UsageError(f"{type(e).__name__}: {e}", exitcode=2) from None
+    except app.UsageError as e:
+      e.exitcode = 2
+      raise
+
+  app.run(checked, flags_parser=flags_parser)
 
 
 def parse_radii(values: list[str], flag: str = "--eps") -> list[float]:

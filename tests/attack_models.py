@@ -22,9 +22,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def lp_norm(v, norm):
-  """Per-example L-inf or L2 norm of ``[N, ...]``."""
+  """Per-example L-inf, L2 or L1 norm of ``[N, ...]``."""
   v = v.reshape(v.shape[0], -1)
-  return jnp.max(jnp.abs(v), axis=1) if norm == "linf" else jnp.linalg.norm(v, axis=1)
+  return jnp.linalg.norm(v, ord={"linf": np.inf, "l2": 2, "l1": 1}[norm], axis=1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,7 +34,8 @@ def linear(num_examples=8):
   Returns:
     ``(logits_fn, x, y, pairwise)``: ``pairwise[norm]`` ``[N, K]`` is the exact
     distance from ``x`` to the decision boundary between ``y`` and each class,
-    ``(z_y - z_t) / ||w_y - w_t||`` in the dual norm (L1 for L-inf, L2 for L2),
+    ``(z_y - z_t) / ||w_y - w_t||`` in the dual norm (L1 for L-inf, L2 for L2,
+    L-inf for L1),
     inf at ``y``; its row minimum is the minimum adversarial distance.
   """
   rng = np.random.default_rng(0)
@@ -52,10 +53,11 @@ def linear(num_examples=8):
   own = jnp.arange(NUM_CLASSES)[None] == y[:, None]
   pairwise = {
       norm: jnp.where(own, jnp.inf, gap / jnp.linalg.norm(diff, ord=q, axis=-1))
-      for norm, q in (("linf", 1), ("l2", 2))
+      for norm, q in (("linf", 1), ("l2", 2), ("l1", np.inf))
   }
   # The nearest wrong decision stays inside the box: [0.4, 0.6] +- distance.
   assert float(pairwise["linf"].min(axis=1).max()) < 0.3
+  assert float(pairwise["l1"].min(axis=1).max()) < 0.4  # L1 moves one coordinate
   assert len(np.unique(np.asarray(y))) >= 4
   return logits_fn, x, y, pairwise
 

@@ -78,6 +78,30 @@ VARIANTS = {
         "steps": 4,
         "num_targets": None
     }, "l2", False),
+    "fab-l1": ("fab", {
+        "steps": 4,
+        "num_targets": 2
+    }, "l1", False),
+    "fmn-t": ("fmn", {
+        "steps": 5,
+        "num_targets": 2
+    }, "linf", False),
+    "fmn-l2": ("fmn", {
+        "steps": 5,
+        "num_targets": None
+    }, "l2", False),
+    "fmn-l1": ("fmn", {
+        "steps": 5,
+        "num_targets": 2
+    }, "l1", False),
+    "fmn-l0": ("fmn", {
+        "steps": 5,
+        "num_targets": 2
+    }, "l0", False),
+    "fmn-targeted": ("fmn", {
+        "steps": 5,
+        "targeted": True
+    }, "l2", True),
     "square": ("square", {
         "queries": 25
     }, "linf", False),
@@ -164,7 +188,7 @@ def test_attack_properties(variant, seed, request):
     pytest.skip("another seed of this attack: run with -m slow")
   rng, n, shape, bounds = case(seed)
   norm, targeted = VARIANTS[variant][2], VARIANTS[variant][3]
-  base_eps = float(rng.uniform(0.05, 0.3)) * {"linf": 1.0, "l2": 3.0, "l1": 10.0}[norm]
+  base_eps = float(rng.uniform(0.05, 0.3)) * {"linf": 1.0, "l2": 3.0, "l1": 10.0, "l0": 30.0}[norm]
   attack = build(variant, base_eps, bounds)
   assert attack.norm == norm and attack.bounds == bounds and attack.targeted == targeted
   model = Counted(int(np.prod(shape)), seed)
@@ -194,7 +218,8 @@ def test_attack_properties(variant, seed, request):
     size = {
         "linf": np.abs(delta).max(1),
         "l2": np.linalg.norm(delta, axis=1),
-        "l1": np.abs(delta).sum(1)
+        "l1": np.abs(delta).sum(1),
+        "l0": (delta != 0).sum(1)
     }[norm]
     np.testing.assert_array_less(size, np.broadcast_to(np.asarray(eps), (n,)) * (1 + 1e-5) + 1e-6)
     # Never less adversarial than x.

@@ -32,12 +32,12 @@ def sign_attack(steps: int = 1, name: str = "step", norm: str = "linf", min_clas
 
   def run(logits_fn, x, y, key, eps, target):
     del key, target
-    size = core._expand(eps * (1.0 if steps == 1 else 2.5 / steps), x)
+    size = core.expand(eps * (1.0 if steps == 1 else 2.5 / steps), x)
 
     def body(_, xa):
       g = jax.grad(lambda v: jnp.sum(core.margin_loss(logits_fn(v), y)))(xa)
       if norm == "l2":
-        g = g / core._expand(jnp.maximum(core.l2_norm(g), 1e-12), x)
+        g = g / core.expand(jnp.maximum(core.l2_norm(g), 1e-12), x)
       else:
         g = jnp.sign(g)
       return core.project(xa + size * g, x, eps, norm, (0.0, 1.0))
@@ -455,9 +455,21 @@ def test_script_evaluates_a_training_run_end_to_end(trained_run, tmp_path):
   assert "clean" in out.stdout and f"{robust[2]:.2%}" in out.stdout
 
 
+def test_script_reads_a_curve_from_a_minimum_norm_attack(trained_run, tmp_path):
+  out = _script(f"--workdir={trained_run}", f"--output_dir={tmp_path}", "--suite=fmn", "--norm=l2",
+                "--eps=0,0.5,1,2", "--num_examples=40")
+  assert out.returncode == 0, out.stderr[-3000:]
+  content = json.loads((tmp_path / "attacks.json").read_text())
+  assert content["stage_names"] == ["fmn-t-l2"] and len(content["distances"]) == 40
+  distances = np.asarray([np.inf if d is None else d for d in content["distances"]])
+  expected = [np.mean(distances > e) for e in (0, 0.5, 1, 2)]
+  np.testing.assert_allclose(content["robust_accuracy"], expected)
+  assert content["robust_accuracy"][0] == content["clean_accuracy"] > content["robust_accuracy"][3]
+
+
 def test_script_reports_user_errors_in_one_line(trained_run):
   out = _script(f"--workdir={trained_run}", "--suite=fgsm,nonsense", "--eps=0.1")
-  assert out.returncode != 0 and "unknown attack 'nonsense'" in out.stderr
+  assert out.returncode == 2 and "unknown attack 'nonsense'" in out.stderr
   assert "Traceback" not in out.stderr
 
 

@@ -244,16 +244,19 @@ def test_fab_modes_are_named():
   assert attacks.fab(0.1, targeted=True).name == "fab-targeted-linf"
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(eps=-0.1),
-    dict(eps=0.1, steps=0),
-    dict(eps=0.1, restarts=0),
-    dict(eps=0.1, num_targets=0),
-    dict(eps=0.1, eta=0.5),
-    dict(eps=0.1, beta=0.0),
-    dict(eps=0.1, alpha_max=2.0),
-    dict(eps=0.1, norm="l1"),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(eps=-0.1),
+        dict(eps=0.1, steps=0),
+        dict(eps=0.1, restarts=0),
+        dict(eps=0.1, num_targets=0),
+        dict(eps=0.1, eta=0.5),
+        dict(eps=0.1, beta=0.0),
+        dict(eps=0.1, alpha_max=2.0),
+        dict(eps=0.1, norm="l0"),
+        dict(eps=float("inf")),  # the restarts' radius: an unbounded FAB is a call with eps=inf
+    ])
 def test_fab_rejects_bad_hyper_parameters(kwargs):
   with pytest.raises(InputError):
     attacks.fab(**kwargs)

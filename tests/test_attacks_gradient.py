@@ -23,7 +23,7 @@ import attack_models
 import attacks
 from attacks import core
 from attacks.apgd import checkpoints, initial_point, run_once
-from attacks.multitargeted import top_targets
+from attacks.core import top_targets
 from robustlib import fastgrad
 from robustlib.checks import InputError
 
@@ -322,7 +322,7 @@ def test_l1_box_projection_is_the_euclidean_projection():
 
 
 def test_kth_smallest_is_the_sorted_value():
-  from attacks.apgd import kth_smallest  # pylint: disable=import-outside-toplevel
+  kth_smallest = core.kth_smallest
   rng = np.random.default_rng(0)
   v = np.abs(rng.normal(size=(5, 300))).astype(np.float32)
   v[1, :50] = 0.0

@@ -153,7 +153,7 @@ def test_bad_command_line_config_is_a_clear_error(flag, message, tmp_path):
       flag
   ])
   out, _ = proc.communicate(timeout=120)
-  assert proc.returncode != 0
+  assert proc.returncode == 2
   assert message in out and "Traceback" not in out
 
 

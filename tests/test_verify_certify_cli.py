@@ -14,10 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import digits_runs
 from attacks import evaluation
 from robustlib import as_logits_fn, checkpoints, data
-from training import trainer
-from training.configs import digits_mlp
 from verify import runs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -26,18 +25,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   """A training run's directory: an IBP-trained digits MLP."""
-  workdir = tmp_path_factory.mktemp("digits_run")
-  config = digits_mlp.get_config("tiny")
-  config.model_kwargs.hidden = (32,)
-  config.num_steps = 150
-  config.log_every = config.eval_every = config.checkpoint_every = 150
-  config.optimizer.learning_rate = 3e-3
-  config.eval_batch_size = 120
-  config.method = "ibp"
-  config.robust.eps, config.robust.warmup_steps, config.robust.ramp_steps = 0.11, 10, 80
-  config.report.enabled = False
-  trainer.train_and_evaluate(config, str(workdir))
-  return workdir
+  return pathlib.Path(digits_runs.train(tmp_path_factory.mktemp("digits_run"), "ibp"))
 
 
 def _script(*args):
@@ -169,52 +157,19 @@ def test_milp_decides_every_example_crown_leaves_open(run, tmp_path):
 
 def test_script_reports_user_errors_in_one_line(run, tmp_path):
   out = _script(f"--workdir={run}", "--method=ibp,lp", "--eps=0.1")
-  assert out.returncode != 0 and "unknown method 'lp'" in out.stderr
+  assert out.returncode == 2 and "unknown method 'lp'" in out.stderr
   assert "Traceback" not in out.stderr
   out = _script(f"--workdir={run}", "--method=milp", "--milp_time_limit=0")
-  assert out.returncode != 0 and "milp_time_limit must be > 0" in out.stderr
+  assert out.returncode == 2 and "milp_time_limit must be > 0" in out.stderr
   assert "Traceback" not in out.stderr
   out = _script(f"--workdir={tmp_path}")
-  assert out.returncode != 0 and "config.json" in out.stderr
+  assert out.returncode == 2 and "config.json" in out.stderr
   assert "Traceback" not in out.stderr
-
-
-def _export_mlp_to_onnx(workdir, path):
-  """The run's digits MLP as an ONNX file reading NCHW images, built with onnx.helper."""
-  onnx = pytest.importorskip("onnx", reason="exporting to ONNX needs the onnx extra")
-  from onnx import helper, numpy_helper  # pylint: disable=import-outside-toplevel
-  config, _, variables = checkpoints.load_run(str(workdir))
-  info = data.info(config["dataset"])
-  dense = [variables["params"][k] for k in sorted(variables["params"], key=lambda k: int(k[6:]))]
-  inits = [
-      numpy_helper.from_array(np.asarray(info.mean, np.float32).reshape(-1, 1, 1), "mean"),
-      numpy_helper.from_array(np.asarray(info.std, np.float32).reshape(-1, 1, 1), "std")
-  ]
-  nodes = [
-      helper.make_node("Sub", ["x", "mean"], ["centred"]),
-      helper.make_node("Div", ["centred", "std"], ["scaled"]),
-      helper.make_node("Flatten", ["scaled"], ["h0"], axis=1)
-  ]
-  for i, layer in enumerate(dense):
-    inits += [
-        numpy_helper.from_array(np.asarray(layer["kernel"], np.float32), f"w{i}"),
-        numpy_helper.from_array(np.asarray(layer["bias"], np.float32), f"b{i}")
-    ]
-    last = i + 1 == len(dense)
-    nodes.append(helper.make_node("Gemm", [f"h{i}", f"w{i}", f"b{i}"], ["y" if last else f"z{i}"]))
-    if not last:
-      nodes.append(helper.make_node("Relu", [f"z{i}"], [f"h{i + 1}"]))
-  h, w, c = info.input_shape
-  graph = helper.make_graph(
-      nodes, "digits_mlp",
-      [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", c, h, w])],
-      [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", info.num_classes])], inits)
-  onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
 
 
 def test_an_onnx_export_of_the_run_gives_the_same_answers(run, tmp_path):
   """`--onnx` with `--dataset`: the same network read from a file (NCHW) is attacked and certified."""
-  _export_mlp_to_onnx(run, tmp_path / "digits_mlp.onnx")
+  digits_runs.export_mlp(run, tmp_path / "digits_mlp.onnx")
   args = ["--eps=0.02,0.05", "--num_examples=60"]
   by_run = _script(f"--workdir={run}", f"--output_dir={tmp_path / 'run'}", "--method=ibp,crown",
                    *args)
@@ -245,6 +200,6 @@ def test_an_onnx_export_of_the_run_gives_the_same_answers(run, tmp_path):
 
 def test_onnx_needs_a_dataset_and_excludes_workdir(run, tmp_path):
   out = _script(f"--onnx={tmp_path / 'missing.onnx'}")
-  assert out.returncode != 0 and "--dataset" in out.stderr and "Traceback" not in out.stderr
+  assert out.returncode == 2 and "--dataset" in out.stderr and "Traceback" not in out.stderr
   out = _script(f"--onnx={tmp_path / 'missing.onnx'}", f"--workdir={run}", "--dataset=digits")
-  assert out.returncode != 0 and "either --workdir" in out.stderr
+  assert out.returncode == 2 and "either --workdir" in out.stderr

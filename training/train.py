@@ -37,12 +37,14 @@ USER_ERRORS = (trainer.ConfigError,) + scripts.USER_ERRORS
 def parse_flags(argv):
   """Parses flags; an override of a field the config does not have is a flag error."""
   try:
-    return app.parse_flags_with_usage(argv)
+    return scripts.parse_flags(argv)
   except (AttributeError, KeyError) as e:
     field = str(e).strip("\"'")
     given = [a for a in argv if a.startswith("--config.") and field in a]
-    sys.exit(f"FATAL Flags parsing error: unknown config field {field!r} in "
-             f"{' '.join(given) or argv}; see training/configs/default.py for every field")
+    sys.stderr.write(f"FATAL Flags parsing error: unknown config field {field!r} in "
+                     f"{' '.join(given) or argv}; see training/configs/default.py for every "
+                     "field\n")
+    sys.exit(2)
 
 
 def main(argv):
@@ -60,4 +62,4 @@ def main(argv):
 flags.mark_flag_as_required("config")
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  scripts.run(main, flags_parser=parse_flags)

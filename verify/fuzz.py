@@ -58,6 +58,7 @@ from jax import lax
 import numpy as np
 
 from robustlib import compilation
+from robustlib import scripts
 from robustlib.checks import InputError
 from verify import Interval
 from verify import UnsupportedPrimitiveError
@@ -1562,25 +1563,10 @@ def main(argv):
   return 1 if report.findings else 0
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with status 0 for ``--help`` and 2 for a bad flag."""
-  wants_help = any(
-      a.split("=")[0] in ("--help", "-help", "--helpshort", "--helpfull", "-?") for a in argv[1:])
-  try:
-    return flags.FLAGS(argv)
-  except SystemExit:
-    if wants_help:
-      sys.exit(0)
-    raise
-  except flags.Error as e:
-    sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --help for usage.\n")
-    sys.exit(2)
-
-
 def cli() -> None:
   """``python -m verify.fuzz``: defines the flags and runs `main` (exits with its status)."""
   _define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  scripts.run(main)
 
 
 if __name__ == "__main__":
