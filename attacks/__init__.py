@@ -15,6 +15,11 @@ from attacks.pgd import pgd
 
 __all__ += ["Randomized", "apgd", "apgd_t", "eot", "fgsm", "multitargeted", "pgd"]
 
+# Gradients from a stand-in: BPDA, transfer attacks.
+from attacks.surrogates import bpda, transfer
+
+__all__ += ["bpda", "transfer"]
+
 # Minimum-norm and black-box attacks: FAB, FMN, Square, SPSA.
 from attacks.fab import fab
 from attacks.fmn import fmn

@@ -331,7 +331,7 @@ def apgd(eps: float,
          steps: int = 100,
          *,
          norm: str = "linf",
-         loss: str = "ce",
+         loss: str | Callable = "ce",
          restarts: int = 1,
          targeted: bool = False,
          momentum: float = 0.75,
@@ -345,7 +345,8 @@ def apgd(eps: float,
     eps: default radius (a call may pass a traced ``eps=`` scalar or ``[N]``).
     steps: steps per restart (100 in AutoAttack).
     norm: ``"linf"``, ``"l2"`` or ``"l1"``.
-    loss: ``"ce"``, ``"dlr"`` (needs K >= 3) or ``"margin"``.
+    loss: ``"ce"``, ``"dlr"`` (needs K >= 3), ``"margin"`` or a callable ``loss(logits, y,
+      target) -> [N]`` (`attacks.core.get_loss`).
     restarts: independent runs (scanned), each from its own random start.
     targeted: calls take ``target=`` and the loss pulls toward it (targeted
       DLR needs K >= 4); success is being classified as the target.
@@ -385,7 +386,7 @@ def apgd(eps: float,
     return run_once(fn, x, eps, core.fold_in(key, r), best, early_exit=True, **options).x
 
   return core.make_attack(run,
-                          name=f"apgd-{loss}" + ("-targeted" if targeted else ""),
+                          name=f"apgd-{core.loss_name(loss)}" + ("-targeted" if targeted else ""),
                           eps=eps,
                           norm=norm,
                           bounds=bounds,

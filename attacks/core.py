@@ -400,6 +400,19 @@ def make_attack(run: Run,
                   minimum_norm=minimum_norm)
 
 
+def derived_attack(attack: AttackFn, run: Run, name: str) -> AttackFn:
+  """An attack with ``attack``'s settings (radius, norm, box, targeted, classes, minimum
+  norm) and another ``run``: what wrappers (`attacks.eot`, `attacks.transfer`) return."""
+  return make_attack(run,
+                     name=name,
+                     eps=attack.eps,
+                     norm=attack.norm,
+                     bounds=attack.bounds,
+                     targeted=attack.targeted,
+                     min_classes=attack.min_classes,
+                     minimum_norm=attack.minimum_norm)
+
+
 def make_minimum_norm_attack(run: Callable[..., jax.Array], *, family: str, eps: float, norm: str,
                              bounds: Bounds, targeted: bool, num_targets: int | None,
                              runs: int) -> AttackFn:
@@ -692,6 +705,15 @@ def top_targets(logits: jax.Array, y: jax.Array, num_targets: int | None) -> jax
   count = num_classes - 1 if num_targets is None else min(num_targets, num_classes - 1)
   others = jnp.where(jnp.arange(num_classes)[None] == y[:, None], -jnp.inf, logits)
   return jnp.argsort(-others, axis=1)[:, :count].astype(jnp.int32)
+
+
+def loss_name(loss: str | Callable) -> str:
+  """What an attack's name calls its loss: the name given, a function's own name, or
+  ``"custom"`` for a lambda."""
+  if isinstance(loss, str):
+    return loss
+  name = getattr(loss, "__name__", "custom")
+  return "custom" if name == "<lambda>" else name
 
 
 def is_adversarial(logits: jax.Array, y: jax.Array, target: jax.Array | None = None) -> jax.Array:

@@ -143,11 +143,4 @@ def eot(attack: core.AttackFn, samples: int = 20, judge_one_draw: bool = False) 
     view = Expectation(logits_fn, draw_key, samples, judge_one_draw)
     return attack.run(view, x, y, attack_key, eps, target)
 
-  return core.make_attack(run,
-                          name=f"eot-{attack.name}",
-                          eps=attack.eps,
-                          norm=attack.norm,
-                          bounds=attack.bounds,
-                          targeted=attack.targeted,
-                          min_classes=attack.min_classes,
-                          minimum_norm=attack.minimum_norm)
+  return core.derived_attack(attack, run, f"eot-{attack.name}")

@@ -9,8 +9,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Sequence
-
+from typing import Callable, Sequence
 
 from attacks import core
 
@@ -18,7 +17,7 @@ from attacks import core
 def fgsm(eps: float,
          *,
          norm: str = "linf",
-         loss: str = "ce",
+         loss: str | Callable = "ce",
          bounds: Sequence[float] = (0.0, 1.0)) -> core.AttackFn:
   """One step of size ``eps`` along the loss gradient, then the box.
 
@@ -29,7 +28,7 @@ def fgsm(eps: float,
   Args:
     eps: default radius (a call may pass a traced ``eps=`` scalar or ``[N]``).
     norm: ``"linf"`` or ``"l2"``.
-    loss: ``"ce"``, ``"margin"`` or ``"dlr"``.
+    loss: ``"ce"``, ``"margin"``, ``"dlr"`` or a callable (`attacks.core.get_loss`).
     bounds: the input box.
 
   Returns:
@@ -52,7 +51,7 @@ def fgsm(eps: float,
     return best.x
 
   return core.make_attack(run,
-                          name="fgsm" if loss == "ce" else f"fgsm-{loss}",
+                          name="fgsm" if loss == "ce" else f"fgsm-{core.loss_name(loss)}",
                           eps=eps,
                           norm=norm,
                           bounds=bounds,

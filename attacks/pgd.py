@@ -226,8 +226,8 @@ def pgd(
     best, _ = jax.lax.scan(restart, best, jax.random.split(key, restarts))
     return best.x
 
-  loss_name = getattr(loss, "__name__", "custom") if callable(loss) else loss
-  name = "pgd" + ("" if loss == "ce" else f"-{loss_name}") + ("-targeted" if targeted else "")
+  name = "pgd" + ("" if loss == "ce" else f"-{core.loss_name(loss)}") + ("-targeted"
+                                                                         if targeted else "")
   return core.make_attack(run,
                           name=name,
                           eps=eps,

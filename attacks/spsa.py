@@ -83,22 +83,21 @@ def spsa_gradient(loss_fn: Callable[[jax.Array], jax.Array],
 
 
 def _run(logits_fn, x, y, key, eps, target, *, norm, steps, learning_rate, delta, num_samples,
-         chunk_size, bounds):
+         chunk_size, bounds, loss_fn):
 
   def loss(z):
-    return core.margin_loss(logits_fn(z), y, target)
+    return loss_fn(logits_fn(z), y, target)
 
   optimizer = optax.adam(learning_rate)
   k_init, k_steps = jax.random.split(key)
   x_adv = core.random_init(k_init, x, eps, norm, bounds)
   clean = logits_fn(x)
-  best = core.init_best(x, core.is_adversarial(clean, y, target),
-                        core.margin_loss(clean, y, target))
+  best = core.init_best(x, core.is_adversarial(clean, y, target), loss_fn(clean, y, target))
 
   def evaluate(best, z):
     logits = logits_fn(z)
     return core.update_best(best, z, core.is_adversarial(logits, y, target),
-                            core.margin_loss(logits, y, target))
+                            loss_fn(logits, y, target))
 
   def step(i, state):
     x_adv, opt_state, best = state
@@ -126,6 +125,7 @@ def spsa(eps: float,
          chunk_size: int = 32,
          norm: str = "linf",
          targeted: bool = False,
+         loss: str | Callable = "margin",
          bounds: Sequence[float] = (0.0, 1.0)) -> core.AttackFn:
   """SPSA attack (Uesato et al., ICML 2018): Adam on an SPSA gradient estimate.
 
@@ -142,7 +142,11 @@ def spsa(eps: float,
     num_samples: directions per gradient estimate.
     chunk_size: directions evaluated at once (memory bound).
     norm: ``"linf"`` or ``"l2"``.
-    targeted: calls take ``target=``; the loss is ``z_target - z_y``.
+    targeted: calls take ``target=``; the margin loss is then C&W's
+      ``z_t - max_{j != t} z_j``.
+    loss: ``"margin"`` (default), ``"ce"``, ``"dlr"`` or a callable
+      ``loss(logits [N, K], y [N], target [N] | None) -> [N]`` (higher is more
+      adversarial; see `attacks.core.get_loss`), estimated and ascended as it is.
     bounds: the input box.
 
   Returns:
@@ -159,7 +163,9 @@ def spsa(eps: float,
     raise InputError(f"learning_rate must be a number > 0, got {learning_rate!r}")
   core.check_norm(norm)
   bounds = core.check_bounds(bounds)
+  loss_fn, min_classes = core.get_loss(loss, targeted)
   run = functools.partial(_run,
+                          loss_fn=loss_fn,
                           norm=norm,
                           steps=steps,
                           learning_rate=float(learning_rate),
@@ -173,4 +179,4 @@ def spsa(eps: float,
                           norm=norm,
                           bounds=bounds,
                           targeted=targeted,
-                          min_classes=2)
+                          min_classes=min_classes)

@@ -71,7 +71,7 @@ def p_selection(iteration: jax.Array,
   return p_init / 2.0**halvings
 
 
-def _check_config(norm: str, queries: Any, p_init: Any, restarts: Any, loss: str,
+def _check_config(norm: str, queries: Any, p_init: Any, restarts: Any, loss: Any,
                   targeted: bool) -> tuple[Callable, int]:
   core.check_norm(norm)
   core.check_positive_int(queries, "queries")
@@ -80,8 +80,8 @@ def _check_config(norm: str, queries: Any, p_init: Any, restarts: Any, loss: str
     raise InputError(f"p_init must be a number in (0, 1], got {p_init!r}")
   if not 0.0 < float(p_init) <= 1.0:
     raise InputError(f"p_init must lie in (0, 1], got {p_init}")
-  if loss not in ("margin", "ce"):
-    raise InputError(f"square's loss must be 'margin' or 'ce', got {loss!r}")
+  if not callable(loss) and loss not in ("margin", "ce"):
+    raise InputError(f"square's loss must be 'margin', 'ce' or a callable, got {loss!r}")
   return core.get_loss(loss, targeted)
 
 
@@ -376,20 +376,21 @@ def _search(logits_fn,
   return SquareResult(best.x.reshape(x.shape), best.adversarial, spent)
 
 
-def square_search(logits_fn: core.LogitsFn,
-                  x: jax.Array,
-                  y: jax.Array,
-                  key: jax.Array,
-                  eps: Any,
-                  target: jax.Array | None = None,
-                  *,
-                  norm: str = "linf",
-                  queries: int = 5000,
-                  p_init: float = 0.8,
-                  restarts: int = 1,
-                  rescale_schedule: bool = True,
-                  loss: str = "margin",
-                  bounds: Sequence[float] = (0.0, 1.0)) -> SquareResult:
+def square_search(
+    logits_fn: core.LogitsFn,
+    x: jax.Array,
+    y: jax.Array,
+    key: jax.Array,
+    eps: Any,
+    target: jax.Array | None = None,
+    *,
+    norm: str = "linf",
+    queries: int = 5000,
+    p_init: float = 0.8,
+    restarts: int = 1,
+    rescale_schedule: bool = True,
+    loss: str | Callable = "margin",
+    bounds: Sequence[float] = (0.0, 1.0)) -> SquareResult:
   """Square Attack returning the per-example query counts as well (jittable).
 
   Args:
@@ -434,7 +435,7 @@ def square(eps: float,
            p_init: float = 0.8,
            restarts: int = 1,
            rescale_schedule: bool = True,
-           loss: str = "margin",
+           loss: str | Callable = "margin",
            targeted: bool = False,
            bounds: Sequence[float] = (0.0, 1.0)) -> core.AttackFn:
   """Square Attack (Andriushchenko et al., ECCV 2020), score-based black-box.
@@ -452,7 +453,8 @@ def square(eps: float,
     rescale_schedule: rescale the schedule of ``p`` to ``queries`` (the paper's
       code's default); AutoAttack uses False.
     loss: ``"margin"`` (``max_{j != y} z_j - z_y``; targeted:
-      ``z_t - max_{j != t} z_j``) or ``"ce"``; maximized.
+      ``z_t - max_{j != t} z_j``), ``"ce"`` or a callable ``loss(logits [N, K],
+      y [N], target [N] | None) -> [N]`` (`attacks.core.get_loss`); maximized.
     targeted: calls take ``target=`` and the search aims at it.
     bounds: the input box.
 

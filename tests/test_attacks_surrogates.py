@@ -1,0 +1,105 @@
+"""BPDA and transfer attacks (gradients from a stand-in, success judged on the real model), and
+custom losses in every attack that ascends one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attack_models
+import attacks
+from robustlib.checks import InputError
+
+
+def quantize(x):
+  return jnp.round(x * 4) / 4  # a gradient-masking preprocessing: zero gradient everywhere
+
+
+def test_bpda_keeps_the_forward_pass_and_takes_the_approximations_gradient():
+  x = jnp.linspace(0.0, 1.0, 7)
+  f = attacks.bpda(quantize)
+  np.testing.assert_array_equal(f(x), quantize(x))
+  np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(quantize(v)))(x), 0.0)
+  np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(f(v)))(x), 1.0)  # straight through
+  g = attacks.bpda(quantize, lambda v: 2.0 * v)
+  np.testing.assert_array_equal(
+      jax.grad(lambda v: jnp.sum(jnp.sin(g(v))))(x), 2.0 * jnp.cos(quantize(x)))
+
+
+def test_bpda_lets_pgd_break_a_quantized_model():
+  logits_fn, x, y = attack_models.digits_mlp()
+  eps = 0.3
+  masked = lambda v: logits_fn(quantize(v))
+  through = lambda v: logits_fn(attacks.bpda(quantize)(v))
+  pgd = attacks.pgd(eps=eps, steps=20, step_size=eps / 8, random_start=False)
+  key = jax.random.key(0)
+  robust = lambda fn, x_adv: np.mean(np.asarray(jnp.argmax(masked(x_adv), 1) == y))
+  clean = robust(masked, x)
+  assert robust(masked, pgd(masked, x, y, key)) == clean  # zero gradients: PGD is stuck
+  x_bpda = pgd(through, x, y, key)
+  assert robust(masked, x_bpda) < clean - 0.3  # the same model, attacked through BPDA
+  assert float(jnp.max(jnp.abs(x_bpda - x))) <= eps + 1e-6
+
+
+def test_transfer_attacks_on_the_surrogate_and_judges_on_the_target():
+  logits_fn, x, y = attack_models.digits_mlp()
+  pgd = attacks.pgd(eps=0.2, steps=10, step_size=0.05)
+  key = jax.random.key(0)
+  # A surrogate with the same decisions (scaled logits) transfers perfectly.
+  same = attacks.transfer(pgd, lambda v: 3.0 * logits_fn(v))
+  assert same.name == "transfer-pgd" and same.norm == "linf" and same.eps == 0.2
+  direct = np.asarray(jnp.argmax(logits_fn(pgd(logits_fn, x, y, key)), 1) != y)
+  transferred = np.asarray(jnp.argmax(logits_fn(same(logits_fn, x, y, key)), 1) != y)
+  assert transferred.mean() >= direct.mean() - 0.05 and transferred.mean() > 0.3
+  # A surrogate that knows nothing (constant logits, zero gradients) breaks nothing; x stays.
+  blind = attacks.transfer(pgd, lambda v: jnp.zeros((v.shape[0], 10)) + 0.0 * jnp.sum(v))
+  x_blind = blind(logits_fn, x, y, key)
+  fooled = np.asarray(jnp.argmax(logits_fn(x_blind), 1) != y)
+  np.testing.assert_array_equal(fooled, np.asarray(jnp.argmax(logits_fn(x), 1) != y))
+
+
+def test_surrogate_helpers_reject_bad_input():
+  with pytest.raises(InputError, match="wraps an attack"):
+    attacks.transfer(lambda *a: a, lambda v: v)
+  with pytest.raises(InputError, match="surrogate"):
+    attacks.transfer(attacks.fgsm(eps=0.1), "model")
+  with pytest.raises(InputError, match="callables"):
+    attacks.bpda("round")
+
+
+def _trades_like(logits, y, target=None):
+  """A custom loss: the KL divergence from the uniform prediction (any callable works)."""
+  del y, target
+  return jnp.sum(jax.nn.softmax(logits) * jax.nn.log_softmax(logits), axis=1)
+
+
+@pytest.mark.parametrize("factory", ["fgsm", "pgd", "apgd", "square", "spsa"])
+def test_every_attack_ascends_a_custom_loss(factory):
+  # Maximizing the negative entropy makes predictions confident: a loss no built-in one is.
+  logits_fn, x, y = attack_models.digits_mlp()
+  kwargs = {
+      "square": {
+          "queries": 100
+      },
+      "spsa": {
+          "steps": 5
+      },
+      "pgd": {
+          "steps": 5
+      },
+      "apgd": {
+          "steps": 5
+      }
+  }.get(factory, {})
+  attack = getattr(attacks, factory)(eps=0.1, loss=_trades_like, **kwargs)
+  x_adv = attack(logits_fn, x, y, jax.random.key(0))
+  before = _trades_like(logits_fn(x), y)
+  after = _trades_like(logits_fn(x_adv), y)
+  # Never lower per example (the bookkeeping keeps x unless a point beats it), higher on average.
+  fooled_before = np.asarray(jnp.argmax(logits_fn(x), 1) != y)
+  fooled_after = np.asarray(jnp.argmax(logits_fn(x_adv), 1) != y)
+  same = fooled_after == fooled_before
+  assert bool(jnp.all(jnp.where(same, after >= before - 1e-6, True)))
+  assert float(jnp.mean(after - before)) > 0.0
+  if factory in ("fgsm", "pgd", "apgd"):
+    assert attack.name.startswith(factory) and "_trades_like" in attack.name
