@@ -108,8 +108,9 @@ def run_once(fn: core.LogitsFn,
              momentum: float = 0.75,
              rho: float = 0.75,
              early_exit: bool = False,
-             large_eps: bool = False) -> core.Best:
-  """One APGD run from a random start; every iterate is offered to ``best``.
+             large_eps: bool = False,
+             start: jax.Array | None = None) -> core.Best:
+  """One APGD run from a random start (or ``start``); every iterate is offered to ``best``.
 
   Args:
     fn: ``[N, ...] -> [N, K]``.
@@ -127,6 +128,8 @@ def run_once(fn: core.LogitsFn,
     rho: the fraction of successful steps below which the step is halved.
     early_exit: stop once every example's best point is adversarial.
     large_eps: L1 only: AutoAttack's schedule of radii (`run_l1`).
+    start: the first iterate ``[N, ...]`` inside the ball and the box (a warm
+      start; L-inf and L2, not used by `run_l1`), instead of the random start drawn from ``key``.
 
   Returns:
     The updated :class:`attacks.core.Best`.
@@ -159,7 +162,7 @@ def run_once(fn: core.LogitsFn,
   def project(z):
     return core.project(z, x, eps, norm, bounds)
 
-  x0 = initial_point(key, x, eps, norm, bounds)
+  x0 = initial_point(key, x, eps, norm, bounds) if start is None else start
   g0, (l0, logits0) = grad_fn(x0)
   state = _State(x_adv=x0,
                  x_prev=x0,
@@ -373,12 +376,19 @@ def apgd(eps: float,
     options = dict(loss=objective, judge=judge, bounds=bounds, **engine)
     return fn, _first_best(x, judge(fn(x)), live), options
 
-  def run(logits_fn, x, y, key, eps, target):
+  def run(logits_fn, x, y, key, eps, target, x_init=None):
     fn, best, options = setup(logits_fn, x, y, target)
-    # Restart r draws fold_in(key, r): the first restarts of a longer run are a shorter run.
-    best, _ = jax.lax.scan(
-        lambda b, r: (run_once(fn, x, eps, core.fold_in(key, r), b, **options), None), best,
-        jnp.arange(restarts))
+
+    def restart(best, r):
+      # Restart r draws fold_in(key, r): the first restarts of a longer run are a shorter run.
+      k = core.fold_in(key, r)
+      start = None
+      if x_init is not None:  # a warm start: the first restart starts there
+        start = jnp.where(r == 0, core.project(x_init, x, eps, norm, bounds),
+                          initial_point(k, x, eps, norm, bounds))
+      return run_once(fn, x, eps, k, best, start=start, **options), None
+
+    best, _ = jax.lax.scan(restart, best, jnp.arange(restarts))
     return best.x
 
   def run_one(logits_fn, x, y, key, eps, r, live):
@@ -393,7 +403,8 @@ def apgd(eps: float,
                           targeted=targeted,
                           min_classes=min_classes,
                           runs=restarts,
-                          run_one=None if targeted else run_one)
+                          run_one=None if targeted else run_one,
+                          warm_start=norm != "l1")
 
 
 def apgd_t(eps: float,

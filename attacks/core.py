@@ -7,6 +7,7 @@ The calling convention (a contract; later tools call exactly this)::
   x_adv = attack(logits_fn, x, y, key)                      # pure, jittable
   x_adv = attack(logits_fn, x, y, key, eps=0.1)             # traced override
   x_adv = attack(logits_fn, x, y, key, target=t)            # targeted attacks
+  x_adv = attack(logits_fn, x, y, key, x_init=x_start)      # a warm start (pgd, apgd)
 
 * ``logits_fn``: any JAX callable ``[N, ...] -> [N, K]``.
 * ``x``: ``[N, ...]`` floating, inside the attack's box ``bounds``.
@@ -282,9 +283,23 @@ def widen(logits_fn: LogitsFn, x: jax.Array) -> tuple[LogitsFn, jax.Array]:
   return fn, x.astype(wide)
 
 
-def _run_wide(run: Run, logits_fn, x, y, key, eps, target) -> jax.Array:
+def _run_wide(run: Run, logits_fn, x, y, key, eps, target, x_init=None) -> jax.Array:
   fn, xw = widen(logits_fn, x)
-  return round_toward(run(fn, xw, y, key, eps, target), x)
+  if x_init is None:
+    return round_toward(run(fn, xw, y, key, eps, target), x)
+  return round_toward(run(fn, xw, y, key, eps, target, x_init=x_init.astype(xw.dtype)), x)
+
+
+def _check_x_init(x_init, x, attack_name: str, warm_start: bool) -> None:
+  if x_init is None:
+    return
+  if not warm_start:
+    raise InputError(
+        f"{attack_name} takes no x_init= (warm starts: attacks.pgd, attacks.apgd in L-inf and L2)")
+  if jnp.shape(x_init) != jnp.shape(x):
+    raise InputError(f"x_init must have the shape of x {jnp.shape(x)}, got {jnp.shape(x_init)}")
+  if not is_traced(x_init) and not np.isfinite(np.asarray(x_init)).all():
+    raise InputError("x_init holds NaN or infinite values")
 
 
 # ----------------------------------------------------------------------------
@@ -312,6 +327,8 @@ class AttackFn:
     minimum_norm: ``run`` with ``eps = inf`` returns the smallest adversarial
       point it finds (FMN, FAB): `distances` reads an attack's robustness curve
       over every epsilon from one run.
+    warm_start: calls take ``x_init=`` ``[N, ...]``, where the first run starts
+      (projected onto the ball and the box; e.g. another attack's points).
   """
   run: Run
   name: str
@@ -323,15 +340,16 @@ class AttackFn:
   runs: int = 1
   run_one: Callable[..., jax.Array] | None = None
   minimum_norm: bool = False
+  warm_start: bool = False
 
   def __post_init__(self):
     jitted = compilation.jit(self._checked_run, static_argnums=0)
     object.__setattr__(self, "_jitted", jitted)
 
-  def _checked_run(self, logits_fn, x, y, key, eps, target):
+  def _checked_run(self, logits_fn, x, y, key, eps, target, x_init):
     clean_logits = logits_fn(x)
     check_logits_shape(clean_logits, x.shape[0], self.min_classes)
-    x_adv = _run_wide(self.run, logits_fn, x, y, key, eps, target)
+    x_adv = _run_wide(self.run, logits_fn, x, y, key, eps, target, x_init)
     return x_adv, jnp.isfinite(clean_logits).all(), clean_logits.shape[1]
 
   def run_part(self, logits_fn, x, y, key, eps, r, live) -> jax.Array:
@@ -345,19 +363,21 @@ class AttackFn:
       x_adv = self.run_one(fn, xw, y, key, eps, r, live)
     return round_toward(x_adv, x)
 
-  def __call__(self, logits_fn, x, y, key, *, eps=None, target=None):
+  def __call__(self, logits_fn, x, y, key, *, eps=None, target=None, x_init=None):
     eps = self.eps if eps is None else eps
     _check_static_inputs(x, y, target, self.targeted)
-    if is_traced(x, y, key, eps, target):
+    _check_x_init(x_init, x, self.name, self.warm_start)
+    if is_traced(x, y, key, eps, target, x_init):
       clean_logits = jax.eval_shape(logits_fn, x)
       check_logits_shape(clean_logits, x.shape[0], self.min_classes)
       return _run_wide(self.run, logits_fn, x, y, key, per_example_eps(eps, x.shape[0], x.dtype),
-                       target)
+                       target, x_init)
     _check_concrete_inputs(x, y, eps, target, self.bounds, self.targeted, self.minimum_norm)
     x = jnp.asarray(x)
     x_adv, finite, num_classes = self._jitted(logits_fn, x, jnp.asarray(y), key,
                                               per_example_eps(eps, x.shape[0], x.dtype),
-                                              None if target is None else jnp.asarray(target))
+                                              None if target is None else jnp.asarray(target),
+                                              None if x_init is None else jnp.asarray(x_init))
     if not bool(finite):
       raise InputError("logits_fn returned NaN or infinite logits on the clean inputs x")
     check_labels(y, num_classes=int(num_classes), name="y")
@@ -385,7 +405,8 @@ def make_attack(run: Run,
                 min_classes: int = 2,
                 runs: int = 1,
                 run_one: Callable[..., jax.Array] | None = None,
-                minimum_norm: bool = False) -> AttackFn:
+                minimum_norm: bool = False,
+                warm_start: bool = False) -> AttackFn:
   """Validates a factory's hyper-parameters and wraps ``run`` as an attack."""
   check_eps(eps, allow_inf=minimum_norm)
   return AttackFn(run=run,
@@ -397,7 +418,8 @@ def make_attack(run: Run,
                   min_classes=min_classes,
                   runs=runs,
                   run_one=run_one,
-                  minimum_norm=minimum_norm)
+                  minimum_norm=minimum_norm,
+                  warm_start=warm_start)
 
 
 def derived_attack(attack: AttackFn, run: Run, name: str) -> AttackFn:

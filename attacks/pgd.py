@@ -175,7 +175,9 @@ def pgd(
     norm: ``"linf"`` or ``"l2"``.
     restarts: independent runs (scanned); the best point over all is returned.
     random_start: start each restart from a uniform random point of the ball
-      (else from ``x``).
+      (else from ``x``). A call's ``x_init=`` (a warm start: earlier points,
+      another attack's) replaces the first restart's start, projected onto the
+      ball and the box.
     loss: ``"ce"``, ``"margin"``, ``"dlr"`` (see :mod:`attacks.core`) or a callable
       ``loss(logits, y, target) -> [N]`` to ascend.
     targeted: calls take ``target=`` and the loss pushes toward it; success is
@@ -203,14 +205,18 @@ def pgd(
     raise InputError(f"optimizer must be an optax.GradientTransformation, got {optimizer!r}")
   bounds = core.check_bounds(bounds)
 
-  def run(logits_fn, x, y, key, eps, target):
+  def run(logits_fn, x, y, key, eps, target, x_init=None):
     fn = core.prepare(logits_fn, x)
     objective, judge = loss_judge(loss_fn, y, target)
     best = core.init_best(x, *judge(fn(x)))
     tx = make_step_rule(norm, step_size, optimizer, eps, steps, x)
+    keys = jax.random.split(key, restarts)
 
-    def restart(best, k):
+    def restart(best, r):
+      k = keys[r]
       x_start = core.random_init(k, x, eps, norm, bounds) if random_start else x
+      if x_init is not None:  # a warm start: the first restart starts there
+        x_start = jnp.where(r == 0, core.project(x_init, x, eps, norm, bounds), x_start)
       return ascend(fn,
                     x,
                     x_start,
@@ -223,7 +229,7 @@ def pgd(
                     norm=norm,
                     bounds=bounds), None
 
-    best, _ = jax.lax.scan(restart, best, jax.random.split(key, restarts))
+    best, _ = jax.lax.scan(restart, best, jnp.arange(restarts))
     return best.x
 
   name = "pgd" + ("" if loss == "ce" else f"-{core.loss_name(loss)}") + ("-targeted"
@@ -234,4 +240,5 @@ def pgd(
                           norm=norm,
                           bounds=bounds,
                           targeted=targeted,
-                          min_classes=min_classes)
+                          min_classes=min_classes,
+                          warm_start=True)

@@ -103,3 +103,42 @@ def test_every_attack_ascends_a_custom_loss(factory):
   assert float(jnp.mean(after - before)) > 0.0
   if factory in ("fgsm", "pgd", "apgd"):
     assert attack.name.startswith(factory) and "_trades_like" in attack.name
+
+
+def test_pgd_warm_starts_from_x_init():
+  logits_fn, x, y = attack_models.digits_mlp()
+  key = jax.random.key(0)
+  strong = attacks.pgd(eps=0.2, steps=20, step_size=0.05)(logits_fn, x, y, key)
+  # One step from x breaks less than one step from the strong attack's points: it starts there.
+  one = attacks.pgd(eps=0.2, steps=1, step_size=1e-4, random_start=False)
+  fooled = lambda v: np.asarray(jnp.argmax(logits_fn(v), 1) != y)
+  cold = one(logits_fn, x, y, key)
+  warm = one(logits_fn, x, y, key, x_init=strong)
+  assert fooled(warm).mean() >= fooled(strong).mean() > fooled(cold).mean() + 0.2
+  # A start outside the ball is projected; inside jit too.
+  far = one(logits_fn, x, y, key, x_init=x + 5.0)
+  assert float(jnp.max(jnp.abs(far - x))) <= 0.2 + 1e-6
+  jitted = jax.jit(lambda s: one(logits_fn, x, y, key, x_init=s))(strong)
+  np.testing.assert_array_equal(np.asarray(jitted), np.asarray(warm))
+
+
+def test_apgd_warm_starts_from_x_init():
+  logits_fn, x, y = attack_models.digits_mlp()
+  key = jax.random.key(0)
+  strong = attacks.pgd(eps=0.2, steps=20, step_size=0.05)(logits_fn, x, y, key)
+  fooled = lambda v: np.asarray(jnp.argmax(logits_fn(v), 1) != y)
+  one = attacks.apgd(eps=0.2, steps=1)
+  warm = one(logits_fn, x, y, key, x_init=strong)
+  assert fooled(warm).mean() >= fooled(strong).mean() > fooled(one(logits_fn, x, y, key)).mean()
+  with pytest.raises(InputError, match="takes no x_init"):
+    attacks.apgd(eps=2.0, norm="l1", steps=2)(logits_fn, x, y, key, x_init=x)
+
+
+def test_x_init_misuse_is_a_clear_error():
+  logits_fn, x, y = attack_models.digits_mlp()
+  with pytest.raises(InputError, match="takes no x_init"):
+    attacks.fgsm(eps=0.1)(logits_fn, x, y, jax.random.key(0), x_init=x)
+  with pytest.raises(InputError, match="shape of x"):
+    attacks.pgd(eps=0.1)(logits_fn, x, y, jax.random.key(0), x_init=x[:2])
+  with pytest.raises(InputError, match="NaN"):
+    attacks.pgd(eps=0.1)(logits_fn, x, y, jax.random.key(0), x_init=x * np.nan)
