@@ -80,7 +80,10 @@ class _State(NamedTuple):
 
 def initial_point(key: jax.Array, x: jax.Array, eps: jax.Array, norm: str,
                   bounds: core.Bounds) -> jax.Array:
-  """AutoAttack's start: a random direction scaled to norm ``eps``, clipped to the box."""
+  """AutoAttack's start: a random direction scaled to norm ``eps``, clipped to the box
+  (L1: `run_l1`'s Gaussian draw projected on the ball ∩ box)."""
+  if norm == "l1":
+    return core.project(x + core.normal(key, x.shape, x.dtype), x, eps, "l1", bounds)
   if norm == "linf":
     t = core.uniform(key, x.shape, x.dtype, -1.0, 1.0)
     size = jnp.max(jnp.abs(t.reshape(t.shape[0], -1)), axis=1)
@@ -129,7 +132,7 @@ def run_once(fn: core.LogitsFn,
     early_exit: stop once every example's best point is adversarial.
     large_eps: L1 only: AutoAttack's schedule of radii (`run_l1`).
     start: the first iterate ``[N, ...]`` inside the ball and the box (a warm
-      start; L-inf and L2, not used by `run_l1`), instead of the random start drawn from ``key``.
+      start), instead of the random start drawn from ``key``.
 
   Returns:
     The updated :class:`attacks.core.Best`.
@@ -145,7 +148,8 @@ def run_once(fn: core.LogitsFn,
                   steps=steps,
                   bounds=bounds,
                   early_exit=early_exit,
-                  large_eps=large_eps)
+                  large_eps=large_eps,
+                  start=start)
   marks = checkpoints(steps)
   is_check = np.zeros(steps, bool)
   length = np.ones(steps, np.float32)
@@ -232,7 +236,8 @@ def run_l1(fn: core.LogitsFn,
            steps: int,
            bounds: core.Bounds,
            early_exit: bool = False,
-           large_eps: bool = False) -> core.Best:
+           large_eps: bool = False,
+           start: jax.Array | None = None) -> core.Best:
   """L1-APGD (Croce & Hein, ICML 2021, "Mind the box: l1-APGD for sparse adversarial
   attacks on image classifiers"), as in AutoAttack's code.
 
@@ -248,7 +253,8 @@ def run_l1(fn: core.LogitsFn,
   at the previous one's best point projected on the smaller ball; only the last
   phase (radius ``eps``) is offered to ``best`` (fewer than 5 steps: one phase).
   The first start is a Gaussian draw projected on the ball (the original's
-  projects it as a perturbation of ``x + draw``).
+  projects it as a perturbation of ``x + draw``), or ``start`` (a warm start,
+  inside the ``eps`` ball and the box).
   """
   grad_fn = core.loss_gradient(fn, loss)
   n_fts = int(np.prod(x.shape[1:]))
@@ -303,13 +309,13 @@ def run_l1(fn: core.LogitsFn,
     return core.iterate(phase_steps, body, state, _all_broken if stop_early else None)
 
   draw = core.normal(key, x.shape, x.dtype)
+  first = lambda radius: project(x + draw, radius) if start is None else start
   early = int(np.ceil(0.3 * steps))
   if not large_eps or steps - 2 * early < 1:  # too few steps for three phases: one
-    return phase(project(x + draw, eps), eps, steps, best, True, early_exit).best
+    return phase(first(eps), eps, steps, best, True, early_exit).best
   # Earlier phases search larger balls: their points are not offered to best.
   ignored = core.init_best(x, jnp.zeros_like(best.adversarial), best.score)
-  start = project(x + draw, 3.0 * eps)
-  start = phase(start, 3.0 * eps, early, ignored, True, False).x_top
+  start = phase(first(3.0 * eps), 3.0 * eps, early, ignored, True, False).x_top
   start = phase(project(start, 2.0 * eps), 2.0 * eps, early, ignored, False, False).x_top
   return phase(project(start, eps), eps, steps - 2 * early, best, False, early_exit).best
 
@@ -359,7 +365,9 @@ def apgd(eps: float,
     bounds: the input box.
 
   Returns:
-    An attack ``attack(logits_fn, x, y, key, *, eps=None, target=None) -> x_adv``.
+    An attack ``attack(logits_fn, x, y, key, *, eps=None, target=None, x_init=None) -> x_adv``;
+    with ``x_init`` (a warm start) the first restart starts there, projected
+    onto the ball and the box.
 
   Raises:
     InputError: for invalid hyper-parameters.
@@ -404,7 +412,7 @@ def apgd(eps: float,
                           min_classes=min_classes,
                           runs=restarts,
                           run_one=None if targeted else run_one,
-                          warm_start=norm != "l1")
+                          warm_start=True)
 
 
 def apgd_t(eps: float,
@@ -438,7 +446,9 @@ def apgd_t(eps: float,
     bounds: the input box.
 
   Returns:
-    An untargeted attack ``attack(logits_fn, x, y, key, *, eps=None) -> x_adv``.
+    An untargeted attack ``attack(logits_fn, x, y, key, *, eps=None, x_init=None) -> x_adv``;
+    with ``x_init`` (a warm start) each target's first restart starts there,
+    projected onto the ball and the box.
 
   Raises:
     InputError: for invalid hyper-parameters.
@@ -459,16 +469,22 @@ def apgd_t(eps: float,
     one_run = functools.partial(run_once, fn, x, judge=judge, bounds=bounds, **engine)
     return one_run, _first_best(x, judge(clean), live), runs_targets
 
-  def run(logits_fn, x, y, key, eps, target):
+  def run(logits_fn, x, y, key, eps, target, x_init=None):
     del target  # untargeted: the attack picks its own targets
     one_run, best, runs_targets = setup(logits_fn, x, y)
+    if x_init is not None:
+      x_init = core.project(x_init, x, eps, norm, bounds)
 
     def step(best, inputs):
-      t, k = inputs
-      return one_run(eps, k, best, loss=lambda logits: targeted_dlr(logits, y, t)), None
+      t, k, r = inputs
+      start = None
+      if x_init is not None:  # a warm start: each target's first restart starts there
+        start = jnp.where(r % restarts == 0, x_init, initial_point(k, x, eps, norm, bounds))
+      return one_run(eps, k, best, loss=lambda logits: targeted_dlr(logits, y, t),
+                     start=start), None
 
     keys = core.split(key, runs_targets.shape[0])
-    best, _ = jax.lax.scan(step, best, (runs_targets, keys))
+    best, _ = jax.lax.scan(step, best, (runs_targets, keys, jnp.arange(runs_targets.shape[0])))
     return best.x
 
   def run_one(logits_fn, x, y, key, eps, r, live):
@@ -492,4 +508,5 @@ def apgd_t(eps: float,
                           bounds=bounds,
                           min_classes=min_classes,
                           runs=num_targets * restarts,
-                          run_one=run_one)
+                          run_one=run_one,
+                          warm_start=True)

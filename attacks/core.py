@@ -7,7 +7,7 @@ The calling convention (a contract; later tools call exactly this)::
   x_adv = attack(logits_fn, x, y, key)                      # pure, jittable
   x_adv = attack(logits_fn, x, y, key, eps=0.1)             # traced override
   x_adv = attack(logits_fn, x, y, key, target=t)            # targeted attacks
-  x_adv = attack(logits_fn, x, y, key, x_init=x_start)      # a warm start (pgd, apgd)
+  x_adv = attack(logits_fn, x, y, key, x_init=x_start)      # a warm start (pgd, apgd, apgd_t, multitargeted)
 
 * ``logits_fn``: any JAX callable ``[N, ...] -> [N, K]``.
 * ``x``: ``[N, ...]`` floating, inside the attack's box ``bounds``.
@@ -295,7 +295,7 @@ def _check_x_init(x_init, x, attack_name: str, warm_start: bool) -> None:
     return
   if not warm_start:
     raise InputError(
-        f"{attack_name} takes no x_init= (warm starts: attacks.pgd, attacks.apgd in L-inf and L2)")
+        f"{attack_name} takes no x_init= (warm starts: attacks.pgd, apgd, apgd_t, multitargeted)")
   if jnp.shape(x_init) != jnp.shape(x):
     raise InputError(f"x_init must have the shape of x {jnp.shape(x)}, got {jnp.shape(x_init)}")
   if not is_traced(x_init) and not np.isfinite(np.asarray(x_init)).all():

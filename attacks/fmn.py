@@ -3,9 +3,9 @@
 Pintor, Roli, Brendel and Biggio, "Fast Minimum-norm Adversarial Attacks
 through Adaptive Norm Constraints", NeurIPS 2021.
 
-Each run ascends a loss: with ``num_targets`` (default) ``z_t - z_y`` for one
-of the top classes ``t``, as FAB-T does, else the paper's margin loss
-``max_{j != y} z_j - z_y`` (targeted: ``z_t - max_{j != t} z_j``), by a gradient step of L2 length ``alpha``, and
+Each run ascends a loss: the paper's margin loss ``max_{j != y} z_j - z_y``
+(targeted: ``z_t - max_{j != t} z_j``), then, with ``num_targets`` (default),
+``z_t - z_y`` for each of the top classes ``t``, as FAB-T does, by a gradient step of L2 length ``alpha``, and
 projects onto the ``norm`` ball of an adaptive radius ``epsilon``, then onto the
 box. Until a first adversarial point, ``epsilon`` is the linearized distance
 to the boundary, ``||delta|| + |loss| / ||grad||_*``; on an adversarial iterate
@@ -22,7 +22,7 @@ and :func:`attacks.evaluate` turns them into a robust-accuracy curve over every
 epsilon from one run.
 
 Deviations from the authors' code, each measured to matter: the runs over
-targets (``num_targets=None`` is theirs); the L1 projection is the exact
+targets after theirs (``num_targets=None`` is theirs alone); the L1 projection is the exact
 projection onto the L1 ball intersected with the box
 (`attacks.core.project_l1_box`), where theirs projects onto the ball and then
 clips; before the first adversarial point the radius grows by at least
@@ -84,11 +84,10 @@ def _run(logits_fn,
   flat_fn = lambda z: fast_fn(z.reshape(shape))
   worst = core.lp_norm(jnp.maximum(x0 - lo, hi - x0), norm)  # the farthest point of the box
   cap = jnp.minimum(worst, eps.astype(dtype))
-  clean = flat_fn(x0)
   runs = 1
-  if target is None and num_targets is not None:
-    top_targets = core.top_targets(clean, y, num_targets)
-    runs = top_targets.shape[1]
+  if target is None and num_targets is not None:  # run 0 untargeted, then one per top class
+    top_targets = core.top_targets(flat_fn(x0), y, num_targets)
+    runs = 1 + top_targets.shape[1]
 
   def smallest(best):
     return jnp.where(best.adversarial, -best.score, worst)
@@ -102,8 +101,9 @@ def _run(logits_fn,
 
   def one_run(best, run):
     if target is None and num_targets is not None:
-      t = jnp.take(top_targets, run, axis=1)
-      loss_fn = lambda logits: core.logit_difference(logits, y, t)
+      t = jnp.take(top_targets, jnp.maximum(run - 1, 0), axis=1)
+      loss_fn = lambda logits: jnp.where(run == 0, core.margin_loss(logits, y),
+                                         core.logit_difference(logits, y, t))
     else:
       loss_fn = lambda logits: core.margin_loss(logits, y, target)
     gradient = core.loss_gradient(flat_fn, loss_fn)
@@ -168,18 +168,22 @@ def fmn(eps: float = math.inf,
       (of the flattened input).
     norm: ``"l0"``, ``"l1"``, ``"l2"`` or ``"linf"``.
     steps: iterations per run (the authors' code defaults to 10, Foolbox to 100).
-    num_targets: ``k`` (default 9): one run per class among the ``k`` of highest
-      clean logits other than ``y``, each ascending ``z_t - z_y``, a point
-      counting as adversarial when misclassified (as FAB-T and APGD-T do), the
-      smallest adversarial point of all runs kept; None: the paper's untargeted
-      FMN, one run on ``max_{j != y} z_j - z_y``, which ends on the boundary of
-      the class it first reaches (on an MNIST MLP one point in ten at a 15 %
-      larger L2 norm than FAB finds; ``k = 9`` within 1.5 %).
+    num_targets: ``k`` (default 9): after the paper's untargeted run, one run
+      per class among the ``k`` of highest clean logits other than ``y``, each
+      ascending ``z_t - z_y``, a point counting as adversarial when misclassified
+      (as FAB-T and APGD-T do), the smallest adversarial point of all ``k + 1``
+      runs kept; None: the paper's untargeted FMN alone, one run on
+      ``max_{j != y} z_j - z_y``, which ends on the boundary of the class it
+      first reaches (on an MNIST MLP one point in ten at a 15 % larger L2 norm
+      than FAB finds; with the targeted runs within 1.5 %). Measured on an MNIST
+      CNN trained with FGSM at L-inf 0.1 (500 points, robust accuracy at 0.1 /
+      0.15): untargeted alone 0.916 / 0.570, the 9 targeted runs alone 0.918 /
+      0.550, AutoAttack 0.912 / 0.550: each finds points the other misses.
     alpha_init, alpha_final: the L2 length of a gradient step, decayed on a
       cosine; ``alpha_init`` defaults to 1 (the authors' value), and to 30 for
       L-inf, where a step that long is clipped to the ball's corner in every
       coordinate that moves (a sign step); ``alpha_final`` to ``alpha_init / 100``.
-      Measured on an MNIST CNN trained with FGSM at L-inf 0.1 (200 points): robust
+      Measured with the targeted runs alone on an MNIST CNN trained with FGSM at L-inf 0.1 (200 points): robust
       accuracy 0.950 / 0.675 at 0.1 / 0.15 with 1, 0.930 / 0.590 with 30, as
       AutoAttack's 0.930 / 0.590.
     gamma_init, gamma_final: the relative change of the radius per step.
@@ -225,4 +229,4 @@ def fmn(eps: float = math.inf,
                                        bounds=bounds,
                                        targeted=targeted,
                                        num_targets=num_targets,
-                                       runs=num_targets or 1)
+                                       runs=1 + (num_targets or 0))

@@ -67,7 +67,9 @@ def multitargeted(
     bounds: the input box.
 
   Returns:
-    An untargeted attack ``attack(logits_fn, x, y, key, *, eps=None) -> x_adv``.
+    An untargeted attack ``attack(logits_fn, x, y, key, *, eps=None, x_init=None) -> x_adv``;
+    with ``x_init`` (a warm start) each target's first restart starts there,
+    projected onto the ball and the box.
 
   Raises:
     InputError: for invalid hyper-parameters.
@@ -86,7 +88,7 @@ def multitargeted(
     raise InputError(f"optimizer must be an optax.GradientTransformation, got {optimizer!r}")
   bounds = core.check_bounds(bounds)
 
-  def run(logits_fn, x, y, key, eps, target):
+  def run(logits_fn, x, y, key, eps, target, x_init=None):
     del target  # untargeted: the attack picks its own targets
     n = x.shape[0]
     clean = logits_fn(x)
@@ -113,8 +115,10 @@ def multitargeted(
 
     best = core.init_best(x, core.is_adversarial(clean, y), core.margin_loss(clean, y))
 
+    warm = None if x_init is None else tile(core.project(x_init, x, eps, norm, bounds))
+
     def run_chunk(best, chunk_inputs):
-      t, keys = chunk_inputs  # [C, N], [C]
+      t, keys, p = chunk_inputs  # [C, N], [C], [C]
       t = t.reshape(-1)
       if random_start:
         starts = jax.vmap(lambda k, x_, e: core.random_init(k, x_, e, norm, bounds))(
@@ -122,6 +126,9 @@ def multitargeted(
         x_start = starts.reshape(x_c.shape)
       else:
         x_start = x_c
+      if warm is not None:  # a warm start: each target's first restart starts there
+        first = jnp.repeat(p < targets.shape[1], n)  # [C*N]
+        x_start = jnp.where(core.expand(first, x_c), warm, x_start)
       objective = lambda logits: core.logit_difference(logits, y_c, t)
       found = pgd_lib.ascend(fn,
                              x_c,
@@ -140,7 +147,13 @@ def multitargeted(
       return best, None
 
     best, _ = jax.lax.scan(run_chunk, best, (pair_targets.reshape(
-        num_chunks, chunk, n), pair_keys.reshape((num_chunks, chunk) + pair_keys.shape[1:])))
+        num_chunks, chunk, n), pair_keys.reshape((num_chunks, chunk) + pair_keys.shape[1:]),
+                                             pair.reshape(num_chunks, chunk)))
     return best.x
 
-  return core.make_attack(run, name="multitargeted", eps=eps, norm=norm, bounds=bounds)
+  return core.make_attack(run,
+                          name="multitargeted",
+                          eps=eps,
+                          norm=norm,
+                          bounds=bounds,
+                          warm_start=True)

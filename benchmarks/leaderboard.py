@@ -224,7 +224,9 @@ def leaderboard(models: Sequence[str],
     label = _label(source, set(labels))
     labels.append(label)
     test = _load(source, dataset, data_dir, num_examples)
-    fingerprint = _fingerprint(test, {**settings, "source": os.path.abspath(source)})
+    # Results are kept per threat, bound and curve: adding one leaves the others.
+    model_settings = {k: settings[k] for k in ("dataset", "num_examples", "version", "seed")}
+    fingerprint = _fingerprint(test, {**model_settings, "source": os.path.abspath(source)})
     entry = results.model(
         label, fingerprint, {
             "source": test.source,
@@ -235,11 +237,7 @@ def leaderboard(models: Sequence[str],
     state_dir = os.path.join(output_dir, "state", fingerprint) if resume else None
 
     if "clean_accuracy" not in entry:
-      predictions = np.concatenate([
-          np.asarray(test.logits_fn(test.images[i:i + batch_size])).argmax(axis=1)
-          for i in range(0, test.labels.shape[0], batch_size)
-      ])
-      entry["clean_accuracy"] = float(np.mean(predictions == test.labels))
+      entry["clean_accuracy"] = _clean_accuracy(test, batch_size)
       results.save()
     done += 1
     progress_line(f"{label} clean")
@@ -277,9 +275,9 @@ def leaderboard(models: Sequence[str],
     if curve:
       curves = entry.setdefault("curves", {})
       for norm in norms:
-        if norm not in curves:
-          top = 1.5 * max(max(t.eps) for t in threats if t.norm == norm)
-          grid = np.linspace(0.0, top, CURVE_POINTS).tolist()
+        top = 1.5 * max(max(t.eps) for t in threats if t.norm == norm)
+        grid = np.linspace(0.0, top, CURVE_POINTS).tolist()
+        if curves.get(norm, {}).get("eps") != grid:
           report = attacks.evaluate(test.logits_fn,
                                     test.images,
                                     test.labels,
@@ -299,7 +297,15 @@ def leaderboard(models: Sequence[str],
         done += 1
         progress_line(f"{label} {norm} fmn curve")
 
-  content = {"settings": settings, "models": {k: results.content["models"][k] for k in labels}}
+  keep = {"clean_accuracy", "curves", *settings["threats"]}  # this call's, not earlier ones'
+  content = {"settings": settings, "models": {}}
+  for label in labels:
+    model = results.content["models"][label]
+    content["models"][label] = {
+        **model, "results": {
+            k: v for k, v in model["results"].items() if k in keep
+        }
+    }
   results.content = content
   results.save()
   with open(os.path.join(output_dir, "leaderboard.md.tmp"), "w") as f:
@@ -308,6 +314,18 @@ def leaderboard(models: Sequence[str],
              os.path.join(output_dir, "leaderboard.md"))
   save_plot(content, os.path.join(output_dir, "leaderboard.png"))
   return content
+
+
+def _clean_accuracy(test: sources.TestSet, batch_size: int) -> float:
+  """Accuracy in batches of one shape (the last padded with its first row): one compilation."""
+  n = test.labels.shape[0]
+  size = min(batch_size, n)
+  predictions = []
+  for i in range(0, n, size):
+    chunk = test.images[i:i + size]
+    padded = np.concatenate([chunk, np.repeat(chunk[:1], size - chunk.shape[0], axis=0)])
+    predictions.append(np.asarray(test.logits_fn(padded)).argmax(axis=1)[:chunk.shape[0]])
+  return float(np.mean(np.concatenate(predictions) == test.labels))
 
 
 def _verified(verify, test: sources.TestSet, eps: Sequence[float], method: str,
@@ -371,8 +389,9 @@ def save_plot(content: dict, path: str) -> str:
   panels: dict[str, dict] = {}
   for label, entry in content["models"].items():
     results = entry["results"]
-    for name, row in results.items():
-      if not isinstance(row, dict) or "autoattack" not in row:
+    for name in content["settings"]["threats"]:
+      row = results.get(name, {})
+      if "autoattack" not in row:
         continue
       panel = panels.setdefault(row["norm"], {})
       panel[f"{label} AutoAttack"] = (row["eps"], row["autoattack"])

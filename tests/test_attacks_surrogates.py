@@ -8,6 +8,7 @@ import pytest
 
 import attack_models
 import attacks
+from attacks import core
 from robustlib.checks import InputError
 
 
@@ -131,7 +132,7 @@ def test_apgd_warm_starts_from_x_init():
   warm = one(logits_fn, x, y, key, x_init=strong)
   assert fooled(warm).mean() >= fooled(strong).mean() > fooled(one(logits_fn, x, y, key)).mean()
   with pytest.raises(InputError, match="takes no x_init"):
-    attacks.apgd(eps=2.0, norm="l1", steps=2)(logits_fn, x, y, key, x_init=x)
+    attacks.square(eps=0.2, queries=2)(logits_fn, x, y, key, x_init=x)
 
 
 def test_x_init_misuse_is_a_clear_error():
@@ -142,3 +143,25 @@ def test_x_init_misuse_is_a_clear_error():
     attacks.pgd(eps=0.1)(logits_fn, x, y, jax.random.key(0), x_init=x[:2])
   with pytest.raises(InputError, match="NaN"):
     attacks.pgd(eps=0.1)(logits_fn, x, y, jax.random.key(0), x_init=x * np.nan)
+
+
+@pytest.mark.parametrize("factory", ["apgd-l1", "apgd_t", "multitargeted"])
+def test_more_attacks_warm_start_from_x_init(factory):
+  logits_fn, x, y = attack_models.digits_mlp()
+  key = jax.random.key(0)
+  fooled = lambda v: np.asarray(jnp.argmax(logits_fn(v), 1) != y)
+  if factory == "apgd-l1":
+    eps, norm = 3.0, "l1"
+    strong = attacks.apgd(eps=eps, norm=norm, steps=50)(logits_fn, x, y, key)
+    one = attacks.apgd(eps=eps, norm=norm, steps=1)
+  else:
+    eps, norm = 0.1, "linf"
+    strong = attacks.pgd(eps=eps, steps=20, step_size=0.025)(logits_fn, x, y, key)
+    one = (attacks.apgd_t(eps=eps, steps=1, num_targets=2) if factory == "apgd_t" else
+           attacks.multitargeted(eps=eps, steps=1, step_size=1e-4, num_targets=2, restarts=2))
+  warm = one(logits_fn, x, y, key, x_init=strong)
+  cold = one(logits_fn, x, y, key)
+  assert fooled(warm).mean() >= fooled(strong).mean() > fooled(cold).mean() + 0.1
+  # A start outside the ball is projected.
+  far = one(logits_fn, x, y, key, x_init=jnp.clip(x + 5.0, 0.0, 1.0))
+  assert float(jnp.max(core.lp_norm(far - x, norm))) <= eps * (1 + 1e-5)

@@ -112,6 +112,15 @@ def test_a_killed_leaderboard_resumes_where_it_stopped(models, tmp_path, monkeyp
   content = leaderboard.leaderboard([standard, ibp], threats, **kwargs)
   assert calls == ["autoattack", "fmn-t-linf"]  # the second model's only
   assert set(content["models"]) == {"standard", "ibp"}
+  # A threat added later is the only one computed (the curve's grid is unchanged).
+  calls.clear()
+  more = threats + [leaderboard.parse_threat("linf:0.05")]
+  content = leaderboard.leaderboard([standard, ibp], more, **kwargs)
+  assert calls == ["autoattack", "autoattack"]
+  assert set(
+      content["models"]["ibp"]["results"]) == {"clean_accuracy", "curves", "linf:0.1", "linf:0.05"}
+  content = leaderboard.leaderboard([standard], threats[:1], **kwargs)
+  assert "linf:0.05" not in content["models"]["standard"]["results"]  # this call's threats
 
 
 @pytest.mark.parametrize("spec, match", [("linf", "NORM:EPS"), ("l3:0.1", "NORM:EPS"),
