@@ -10,7 +10,8 @@ NCHW throughout). Weights are trained briefly in JAX (Adam on cross-entropy) so
 that robust accuracies are not trivially zero or one.
 
 Architectures (28x28x1 inputs):
-  * ``mlp``: 784-256-256-10, ReLU.
+  * ``mlp``: 784-256-256-10, ReLU; ``mlp_4x256``, ``mlp_6x256``: four and six
+    hidden layers of 256.
   * ``cnn_small`` (Gowal et al. 2018): conv 16 4x4 s2, conv 32 4x4 s1, FC100, FC10.
   * ``cnn_large`` (Gowal et al. 2018): conv 64, 64, 128 (s2), 128, 128, all 3x3 SAME,
     FC512, FC10.
@@ -27,11 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import attacks
 from robustlib import data
 
 # (kind, out, kernel, stride, padding) per layer; "fc" layers flatten first.
 ARCHITECTURES: dict[str, tuple[tuple[Any, ...], ...]] = {
     "mlp": (("fc", 256), ("fc", 256), ("fc", 10)),
+    "mlp_4x256": (("fc", 256),) * 4 + (("fc", 10),),
+    "mlp_6x256": (("fc", 256),) * 6 + (("fc", 10),),
     "cnn_small": (("conv", 16, 4, 2, 0), ("conv", 32, 4, 1, 0), ("fc", 100), ("fc", 10)),
     "cnn_large": (("conv", 64, 3, 1, 1), ("conv", 64, 3, 1, 1), ("conv", 128, 3, 2, 1),
                   ("conv", 128, 3, 1, 1), ("conv", 128, 3, 1, 1), ("fc", 512), ("fc", 10)),
@@ -133,6 +137,39 @@ def torch_module(name: str, params: Params):
   return nn.Sequential(*modules).eval()
 
 
+def to_onnx(name: str, params: Params) -> bytes:
+  """The network as an ONNX model (opset 13: Conv, Flatten, Gemm, Relu) reading NCHW images."""
+  import onnx  # pylint: disable=import-outside-toplevel
+  from onnx import helper, numpy_helper  # pylint: disable=import-outside-toplevel
+  nodes, inits, h, flat = [], [], "x", False
+  layers = ARCHITECTURES[name]
+  for i, (layer, (w, b)) in enumerate(zip(layers, params)):
+    inits += [
+        numpy_helper.from_array(np.asarray(w, np.float32), f"w{i}"),
+        numpy_helper.from_array(np.asarray(b, np.float32), f"b{i}")
+    ]
+    out = "y" if i + 1 == len(layers) else f"z{i}"
+    if layer[0] == "conv":
+      _, _, k, st, p = layer
+      nodes.append(
+          helper.make_node("Conv", [h, f"w{i}", f"b{i}"], [out],
+                           kernel_shape=[k, k],
+                           strides=[st, st],
+                           pads=[p] * 4))
+    else:
+      if not flat:
+        nodes.append(helper.make_node("Flatten", [h], [f"flat{i}"], axis=1))
+        h, flat = f"flat{i}", True
+      nodes.append(helper.make_node("Gemm", [h, f"w{i}", f"b{i}"], [out], transB=1))
+    if out != "y":
+      nodes.append(helper.make_node("Relu", [out], [f"h{i}"]))
+      h = f"h{i}"
+  graph = helper.make_graph(
+      nodes, name, [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 1, 28, 28])],
+      [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 10])], inits)
+  return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
+
+
 def mnist_nchw(split: str, num: int) -> tuple[np.ndarray, np.ndarray]:
   """The first ``num`` images of an MNIST split as ``[num, 1, 28, 28]`` float32 and labels.
 
@@ -146,12 +183,15 @@ def train(name: str,
           steps: int,
           seed: int = 0,
           batch_size: int = 128,
-          adversarial_eps: float = 0.0) -> Params:
+          adversarial_eps: float = 0.0,
+          pgd_steps: int = 0) -> Params:
   """Adam (1e-3) on cross-entropy for ``steps`` steps on MNIST; prints the time taken.
 
   With ``adversarial_eps > 0``, on L-inf FGSM points with a random start of that
   radius (step 1.25 eps; Wong et al. 2020, "Fast is better than free"), so that a
-  robustness evaluation has points that survive its first attacks.
+  robustness evaluation has points that survive its first attacks; with
+  ``pgd_steps > 0`` on PGD points of that many steps instead (Madry et al. 2018;
+  steps of 2.5 eps / pgd_steps from a random start).
   """
   x, y = mnist_nchw("train", 60000)
   params = [(jnp.asarray(w), jnp.asarray(b)) for w, b in init_params(name, jax.random.key(seed))]
@@ -164,7 +204,10 @@ def train(name: str,
 
   @jax.jit
   def step(p, o, xb, yb, key):
-    if adversarial_eps > 0:
+    if adversarial_eps > 0 and pgd_steps > 0:
+      fn = lambda z: _apply(layers, p, z, True, jax.nn.relu)
+      xb = attacks.pgd(eps=adversarial_eps, steps=pgd_steps)(fn, xb, yb, key)
+    elif adversarial_eps > 0:
       delta = jax.random.uniform(key, xb.shape, minval=-adversarial_eps, maxval=adversarial_eps)
       g = jax.grad(lambda z: loss(p, z, yb))(jnp.clip(xb + delta, 0.0, 1.0))
       delta = jnp.clip(delta + 1.25 * adversarial_eps * jnp.sign(g), -adversarial_eps,
@@ -182,7 +225,9 @@ def train(name: str,
     idx = rng.integers(0, x.shape[0], batch_size)
     params, opt_state = step(params, opt_state, x[idx], y[idx], jax.random.fold_in(key, i))
   jax.block_until_ready(params)
-  kind = f"FGSM-RS eps {adversarial_eps:g}" if adversarial_eps > 0 else "clean"
+  kind = "clean"
+  if adversarial_eps > 0:
+    kind = f"{f'PGD-{pgd_steps}' if pgd_steps else 'FGSM-RS'} eps {adversarial_eps:g}"
   print(f"trained {name} ({kind}) for {steps} steps in {time.perf_counter() - start:.1f} s")
   return [(np.asarray(w), np.asarray(b)) for w, b in params]
 

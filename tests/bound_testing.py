@@ -67,3 +67,18 @@ def assert_sound(fn: Callable,
   if upper is not None:
     gap = np.asarray(upper)[None] - values
     assert np.all(gap >= -tol), f"a point rises above the upper bound by {-gap.min():.3g}"
+
+
+def relu_mlp(seed: int = 0, sizes=(6, 16, 16, 4)):
+  """A random ReLU MLP ``[N, sizes[0]] -> [N, sizes[-1]]`` and its ``[(W, b), ...]``."""
+  rng = np.random.default_rng(seed)
+  params = [(jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a),
+                         jnp.float32), jnp.asarray(rng.normal(size=b) * 0.3, jnp.float32))
+            for a, b in zip(sizes[:-1], sizes[1:])]
+
+  def fn(x):
+    for w, b in params[:-1]:
+      x = jax.nn.relu(x @ w + b)
+    return x @ params[-1][0] + params[-1][1]
+
+  return fn, params

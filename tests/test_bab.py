@@ -117,6 +117,11 @@ def net():
   return fn, minimum, argmin, spacing
 
 
+@pytest.fixture(params=["input", "relu"])
+def split(request):
+  return request.param
+
+
 def _search(fn, unsafe, seconds=60.0, confirm=None, **options):
   """Branch and bound on [-1, 1]^2."""
   return branch_and_bound(fn,
@@ -130,32 +135,32 @@ def _search(fn, unsafe, seconds=60.0, confirm=None, **options):
 
 class TestBranchAndBound:
 
-  def test_proves_a_threshold_just_below_the_minimum(self, net):
+  def test_proves_a_threshold_just_below_the_minimum(self, net, split):
     fn, minimum, _, spacing = net
     lipschitz = 20.0  # far above this net's; the grid's error is at most L * spacing
     unsafe = _below(minimum - lipschitz * spacing)
     lo, hi = -np.ones(2, np.float32), np.ones(2, np.float32)
     root = float(bound_safety(fn, jnp.asarray(lo)[None], jnp.asarray(hi)[None], unsafe, "crown")[0])
     assert root < 0, "the root box must need splitting for this test to mean anything"
-    result = _search(fn, unsafe, batch_size=64)
+    result = _search(fn, unsafe, batch_size=64, split=split)
     assert result.status == "verified", result
     assert result.boxes > 1 and result.counterexample is None
 
-  def test_finds_a_counterexample_just_above_the_minimum(self, net):
+  def test_finds_a_counterexample_just_above_the_minimum(self, net, split):
     fn, minimum, _, _ = net
     unsafe = _below(minimum + 0.02)
-    result = _search(fn, unsafe, batch_size=64)
+    result = _search(fn, unsafe, batch_size=64, split=split)
     assert result.status == "falsified"
     x = result.counterexample
     assert np.all(np.abs(x) <= 1) and float(fn(jnp.asarray(x)[None])[0, 0]) <= minimum + 0.02
 
-  def test_reports_a_timeout(self, net):
+  def test_reports_a_timeout(self, net, split):
     fn, minimum, _, _ = net
     unsafe = _below(minimum)  # the boundary case cannot be decided by splitting
-    result = _search(fn, unsafe, seconds=-1.0, confirm=lambda x: False)
+    result = _search(fn, unsafe, seconds=-1.0, confirm=lambda x: False, split=split)
     assert result.status == "timeout" and result.boxes == 0
 
-  def test_only_confirmed_counterexamples_end_the_search(self, net):
+  def test_only_confirmed_counterexamples_end_the_search(self, net, split):
     fn, minimum, _, _ = net
     unsafe = _below(minimum + 0.02)
     result = _search(fn,
@@ -163,7 +168,8 @@ class TestBranchAndBound:
                      seconds=5.0,
                      confirm=lambda x: False,
                      max_boxes=2000,
-                     batch_size=64)
+                     batch_size=64,
+                     split=split)
     assert result.status in ("unknown", "timeout") and result.counterexample is None
 
   def test_bad_boxes_are_rejected(self, net):

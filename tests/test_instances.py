@@ -22,6 +22,7 @@ from vnncomp_instances import RELU_HALF
 from vnncomp_instances import box_text
 from vnncomp_instances import constructed
 from vnncomp_instances import pocket_onnx
+from vnncomp_instances import random_layers
 from vnncomp_instances import ort_session
 from vnncomp_instances import suite
 from vnncomp_instances import write_instance
@@ -142,6 +143,44 @@ def test_robustness_answers_agree_with_sampling(tmp_path, name, model, text):
     assert not any(prop.violated(y) for y in outputs)
 
 
+@pytest.mark.parametrize("name, model, text", [e[:3] for e in ROBUSTNESS if "cnn" in e[0]],
+                         ids=[e[0] for e in ROBUSTNESS if "cnn" in e[0]])
+def test_relu_splits_decide_convolutional_instances(tmp_path, name, model, text):
+  decision = run(tmp_path, name, model, text, timeout=30.0, complete="relu")
+  assert decision.result in ("sat", "unsat"), decision
+  if decision.result == "sat":
+    check_counterexample(decision, model, text)
+  auto = run(tmp_path, name, model, text, timeout=30.0)
+  assert auto.result == decision.result
+  if auto.stage in ("bab", "relu_bab", "milp"):
+    assert auto.complete in ("milp", "relu") and auto.reason  # 64 inputs: never input splits
+
+
+def test_the_complete_search_follows_inputs_and_unstable_relus():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+
+  def mlp(sizes):
+    layers = [(jnp.asarray(w.T, jnp.float32), jnp.asarray(b, jnp.float32))
+              for w, b in random_layers(rng, sizes)]
+
+    def fn(x):
+      for i, (w, b) in enumerate(layers):
+        x = x @ w + b
+        x = jnp.maximum(x, 0.0) if i + 1 < len(layers) else x
+      return x
+
+    return fn
+
+  box = lambda d, r: (np.full(d, 0.5 - r, np.float32), np.full(d, 0.5 + r, np.float32))
+  assert instances.choose_complete(mlp((2, 64, 64, 1)), 2, *box(2, 0.5))[0] == "input"
+  choice, reason = instances.choose_complete(mlp((40, 8, 3)), 40, *box(40, 0.5))
+  assert choice == "milp" and "unstable ReLUs" in reason
+  choice, reason = instances.choose_complete(mlp((40, 64, 64, 3)), 40, *box(40, 0.5))
+  assert choice == "relu" and "40 input dimensions" in reason
+  assert instances.choose_complete(lambda x: x @ jnp.ones((40, 3)), 40, *box(40, 0.5))[0] == "input"
+
+
 def _script(*args):
   return subprocess.run([sys.executable, "-m", "verify.vnncomp", *args],
                         cwd=ROOT,
@@ -164,6 +203,7 @@ def test_benchmark_runner_writes_the_results_csv(tmp_path):
   assert proc.returncode == 0, proc.stderr
   rows = list(csv.reader(out.open()))
   assert [r[4] for r in rows] == ["unsat", "sat", "error"]
+  assert all(len(r) == 8 and r[6] == "" for r in rows)  # decided before any complete search
   assert all(r[0] == tmp_path.name and float(r[3]) >= 0 and float(r[5]) >= 0 for r in rows)
   assert "sat 1" in proc.stdout and "unsat 1" in proc.stdout and "error 1" in proc.stdout
   assert "no such file" in proc.stderr

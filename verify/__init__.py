@@ -15,6 +15,7 @@ Depends on ``robustlib`` only.
 from verify import vnnlib
 from verify.alpha_crown import alpha_crown
 from verify.bab import BabResult, branch_and_bound
+from verify.beta_crown import ReluLayer, beta_crown, relu_layers
 from verify.certification import METHODS, certify, margin_bounds
 from verify.crown import crown, crown_ibp
 from verify.falsification import falsify
@@ -32,11 +33,13 @@ __all__: list[str] = [
     "Decision",
     "Interval",
     "MilpResult",
+    "ReluLayer",
     "METHODS",
     "SUPPORTED_PRIMITIVES",
     "UnsafeSet",
     "UnsupportedPrimitiveError",
     "alpha_crown",
+    "beta_crown",
     "branch_and_bound",
     "certify",
     "crown",
@@ -50,6 +53,7 @@ __all__: list[str] = [
     "milp_minimum",
     "milp_verify",
     "relu_input_bounds",
+    "relu_layers",
     "rounding_allowance",
     "vnnlib",
 ]

@@ -35,54 +35,95 @@ from verify.interval import Interval
 from verify.interval import ordered
 
 
-def _optimise(out, A, bounds, steps: int, lr: float) -> jax.Array:
-  """Best lower bounds ``[R, N]`` of the rows ``A`` over ``steps`` Adam steps.
+def relu_nodes(out: Node) -> list[Node]:
+  """The ``max``/``min`` (ReLU) nodes the bound of ``out`` passes through, in order."""
+  return [n for n in ancestors(out) if node_kind(n) == "relu"]
 
-  The search for the slopes is not differentiated (Adam's update has no
-  derivative where a gradient is 0): the result is the bound at the best slopes
-  found for each row, held fixed, so its gradient with respect to the network's
-  parameters is that of CROWN with those slopes (intermediate bounds included).
+
+def optimise(out: Node,
+             A: jax.Array,
+             bounds: dict[int, Interval],
+             steps: int,
+             lr: float,
+             *,
+             masks: dict[int, jax.Array] | None = None,
+             lr_beta: float = 0.05,
+             init: dict | None = None,
+             record: dict | None = None) -> tuple[jax.Array, dict]:
+  """Best lower bounds ``[R, N]`` of the rows ``A`` over ``steps`` Adam steps, and the
+  parameters that give them.
+
+  The parameters are, per ReLU node (by index, as a string), the lower slopes
+  ``"alpha"`` in [0, 1] and, with ``masks`` (split signs ``[N, *shape]`` in
+  {-1, 0, 1} per node), β-CROWN's multipliers ``"beta"`` >= 0 of the split
+  constraints, each ``[R, N, *shape]``. ``init`` warm-starts some of them.
+
+  The search for the parameters is not differentiated (Adam's update has no
+  derivative where a gradient is 0): the result is the bound at the best
+  parameters found for each row, held fixed, so its gradient with respect to
+  the network's parameters is that of CROWN with them (intermediate bounds
+  included). ``record`` receives the coefficients reaching each ReLU node's output
+  at those parameters (`verify.crown.backward`).
   """
   search_bounds = jax.tree_util.tree_map(lax.stop_gradient, bounds)
-  relus = [n for n in ancestors(out) if node_kind(n) == "relu"]
-  init = {}
+  relus = relu_nodes(out)
+  params = {"alpha": {}, "beta": {}}
   for node in relus:
     x = node.inputs[node.bounded_inputs[0]]
     a = relu_alpha_init(node, search_bounds[x.index])
-    init[str(node.index)] = jnp.broadcast_to(a[None], (A.shape[0],) + a.shape)
+    params["alpha"][str(node.index)] = jnp.broadcast_to(a[None], (A.shape[0],) + a.shape)
+    if masks is not None and node.index in masks:
+      params["beta"][str(node.index)] = jnp.zeros((A.shape[0],) + a.shape, A.dtype)
+  if init is not None:
+    for group, values in init.items():
+      for k, v in values.items():
+        params[group][k] = jnp.broadcast_to(v, params[group][k].shape).astype(A.dtype)
 
-  def rows(alphas, bounds=search_bounds):
-    return backward(out, A, bounds, alphas={int(k): v for k, v in alphas.items()})
+  def rows(params, bounds=search_bounds, record=None):
+    betas = {int(k): b * masks[int(k)][None].astype(b.dtype) for k, b in params["beta"].items()}
+    return backward(out,
+                    A,
+                    bounds,
+                    alphas={
+                        int(k): v for k, v in params["alpha"].items()
+                    },
+                    betas=betas,
+                    record=record)
 
   if not relus or steps == 0:
-    return rows(init, bounds)
+    return rows(params, bounds, record), params
 
-  def loss(alphas):
-    r = rows(alphas)
+  def loss(params):
+    r = rows(params)
     return -jnp.sum(r), r
 
   def keep_better(better, new, old):  # per row and example: better [R, N]
     return jax.tree_util.tree_map(
         lambda a, b: jnp.where(better.reshape(better.shape + (1,) * (a.ndim - 2)), a, b), new, old)
 
-  opt = optax.adam(lr)
+  labels = lambda p: {g: jax.tree_util.tree_map(lambda _, g=g: g, p[g]) for g in p}
+  opt = optax.multi_transform({"alpha": optax.adam(lr), "beta": optax.adam(lr_beta)}, labels)
+  project = lambda p: {
+      "alpha": jax.tree_util.tree_map(lambda a: jnp.clip(a, 0.0, 1.0), p["alpha"]),
+      "beta": jax.tree_util.tree_map(lambda b: jnp.maximum(b, 0.0), p["beta"])
+  }
 
   def step(carry, _):
-    alphas, state, best, best_alphas = carry
-    (_, r), g = jax.value_and_grad(loss, has_aux=True)(alphas)
+    params, state, best, best_params = carry
+    (_, r), g = jax.value_and_grad(loss, has_aux=True)(params)
     r, g = lax.stop_gradient((r, g))
     better = r > best
-    best, best_alphas = jnp.where(better, r, best), keep_better(better, alphas, best_alphas)
-    upd, state = opt.update(g, state, alphas)
-    alphas = optax.apply_updates(alphas, upd)
-    alphas = jax.tree_util.tree_map(lambda a: jnp.clip(a, 0.0, 1.0), alphas)
-    return (alphas, state, best, best_alphas), None
+    best, best_params = jnp.where(better, r, best), keep_better(better, params, best_params)
+    upd, state = opt.update(g, state, params)
+    params = project(optax.apply_updates(params, upd))
+    return (params, state, best, best_params), None
 
-  best0 = lax.stop_gradient(rows(init))
-  carry = (init, opt.init(init), best0, init)
-  (alphas, _, best, best_alphas), _ = lax.scan(step, carry, None, length=steps)
-  best_alphas = keep_better(lax.stop_gradient(rows(alphas)) > best, alphas, best_alphas)
-  return rows(lax.stop_gradient(best_alphas), bounds)
+  best0 = lax.stop_gradient(rows(params))
+  carry = (params, opt.init(params), best0, params)
+  (params, _, best, best_params), _ = lax.scan(step, carry, None, length=steps)
+  best_params = keep_better(lax.stop_gradient(rows(params)) > best, params, best_params)
+  best_params = lax.stop_gradient(best_params)
+  return rows(best_params, bounds, record), best_params
 
 
 @primitives.highest_precision
@@ -119,7 +160,7 @@ def alpha_crown(fn: Callable,
   if not isinstance(out, Node):
     r = _sum_rest(A * jnp.asarray(out)[None])
   else:
-    r = _optimise(out, A, bounds, steps, lr)
+    r, _ = optimise(out, A, bounds, steps, lr)
   if lower_only:
     return r.T
   k = r.shape[0] // 2

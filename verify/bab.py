@@ -32,6 +32,7 @@ import numpy as np
 from robustlib import compilation
 from robustlib.checks import InputError
 from verify import error_rules as er
+from verify import relu_bab
 from verify import rounding
 from verify.alpha_crown import alpha_crown
 from verify.crown import lower_bounds
@@ -39,6 +40,7 @@ from verify.interval import Interval
 from verify.unsafe import UnsafeSet
 
 METHODS = ("ibp", "crown_ibp", "crown", "alpha_crown")
+SPLITS = ("input", "relu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +53,7 @@ class BabResult:
       up: too many open boxes, or a box too small on every side to split in
       float32).
     counterexample: ``[...]`` input when falsified, else None.
-    boxes: boxes bounded.
+    boxes: boxes (or ReLU subdomains) bounded.
     seconds: wall time.
   """
   status: str
@@ -135,8 +137,13 @@ def branch_and_bound(fn: Callable[[jax.Array], jax.Array],
                      method: str = "crown",
                      batch_size: int = 256,
                      max_boxes: int = 1_000_000,
-                     log_every: float = 10.0) -> BabResult:
+                     log_every: float = 10.0,
+                     split: str = "input",
+                     branching: str = "babsr") -> BabResult:
   """Proves that no input of ``[lower, upper]`` maps into ``unsafe``, or finds one that does.
+
+  With ``split="relu"`` the search splits unstable ReLUs instead of the box, bounding
+  subdomains by β-CROWN (`verify.relu_bab`); ``method`` is then not used.
 
   Args:
     fn: ``fn(x [B, ...]) -> [B, K]``, made of primitives `verify` supports.
@@ -149,15 +156,32 @@ def branch_and_bound(fn: Callable[[jax.Array], jax.Array],
       points end the search.
     method: bound method per box (see `bound_safety`).
     batch_size: boxes bounded per call (padded, so one compilation serves all).
-    max_boxes: open boxes beyond which the search gives up (``"unknown"``).
+    max_boxes: open boxes beyond which the search gives up (``"unknown"``); for
+      ``split="relu"`` the pool's capacity (at most 65536).
     log_every: seconds between progress lines.
+    split: ``"input"`` or ``"relu"``.
+    branching: for ``split="relu"``, ``"babsr"`` or ``"fsb"`` (`verify.relu_bab`).
 
   Returns:
     A `BabResult`.
   """
   if batch_size < 1:
     raise InputError(f"batch_size must be >= 1, got {batch_size}")
+  if split not in SPLITS:
+    raise InputError(f"split must be one of {SPLITS}, got {split!r}")
   start = time.monotonic()
+  if split == "relu":
+    status, x, count = relu_bab.search(fn,
+                                       lower,
+                                       upper,
+                                       unsafe,
+                                       deadline=deadline,
+                                       confirm=confirm,
+                                       batch_size=batch_size,
+                                       capacity=max(min(max_boxes, 65536), 2 * batch_size),
+                                       branching=branching,
+                                       log_every=log_every)
+    return BabResult(status, x, count, time.monotonic() - start)
   lower, upper = np.asarray(lower, np.float32), np.asarray(upper, np.float32)
   if lower.shape != upper.shape or np.any(lower > upper):
     raise InputError(f"the box must have lower <= upper of equal shapes, got {lower.shape} and "

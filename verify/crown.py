@@ -150,7 +150,9 @@ def backward(start: Node,
              A0: jax.Array,
              bounds: dict[int, Interval],
              stop: frozenset[int] = frozenset(),
-             alphas: dict[int, jax.Array] | None = None) -> jax.Array:
+             alphas: dict[int, jax.Array] | None = None,
+             betas: dict[int, jax.Array] | None = None,
+             record: dict[int, jax.Array] | None = None) -> jax.Array:
   """Lower bound of ``A0 . start`` given bounds on the inputs of nonlinear nodes.
 
   Args:
@@ -160,6 +162,12 @@ def backward(start: Node,
       on the way, and of every node in ``stop``.
     stop: nodes where propagation stops and their interval is used instead.
     alphas: optional lower slopes ``[S, *shape]`` for ``max``/``min`` nodes by index.
+    betas: optional ``beta * s`` ``[S, *shape]`` for ``max``/``min`` nodes by index: the
+      bound is that of ``A0 . start - sum beta s (x - c)`` over the box, a lower bound of
+      ``A0 . start`` wherever ``s (x - c) >= 0`` (x the node's input, c its threshold) when
+      ``beta >= 0`` (β-CROWN's split constraints, `verify.beta_crown`).
+    record: if given, receives the coefficients ``[S, *shape]`` reaching each such
+      node's output (for branching heuristics) and, as ``"input"``, the input's.
 
   Returns:
     ``[S, N]`` lower bounds.
@@ -179,6 +187,8 @@ def backward(start: Node,
     if A is None:
       continue
     if node.index in stop or node.name == "input":
+      if record is not None and node.name == "input":
+        record["input"] = A
       total = total + concretize(A, bounds[node.index])
       continue
     kind = node_kind(node)
@@ -198,8 +208,14 @@ def backward(start: Node,
       alpha = None if alphas is None else alphas.get(node.index)
       r = _elementwise_relaxation(node, bounds[x.index], alpha)
       pos_part = A >= 0
+      if record is not None and kind == "relu":
+        record[node.index] = A
       add(x, jnp.where(pos_part, A * r.lw, A * r.uw))
       total = total + _sum_rest(rx.line_terms(A, r.lb, r.ub))
+      beta = None if betas is None else betas.get(node.index)
+      if beta is not None:
+        add(x, -beta)
+        total = total + _sum_rest(beta * primitives.relu_threshold(node, A.dtype)[1][None])
     elif kind == "interval":
       total = total + concretize(A, bounds[node.index])
     elif kind == "product":

@@ -282,3 +282,13 @@ def ancestors(node: Node) -> list[Node]:
     seen[n.index] = n
     stack.extend(a for a in n.inputs if isinstance(a, Node))
   return [seen[i] for i in sorted(seen)]
+
+
+def evaluate(graph: Graph, args: Sequence[jax.Array]) -> dict[int, jax.Array]:
+  """Every node's value at the point ``args`` (one array per input node), by index."""
+  values = {node.index: jnp.asarray(a) for node, a in zip(graph.inputs, args)}
+  for node in graph.nodes:
+    if node.index not in values:
+      values[node.index] = node.apply_bounded(*[values[node.inputs[p].index]
+                                                for p in node.bounded_inputs])
+  return values

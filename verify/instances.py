@@ -6,17 +6,21 @@ unsafe set (VNN-COMP's definition; the answer comes with that counterexample),
 ``python -m verify.vnncomp`` runs single instances and whole benchmarks
 (``instances.csv`` rows ``onnx,vnnlib,timeout``; ``.gz`` files are read as they
 are) and writes the competition's results CSV
-(``benchmark,onnx,vnnlib,prepare_time,result,run_time``).
+(``benchmark,onnx,vnnlib,prepare_time,result,run_time``, then ``complete,reason``:
+the complete search chosen and why).
 
 The strategy, in order of cost, until the instance is decided or time is up:
 
 1. falsify: projected gradient descent towards every unsafe polytope from the
    box's centre and random points (`verify.falsification`);
 2. bounds on the whole box: IBP, then CROWN, then alpha-CROWN;
-3. complete search: branch and bound on the input box (`verify.bab`), batched on
-   the device, or (``complete="milp"``) one mixed-integer program per unsafe set
-   (`verify.milp`; ReLU networks only), the better choice when the input has many
-   dimensions and the network few unstable ReLUs.
+3. complete search, chosen by `choose_complete` unless asked for: branch and
+   bound on the input box (`verify.bab`) for inputs of at most
+   ``INPUT_SPLIT_MAX_DIMS`` dimensions, else one mixed-integer program per unsafe
+   set (`verify.milp`) for a tiny ReLU network (at most ``MILP_MAX_UNSTABLE``
+   unstable ReLUs), else branch and bound on ReLU splits bounded by β-CROWN
+   (`verify.relu_bab`). The choice and its reason are logged and kept in the
+   `Decision` and the results CSV.
 
 A counterexample is reported only after it is confirmed: inside the box, and
 mapped into the unsafe set by the network (by the JAX function and, when
@@ -49,13 +53,17 @@ from verify.bab import round_inward
 from verify.bab import round_outward
 from verify.falsification import falsify
 from verify.primitives import UnsupportedPrimitiveError
+from verify import relu_bab
+from verify.milp import encode
 from verify.milp import milp_verify
 from verify.unsafe import UnsafeSet
 
 RESULTS = ("sat", "unsat", "unknown", "timeout", "error")
 _bound_safety = compilation.jit(bound_safety, static_argnames=("fn", "method"))
 BOUND_METHODS = ("ibp", "crown", "alpha_crown")
-COMPLETE = ("bab", "milp")
+COMPLETE = ("auto", "input", "relu", "milp")
+INPUT_SPLIT_MAX_DIMS = 20
+MILP_MAX_UNSTABLE = 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,12 +78,16 @@ class Decision:
     seconds: wall time of `decide`.
     x: the counterexample's flattened input ``[num_inputs]`` (``sat`` only).
     y: the network's flattened output on it ``[num_outputs]``.
+    complete: the complete search chosen (one of `COMPLETE` but ``"auto"``), and
+    reason: why; empty when the instance was decided before it.
   """
   result: str
   stage: str
   seconds: float
   x: np.ndarray | None = None
   y: np.ndarray | None = None
+  complete: str = ""
+  reason: str = ""
 
   def text(self) -> str:
     """The competition's result file: the result, and for ``sat`` the assignment."""
@@ -107,7 +119,8 @@ def decide(fn: Callable[[jax.Array], jax.Array],
            falsify_restarts: int = 4,
            bab_method: str = "crown",
            batch_size: int = 256,
-           complete: str = "bab") -> Decision:
+           complete: str = "auto",
+           branching: str = "babsr") -> Decision:
   """Decides whether some input of ``spec``'s boxes maps into its unsafe set.
 
   Args:
@@ -124,8 +137,10 @@ def decide(fn: Callable[[jax.Array], jax.Array],
     falsify_restarts: runs per unsafe polytope.
     bab_method: bound method of branch and bound.
     batch_size: boxes bounded at once by branch and bound.
-    complete: the last stage, one of `COMPLETE`: ``"bab"`` (branch and bound on
-      the input box) or ``"milp"`` (`verify.milp_verify`).
+    complete: the last stage, one of `COMPLETE`: ``"auto"`` (`choose_complete`),
+      ``"input"`` (branch and bound on the input box), ``"relu"`` (on ReLU
+      splits, `verify.relu_bab`) or ``"milp"`` (`verify.milp_verify`).
+    branching: ``"babsr"`` or ``"fsb"``, for ReLU splits.
 
   Returns:
     A `Decision`.
@@ -200,8 +215,15 @@ def decide(fn: Callable[[jax.Array], jax.Array],
   if not open_props:
     return done("unsat", method)
 
+  reason = "asked for"
+  if complete == "auto":
+    complete, reason = choose_complete(flat_fn, spec.num_inputs, *open_props[0][1:3])
+  logging.info("complete search: %s (%s)", complete, reason)
+  done = lambda result, stage, x=None, y=None: Decision(
+      result, stage, time.monotonic() - start, x, y, complete=complete, reason=reason)
   if complete == "milp":
     return _decide_by_milp(flat_fn, open_props, confirm, deadline, done)
+  stage = "bab" if complete == "input" else "relu_bab"
 
   # 3. Branch and bound on what is left.
   status = []
@@ -219,13 +241,36 @@ def decide(fn: Callable[[jax.Array], jax.Array],
                               deadline=deadline,
                               confirm=check,
                               method=bab_method,
-                              batch_size=batch_size)
+                              batch_size=batch_size,
+                              split=complete,
+                              branching=branching)
     if result.status == "falsified":
-      return done("sat", "bab", *found[-1])
+      return done("sat", stage, *found[-1])
     status.append(result.status)
   if all(s == "verified" for s in status):
-    return done("unsat", "bab")
-  return done("timeout" if "timeout" in status else "unknown", "bab")
+    return done("unsat", stage)
+  return done("timeout" if "timeout" in status else "unknown", stage)
+
+
+def choose_complete(flat_fn: Callable, num_inputs: int, lower: np.ndarray,
+                    upper: np.ndarray) -> tuple[str, str]:
+  """The complete search for a network and one of its boxes, and why: input splitting
+  for few input dimensions, the MILP for a tiny ReLU network, ReLU splitting otherwise."""
+  if num_inputs <= INPUT_SPLIT_MAX_DIMS:
+    return "input", f"{num_inputs} input dimensions (at most {INPUT_SPLIT_MAX_DIMS})"
+  try:
+    unstable = relu_bab.count_unstable(flat_fn, lower, upper)
+  except (UnsupportedPrimitiveError, InputError) as e:
+    return "input", f"no ReLU splits: {e}"
+  if unstable == 0:
+    return "input", "no unstable ReLU to split"
+  if unstable <= MILP_MAX_UNSTABLE:
+    try:
+      encode(flat_fn, lower, upper)
+      return "milp", f"{unstable} unstable ReLUs (at most {MILP_MAX_UNSTABLE}): a tiny MILP"
+    except (UnsupportedPrimitiveError, InputError):
+      pass
+  return "relu", f"{num_inputs} input dimensions, {unstable} unstable ReLUs"
 
 
 def _decide_by_milp(flat_fn, open_props, confirm, deadline, done) -> Decision:
@@ -344,6 +389,8 @@ def run_benchmark(instances: Sequence[tuple[str, str, float]],
                  prepare_time=round(prepare, 3),
                  result=decision.result,
                  run_time=round(decision.seconds, 3),
+                 complete=decision.complete,
+                 reason=decision.reason,
                  stage=decision.stage)
       rows.append(row)
       if f is not None:

@@ -43,8 +43,12 @@ _BAB_METHOD = flags.DEFINE_enum("bab_method", "crown", ["ibp", "crown_ibp", "cro
                                 "Bounds used by branch and bound.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Boxes bounded at once by branch and bound.")
 _COMPLETE = flags.DEFINE_enum(
-    "complete", "bab", ["bab", "milp"], "The complete search: branch and bound on the input "
-    "box, or a mixed-integer program (ReLU networks; for inputs with many dimensions).")
+    "complete", "auto", ["auto", "input", "relu", "milp"],
+    "The complete search: chosen per instance (auto: input splitting for few input dimensions, "
+    "the MILP for tiny ReLU networks, else ReLU splitting), branch and bound on the input box, "
+    "on ReLU splits (beta-CROWN), or a mixed-integer program.")
+_BRANCHING = flags.DEFINE_enum("branching", "babsr", ["babsr", "fsb"],
+                               "How ReLU-split branch and bound picks its neuron.")
 
 
 def main(argv):
@@ -54,7 +58,8 @@ def main(argv):
   options = dict(seed=_SEED.value,
                  bab_method=_BAB_METHOD.value,
                  batch_size=_BATCH_SIZE.value,
-                 complete=_COMPLETE.value)
+                 complete=_COMPLETE.value,
+                 branching=_BRANCHING.value)
   try:
     if _INSTANCES.value:
       instances = lib.read_instances(_INSTANCES.value, _ROOT.value)

@@ -1,0 +1,64 @@
+"""ReLU-split branch and bound: the same answers as the exact MILP, counterexamples confirmed."""
+
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bound_testing
+from robustlib.checks import InputError
+from verify import relu_bab
+from verify.bab import branch_and_bound
+from verify.milp import milp_verify
+from verify.unsafe import UnsafeSet
+
+
+@pytest.mark.parametrize("branching", ["babsr", "fsb"])
+def test_relu_branch_and_bound_agrees_with_the_milp(branching):
+  fn, _ = bound_testing.relu_mlp(seed=4, sizes=(5, 16, 16, 3))
+  rng = np.random.default_rng(0)
+  answers, branched = [], 0
+  for _ in range(5):
+    x0 = rng.uniform(size=5).astype(np.float32)
+    y = int(np.argmax(fn(jnp.asarray(x0)[None])))
+    unsafe = UnsafeSet.misclassified(y, 3)
+    confirm = lambda z, y=y: bool(np.argmax(fn(jnp.asarray(z)[None])) != y)
+    for eps in (0.05, 0.1, 0.2):
+      lo, hi = x0 - eps, x0 + eps
+      exact = milp_verify(fn, lo, hi, unsafe, time_limit=30).status
+      result = branch_and_bound(fn,
+                                lo,
+                                hi,
+                                unsafe,
+                                deadline=time.monotonic() + 30,
+                                confirm=confirm,
+                                batch_size=16,
+                                max_boxes=512,
+                                split="relu",
+                                branching=branching)
+      assert result.status == exact, (eps, result, exact)
+      if result.status == "falsified":
+        x = result.counterexample
+        assert np.all(x >= lo) and np.all(x <= hi) and confirm(x)
+      answers.append(result.status)
+      branched += result.status == "verified" and result.boxes > 1
+  assert {"verified", "falsified"} <= set(answers)
+  assert branched >= 1  # some proofs needed splits
+
+
+def test_relu_branch_and_bound_refuses_bad_settings():
+  fn, _ = bound_testing.relu_mlp(seed=0, sizes=(3, 4, 2))
+  unsafe = UnsafeSet.misclassified(0, 2)
+  kwargs = dict(deadline=time.monotonic() + 5, confirm=lambda x: False)
+  lo, hi = np.zeros(3, np.float32), np.ones(3, np.float32)
+  with pytest.raises(InputError, match="branching"):
+    relu_bab.search(fn, lo, hi, unsafe, branching="random", **kwargs)
+  with pytest.raises(InputError, match="capacity"):
+    relu_bab.search(fn, lo, hi, unsafe, batch_size=8, capacity=8, **kwargs)
+  with pytest.raises(InputError, match="batch_size"):
+    relu_bab.search(fn, lo, hi, unsafe, batch_size=0, **kwargs)
+  with pytest.raises(InputError, match="split"):
+    branch_and_bound(fn, lo, hi, unsafe, split="neurons", **kwargs)
+  with pytest.raises(InputError, match="no ReLU|none"):
+    relu_bab.search(lambda x: x @ jnp.ones((3, 2)), lo, hi, unsafe, **kwargs)
