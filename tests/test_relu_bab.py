@@ -62,3 +62,32 @@ def test_relu_branch_and_bound_refuses_bad_settings():
     branch_and_bound(fn, lo, hi, unsafe, split="neurons", **kwargs)
   with pytest.raises(InputError, match="no ReLU|none"):
     relu_bab.search(lambda x: x @ jnp.ones((3, 2)), lo, hi, unsafe, **kwargs)
+
+
+def test_near_the_boundary_subdomains_with_no_split_left_are_decided_exactly():
+  """Radii on either side of the MILP's boundary: fully split subdomains, where no
+  bound nor corner decides, are decided by the linear program of their splits."""
+  fn, _ = bound_testing.relu_mlp(seed=5, sizes=(5, 20, 20, 3))
+  x0 = np.random.default_rng(2).uniform(size=5).astype(np.float32)
+  y = int(np.argmax(fn(jnp.asarray(x0)[None])))
+  unsafe = UnsafeSet.misclassified(y, 3)
+  confirm = lambda z: bool(np.argmax(fn(jnp.asarray(z)[None])) != y)
+  seen = set()
+  for eps in (0.19531, 0.20312):
+    exact = milp_verify(fn, x0 - eps, x0 + eps, unsafe, time_limit=30).status
+    status, x, count = relu_bab.search(fn,
+                                       x0 - eps,
+                                       x0 + eps,
+                                       unsafe,
+                                       deadline=time.monotonic() + 60,
+                                       confirm=confirm,
+                                       batch_size=8,
+                                       capacity=32,
+                                       max_depth=32,
+                                       steps=5,
+                                       root_steps=10)
+    assert status == exact and count > 1, (eps, status, exact)
+    if status == "falsified":
+      assert confirm(x) and np.all(np.abs(x - x0) <= eps + 1e-6)
+    seen.add(status)
+  assert seen == {"verified", "falsified"}

@@ -135,3 +135,33 @@ def test_unsupported_operations_and_bad_boxes_are_named():
     milp.milp_verify(_mlp(0, (2, 4, 2)), lo, hi, UnsafeSet.misclassified(0, 3))
   with pytest.raises(InputError, match="label"):
     UnsafeSet.misclassified(3, 3)
+
+
+def test_a_value_feeding_two_relus_and_fixed_signs_are_encoded_exactly():
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.normal(size=(3, 6)), jnp.float32)
+  m = jnp.asarray(rng.normal(size=(6, 6)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(6, 2)), jnp.float32)
+
+  def fn(x):
+    z = x @ w
+    return (jnp.minimum(z, 0.2) + jnp.maximum(jnp.maximum(z, 0.0) @ m, 0.0)) @ v
+
+  lo, hi = -np.ones(3, np.float32), np.ones(3, np.float32)
+  g = np.stack(np.meshgrid(*[np.linspace(-1, 1, 41)] * 3), -1).reshape(-1, 3).astype(np.float32)
+  out = np.asarray(fn(jnp.asarray(g)))
+  for c in ([1.0, -1.0], [-1.0, 2.0]):
+    bound, value, x = milp.milp_minimum(fn, lo, hi, np.array(c))
+    grid = float((out @ np.array(c)).min())
+    assert bound <= grid + 1e-4 and value <= grid + 1e-4
+    assert abs(float(np.asarray(fn(jnp.asarray(x)[None]))[0] @ np.array(c)) - value) < 1e-3
+  # Fixed signs: the program over the part of the box where z_0 >= 0, which holds outputs
+  # below the threshold (grid points), finds one there.
+  z0 = (g @ np.asarray(w))[:, 0]
+  threshold = float((out[z0 >= 0] @ np.array([1.0, -1.0])).min()) + 0.05
+  unsafe = UnsafeSet.of([(np.array([[1.0, -1.0]]), np.array([threshold]))], 2)
+  free = milp.milp_verify(fn, lo, hi, unsafe)
+  restricted = milp.milp_verify(fn, lo, hi, unsafe, fixed={0: np.array([1, 0, 0, 0, 0, 0])})
+  assert restricted.binaries < free.binaries
+  assert restricted.status == "falsified"
+  assert (np.asarray(restricted.counterexample) @ np.asarray(w))[0] >= -1e-4

@@ -15,10 +15,11 @@ Depends on ``robustlib`` only.
 from verify import vnnlib
 from verify.alpha_crown import alpha_crown
 from verify.bab import BabResult, branch_and_bound
+from verify.bab_attack import BabAttackResult, bab_attack
 from verify.beta_crown import ReluLayer, beta_crown, relu_layers
 from verify.certification import METHODS, certify, margin_bounds
 from verify.crown import crown, crown_ibp
-from verify.falsification import falsify
+from verify.falsification import falsify, falsify_runs
 from verify.ibp import ibp, relu_input_bounds
 from verify.interval import Interval, linf_ball
 from verify.instances import Decision, decide
@@ -29,6 +30,7 @@ from verify.specs import margin_spec
 from verify.unsafe import UnsafeSet
 
 __all__: list[str] = [
+    "BabAttackResult",
     "BabResult",
     "Decision",
     "Interval",
@@ -39,6 +41,7 @@ __all__: list[str] = [
     "UnsafeSet",
     "UnsupportedPrimitiveError",
     "alpha_crown",
+    "bab_attack",
     "beta_crown",
     "branch_and_bound",
     "certify",
@@ -46,6 +49,7 @@ __all__: list[str] = [
     "crown_ibp",
     "decide",
     "falsify",
+    "falsify_runs",
     "ibp",
     "linf_ball",
     "margin_bounds",

@@ -215,7 +215,9 @@ def beta_crown(fn: Callable,
     chunk_size: as in `verify.crown`, for the intermediate bounds.
 
   Returns:
-    ``[N, S]`` lower bounds.
+    ``[N, S]`` lower bounds of the real-valued function, as `verify.crown`'s. A proof
+    from them subtracts `verify.rounding_allowance` and the allowance of the split
+    terms (`verify.relu_bab.beta_allowance`), as ``branch_and_bound(split="relu")`` does.
 
   Raises:
     InputError: for bad shapes, splits on neurons that do not exist or are stable.

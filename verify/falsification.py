@@ -32,7 +32,22 @@ def falsify(fn: Callable[[jax.Array], jax.Array],
             key: jax.Array,
             steps: int = 100,
             restarts: int = 4) -> tuple[jax.Array, jax.Array]:
-  """The least safe point found in the box ``[lower, upper]``.
+  """The least safe point found in the box ``[lower, upper]`` by `falsify_runs`: ``(x [...],
+  safety [])`` (<= 0: a candidate counterexample)."""
+  bx, bs = falsify_runs(fn, lower, upper, unsafe, key, steps, restarts)
+  i = jnp.argmin(bs)
+  return bx[i], bs[i]
+
+
+@compilation.jit(static_argnames=("fn", "steps", "restarts"))
+def falsify_runs(fn: Callable[[jax.Array], jax.Array],
+                 lower: jax.Array,
+                 upper: jax.Array,
+                 unsafe: UnsafeSet,
+                 key: jax.Array,
+                 steps: int = 100,
+                 restarts: int = 4) -> tuple[jax.Array, jax.Array]:
+  """The least safe point of every run in the box ``[lower, upper]``.
 
   Args:
     fn: ``fn(x [N, ...]) -> [N, K]``.
@@ -45,8 +60,8 @@ def falsify(fn: Callable[[jax.Array], jax.Array],
     restarts: runs per polytope.
 
   Returns:
-    ``(x [...], safety [])``: the point and its safety (<= 0: a candidate
-    counterexample).
+    ``(x [P * restarts, ...], safety [P * restarts])``: each run's point and its
+    safety (<= 0: a candidate counterexample).
   """
   p = unsafe.num_polytopes
   n = p * restarts
@@ -75,6 +90,4 @@ def falsify(fn: Callable[[jax.Array], jax.Array],
 
   init = (starts, jnp.full((n,), jnp.inf, jnp.float32))
   x, best = lax.fori_loop(0, steps, body, (starts, init))
-  bx, bs = keep(best, x, jnp.min(unsafe.distance(fn(x)), axis=1))
-  i = jnp.argmin(bs)
-  return bx[i], bs[i]
+  return keep(best, x, jnp.min(unsafe.distance(fn(x)), axis=1))

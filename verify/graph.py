@@ -289,6 +289,6 @@ def evaluate(graph: Graph, args: Sequence[jax.Array]) -> dict[int, jax.Array]:
   values = {node.index: jnp.asarray(a) for node, a in zip(graph.inputs, args)}
   for node in graph.nodes:
     if node.index not in values:
-      values[node.index] = node.apply_bounded(*[values[node.inputs[p].index]
-                                                for p in node.bounded_inputs])
+      values[node.index] = node.apply_bounded(
+          *[values[node.inputs[p].index] for p in node.bounded_inputs])
   return values

@@ -45,6 +45,7 @@ from scipy import sparse
 
 from robustlib import compilation
 from robustlib.checks import InputError
+from verify.alpha_crown import relu_nodes
 from verify.crown import intermediate_bounds
 from verify.crown import node_kind
 from verify.crown import _prepare
@@ -52,6 +53,7 @@ from verify import error_rules as er
 from verify import primitives
 from verify import rounding
 from verify.graph import Node
+from verify.graph import build_graph
 from verify.primitives import UnsupportedPrimitiveError
 from verify.interval import Interval
 from verify.unsafe import UnsafeSet
@@ -149,18 +151,36 @@ def _affine(node: Node, operands: list[_Expr], size: int) -> _Expr:
   return _Expr(const, coef)
 
 
-def _relu(node: Node, z: _Expr, bounds: Interval, program: _Program) -> _Expr:
-  """``max(z, c)`` (or ``min``): stable elements pass through, unstable ones get a binary."""
+def _relu(node: Node,
+          z: _Expr,
+          bounds: Interval,
+          program: _Program,
+          fixed: np.ndarray | None = None) -> _Expr:
+  """``max(z, c)`` (or ``min``): stable elements pass through, unstable ones get a binary.
+
+  ``fixed`` (signs ``[M]`` in {-1, 0, 1}) restricts the program to ``z >= c`` where it
+  is 1 and ``z <= c`` where it is -1 (constraints on the variables), those elements
+  then encoded as stable."""
   pos = node.bounded_inputs[0]
   c = np.broadcast_to(np.asarray(node.inputs[1 - pos], np.float64), node.shape).ravel()
   lo, hi = _widen(bounds)
+  # Over every variable so far: the new ones' columns follow (an expression built before
+  # other ReLUs' variables, as one feeding two ReLUs, has fewer rows).
+  z = _Expr(z.const, _pad(z, program.size))
+  if fixed is not None:
+    for s in (1, -1):
+      idx = np.flatnonzero(fixed == s)
+      if idx.size:  # s (z - c) >= 0
+        program.add_rows(s * z.coef[:, idx].T, s * (c[idx] - z.const[idx]),
+                         np.full(idx.size, np.inf))
+    lo = np.where(fixed > 0, np.maximum(lo, c), lo)
+    hi = np.where(fixed < 0, np.minimum(hi, c), hi)
   sign = 1.0
   if not primitives.is_max_relu(node):  # min(z, c) = -max(-z, -c)
     sign, c, lo, hi = -1.0, -c, -hi, -lo
     z = _Expr(-z.const, -z.coef)
   active, inactive = lo >= c, hi <= c
   unstable = np.flatnonzero(~active & ~inactive)
-  v = program.size
   const = np.where(active, z.const, np.where(inactive, c, 0.0))
   coef = np.where(active[None], z.coef, 0.0)
   k = unstable.size
@@ -174,7 +194,7 @@ def _relu(node: Node, z: _Expr, bounds: Interval, program: _Program) -> _Expr:
     program.add_rows(np.hstack([-zc, eye, zero]), z0, np.full(k, np.inf))
     program.add_rows(np.hstack([-zc, eye, -np.diag(l - ci)]), np.full(k, -np.inf), z0 - (l - ci))
     program.add_rows(np.hstack([np.zeros_like(zc), eye, -np.diag(u - ci)]), np.full(k, -np.inf), ci)
-    coef = np.pad(coef, ((0, program.size - v), (0, 0)))
+    coef = np.pad(coef, ((0, program.size - coef.shape[0]), (0, 0)))
     coef[y + np.arange(k), unstable] = 1.0
   return _Expr(sign * const, sign * coef)
 
@@ -189,9 +209,13 @@ _jitted_bounds = compilation.jit(_bounds_fn, static_argnums=0)
 
 
 @primitives.highest_precision
-def encode(fn: Callable[[jax.Array], jax.Array], lower: jax.typing.ArrayLike,
-           upper: jax.typing.ArrayLike) -> tuple[_Program, _Expr, int]:
-  """The program of ``fn`` over the box ``[lower, upper]`` (one input ``[...]``).
+def encode(fn: Callable[[jax.Array], jax.Array],
+           lower: jax.typing.ArrayLike,
+           upper: jax.typing.ArrayLike,
+           fixed: dict[int, np.ndarray] | None = None) -> tuple[_Program, _Expr, int]:
+  """The program of ``fn`` over the box ``[lower, upper]`` (one input ``[...]``), or over
+  its part where the ReLU inputs ``fixed`` names (by layer of `verify.relu_layers`: signs
+  ``[size]`` in {-1, 0, 1}) lie on those sides of their thresholds.
 
   Returns:
     ``(program, output, binaries)``: the variables and constraints (the first
@@ -211,6 +235,7 @@ def encode(fn: Callable[[jax.Array], jax.Array], lower: jax.typing.ArrayLike,
   program.add_variables(lo, hi, integer=False)
   exprs = {graph.inputs[0].index: _Expr(np.zeros(lo.size), np.eye(lo.size))}
   binaries, total = 0, 0
+  layers = {n.index: i for i, n in enumerate(relu_nodes(out))} if isinstance(out, Node) else {}
   for node in graph.nodes[1:]:
     kind = node_kind(node)
     operands = [exprs[node.inputs[p].index] for p in node.bounded_inputs]
@@ -221,7 +246,9 @@ def encode(fn: Callable[[jax.Array], jax.Array], lower: jax.typing.ArrayLike,
     elif kind == "relu":
       before = program.size
       x = node.inputs[node.bounded_inputs[0]]
-      exprs[node.index] = _relu(node, operands[0], bounds[x.index], program)
+      signs = None if fixed is None else fixed.get(layers.get(node.index))
+      exprs[node.index] = _relu(node, operands[0], bounds[x.index], program,
+                                None if signs is None else np.asarray(signs).ravel())
       binaries += (program.size - before) // 2
     else:
       raise UnsupportedPrimitiveError(
@@ -236,6 +263,15 @@ def encode(fn: Callable[[jax.Array], jax.Array], lower: jax.typing.ArrayLike,
     return program, _Expr(np.asarray(out, np.float64).ravel(), np.zeros((program.size, k))), 0
   e = exprs[out.index]
   return program, _Expr(e.const, _pad(e, program.size)), binaries
+
+
+def relu_sizes(fn: Callable[[jax.Array], jax.Array], x: jax.typing.ArrayLike) -> list[int]:
+  """Neurons per example of each ReLU layer (`verify.relu_layers`' order) at one input
+  ``[...]``'s shape."""
+  x = jnp.asarray(x)[None]
+  graph, _ = build_graph(fn, [Interval(x, x)])
+  out = graph.outputs[0]
+  return [] if not isinstance(out, Node) else [int(np.prod(n.shape[1:])) for n in relu_nodes(out)]
 
 
 def _check_box(lower, upper) -> tuple[np.ndarray, np.ndarray]:
@@ -265,8 +301,10 @@ def milp_verify(fn: Callable[[jax.Array], jax.Array],
                 upper: jax.typing.ArrayLike,
                 unsafe: UnsafeSet,
                 time_limit: float = 60.0,
-                tolerance: float = 1e-4) -> MilpResult:
-  """Decides whether some input in ``[lower, upper]`` maps into ``unsafe``.
+                tolerance: float = 1e-4,
+                fixed: dict[int, np.ndarray] | None = None) -> MilpResult:
+  """Decides whether some input in ``[lower, upper]`` maps into ``unsafe`` (with ``fixed``,
+  some input of the part of the box where those ReLU inputs have those signs, `encode`).
 
   Args:
     fn: ``fn(x [N, ...]) -> [N, K]`` made of affine operations and ReLUs.
@@ -292,7 +330,7 @@ def milp_verify(fn: Callable[[jax.Array], jax.Array],
   if tolerance < 0 or time_limit <= 0:
     raise InputError(f"tolerance must be >= 0 and time_limit > 0, got {tolerance} and "
                      f"{time_limit}")
-  program, out, binaries = encode(fn, lower, upper)
+  program, out, binaries = encode(fn, lower, upper, fixed)
   C, d = np.asarray(unsafe.C, np.float64), np.asarray(unsafe.d, np.float64)
   member = np.asarray(unsafe.member)
   if C.shape[1:] != out.const.shape:

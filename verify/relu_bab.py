@@ -18,7 +18,10 @@ capacity on the device and repeats one jitted step until the pool is empty
    candidates' children bounded cheaply (no optimisation) and the candidate whose
    worse child is best kept;
 5. the input minimising each child's worst bound row is a counterexample
-   candidate, checked on the network; the unproven children join the pool.
+   candidate, checked on the network; the unproven children join the pool, but
+   for a child with no neuron left to split (every unstable one split, or the
+   depth limit), decided by the MILP restricted to its splits (`verify.milp`; a
+   linear program once every unstable neuron is split).
 
 A child is proven when its lower bound on the safety (`verify.unsafe`), less
 the rounding allowance of the root box (`verify.rounding`), is positive; the
@@ -55,11 +58,14 @@ from verify.beta_crown import clamp
 from verify.beta_crown import split_masks
 from verify.alpha_crown import optimise
 from verify.crown import intermediate_bounds
+from verify.ibp import propagate as ibp_propagate
 from verify.graph import build_graph
 from verify.interval import Interval
 from verify.unsafe import UnsafeSet
 
 BRANCHING = ("babsr", "fsb")
+# Seconds at most for the exact program of a subdomain with no split left.
+EXACT_SECONDS = 30.0
 
 
 @jax.tree_util.register_dataclass
@@ -87,13 +93,15 @@ class Pool:
 @dataclasses.dataclass(frozen=True)
 class Root:
   """What every subdomain shares: the box, its CROWN intermediate bounds, the slopes
-  alpha-CROWN optimised over it, the rows' offsets and the rounding allowance."""
+  alpha-CROWN optimised over it, the rows' offsets, the rounding allowance and, per ReLU
+  input, what each unit of a split's multiplier adds to it (`beta_allowance`)."""
   lower: jax.Array  # [1, ...]
   upper: jax.Array
   bounds: dict
   alpha: dict
   unsafe: UnsafeSet
   allowance: jax.Array  # [1, S]
+  beta_error: dict  # str(ReLU node index) -> [1, *shape]
 
 
 def _graph(fn, n: int, root: Root):
@@ -109,10 +117,30 @@ def _broadcast(tree, n: int, axis: int):
       lambda v: jnp.broadcast_to(v, v.shape[:axis] + (n,) + v.shape[axis + 1:]), tree)
 
 
-def _safety(root: Root, rows: jax.Array) -> jax.Array:
-  """``[N]`` proven safety from lower bounds ``[S, N]`` of the rows."""
+def _safety(root: Root, rows: jax.Array, params: dict | None = None, masks=None) -> jax.Array:
+  """``[N]`` proven safety from lower bounds ``[S, N]`` of the rows (found with the split
+  multipliers ``params["beta"]`` on ``masks``, whose terms' rounding is allowed for too)."""
   u = er.unit_roundoff(jnp.float32)
-  return root.unsafe.proven(rows.T - root.allowance - 2 * u * jnp.abs(root.unsafe.d))
+  rows = rows.T - root.allowance - 2 * u * jnp.abs(root.unsafe.d)
+  if params is not None:
+    rows = rows - beta_allowance(root, params["beta"], masks).T
+  return root.unsafe.proven(rows)
+
+
+def beta_allowance(root: Root, beta: dict, masks: dict) -> jax.Array:
+  """``[S, N]``: the rounding allowance of the split terms ``-sum beta s (x - c)``.
+
+  The terms are bounded by the same backward pass as the specification, so under
+  `verify.rounding`'s first-order model their evaluation and computation errors are
+  those of ``beta`` times the ReLU input's value: ``beta (3 e + 2 u (|x| + |c|))`` per
+  split (``e`` the input's error bound, ``|x|`` its magnitude).
+  """
+  total = 0.0
+  for k, b in beta.items():
+    w = root.beta_error[k] * jnp.abs(masks[int(k)]).astype(b.dtype)
+    term = jnp.where(b > 0, b * w[None], 0.0)  # no 0 * inf where a split is absent
+    total = total + jnp.sum(term.reshape(b.shape[:2] + (-1,)), axis=-1)
+  return total
 
 
 def _worst_row(root: Root, rows: jax.Array) -> jax.Array:
@@ -204,7 +232,7 @@ def _bound_batch(fn, root: Root, splits, beta, *, steps, lr, lr_beta, branching,
                                   lr_beta=lr_beta,
                                   init=init,
                                   record=record)
-  safety = _safety(root, rows)
+  safety = _safety(root, rows, params, masks)
   row = _worst_row(root, rows)
   clamped = clamp(relus, bounds, masks)
   scores = _scores(relus, clamped, masks, record, row)
@@ -302,6 +330,8 @@ def _step(fn, root: Root, pool: Pool, *, batch_size, steps, lr, lr_beta, branchi
   stats = dict(bounded=jnp.sum(kid_valid),
                proven=jnp.sum(kid_valid & (safety > 0)),
                stuck=jnp.sum(stuck),
+               stuck_flags=stuck,
+               stuck_splits=kids,
                overflow=jnp.sum(keep) > jnp.sum(free < capacity),
                open=jnp.sum(pool.live),
                lowest=jnp.min(jnp.where(pool.live, pool.bound, jnp.inf)),
@@ -328,7 +358,18 @@ def _root(fn, lo, hi, unsafe: UnsafeSet, *, root_steps, lr):
   spec = jnp.broadcast_to(unsafe.C, (1,) + unsafe.C.shape)
   A = jnp.transpose(spec, (1, 0, 2)).astype(jnp.float32)
   rows, params = optimise(out, A, bounds, root_steps, lr)
-  root = Root(lo, hi, bounds, params["alpha"], unsafe, rounding.allowance(fn, box, spec))
+  errors = rounding.error_bounds(graph, ibp_propagate(graph, boxes))
+  u = er.unit_roundoff(jnp.float32)
+  beta_error = {}
+  for node in relu_nodes(out):
+    x = node.inputs[node.bounded_inputs[0]]
+    b = bounds[x.index]
+    _, c = primitives.relu_threshold(node, b.lower.dtype)
+    size = jnp.maximum(jnp.abs(b.lower), jnp.abs(b.upper)) + errors[x.index]
+    beta_error[str(node.index)] = (rounding.ERROR_FACTOR * errors[x.index] + 2 * u *
+                                   (size + jnp.abs(c))).astype(jnp.float32)
+  root = Root(lo, hi, bounds, params["alpha"], unsafe, rounding.allowance(fn, box, spec),
+              beta_error)
   return root, _safety(root, rows)[0], _unstable(relu_nodes(out), bounds)
 
 
@@ -364,6 +405,30 @@ def initial_pool(fn: Callable, setup: Setup, *, capacity: int, max_depth: int,
               branch=fill((2,), -1, jnp.int32).at[0].set(branch[0]),
               live=fill((), False, bool).at[0].set(live))
   return pool, (np.asarray(x[0]) if float(x_safety[0]) <= 0 else None)
+
+
+def _decide_exactly(fn, lower, upper, unsafe: UnsafeSet, splits: np.ndarray,
+                    deadline: float) -> tuple[str, np.ndarray | None]:
+  """A subdomain no split is left for, decided by the MILP restricted to its splits (a
+  linear program when every unstable neuron is split; `verify.milp`)."""
+  from verify import milp  # pylint: disable=import-outside-toplevel
+  remaining = min(deadline - time.monotonic(), EXACT_SECONDS)
+  if remaining <= 0:
+    return "unknown", None
+  used = splits[splits[:, 2] != 0]
+  layers = {}
+  for layer, neuron, sign in used:
+    layers.setdefault(int(layer), {})[int(neuron)] = int(sign)
+  sizes = milp.relu_sizes(fn, lower)
+  fixed = {}
+  for layer, signs in layers.items():
+    fixed[layer] = np.zeros(sizes[layer], np.int8)
+    fixed[layer][list(signs)] = list(signs.values())
+  try:
+    result = milp.milp_verify(fn, lower, upper, unsafe, time_limit=remaining, fixed=fixed)
+  except (primitives.UnsupportedPrimitiveError, InputError):
+    return "unknown", None
+  return result.status, result.counterexample
 
 
 def count_unstable(fn: Callable, lower: np.ndarray, upper: np.ndarray) -> int:
@@ -470,9 +535,13 @@ def search(fn: Callable,
     pool, stats = _step(fn, setup.root, pool, batch_size=batch_size, **options)
     stats = jax.device_get(stats)
     bounded += int(stats["bounded"])
-    stuck += int(stats["stuck"])
     if stats["candidate_safety"] <= 0 and confirm(np.asarray(stats["candidate"])):
       return "falsified", np.asarray(stats["candidate"]), bounded
+    for splits in stats["stuck_splits"][stats["stuck_flags"]]:
+      status, x = _decide_exactly(fn, lower, upper, unsafe, splits, deadline)
+      if status == "falsified" and confirm(x):
+        return "falsified", x, bounded
+      stuck += status != "verified"
     if stats["overflow"]:
       return "unknown", None, bounded
     now = time.monotonic()

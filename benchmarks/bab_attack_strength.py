@@ -1,0 +1,85 @@
+"""Points the branch-and-bound attack breaks after PGD, MultiTargeted and AutoAttack fail.
+
+    ROBUSTLIB_DATA_DIR=../shared/data python -m benchmarks.bab_attack_strength \\
+        --model=cnn_small --train_eps=0.3 --eps=0.3 --num_points=100
+
+A network of `benchmarks.nets` trained with PGD (``--train_eps``, 10 steps) on
+MNIST; its first ``--num_points`` test points at L-inf ``--eps``. PGD-100,
+MultiTargeted (5 restarts x 200 steps) and AutoAttack (standard) run in turn on
+the points the previous ones left robust; `verify.bab_attack` then runs on the
+survivors (``--time_limit`` seconds each). Prints the robust counts after each
+stage and how many survivors the branch-and-bound attack broke or proved.
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import flags
+import jax
+import numpy as np
+
+import attacks
+import verify
+from benchmarks import nets
+from robustlib import scripts
+
+_MODEL = flags.DEFINE_string("model", "cnn_small", "A benchmarks.nets network.")
+_TRAIN_EPS = flags.DEFINE_float("train_eps", 0.3, "PGD training radius.")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 3000, "Training steps.")
+_EPS = flags.DEFINE_float("eps", 0.3, "L-inf radius of the evaluation.")
+_POINTS = flags.DEFINE_integer("num_points", 100, "First MNIST test points.")
+_TIME = flags.DEFINE_float("time_limit", 120.0, "Seconds of bab_attack per survivor.")
+
+
+def main(argv):
+  del argv
+  scripts.setup_logging()
+  params = nets.train(_MODEL.value,
+                      _TRAIN_STEPS.value,
+                      adversarial_eps=_TRAIN_EPS.value,
+                      pgd_steps=10)
+  fn = nets.logits_fn(_MODEL.value, params)
+  x, y = nets.mnist_nchw("test", _POINTS.value)
+  eps, key = _EPS.value, jax.random.key(0)
+  robust = np.asarray(fn(x)).argmax(axis=1) == y
+  print(f"{_MODEL.value} PGD-trained at {_TRAIN_EPS.value:g}, L-inf {eps:g}, {len(y)} points")
+  print(f"{'stage':<28} {'robust':>7} {'seconds':>8}")
+  print(f"{'clean':<28} {int(robust.sum()):>7}")
+  stages = [("pgd-100", attacks.pgd(eps=eps, steps=100)),
+            ("multitargeted 5x200", attacks.multitargeted(eps=eps, steps=200, restarts=5)),
+            ("autoattack", attacks.autoattack(eps=eps))]
+  for name, attack in stages:
+    start = time.time()
+    idx = np.flatnonzero(robust)
+    if idx.size:
+      report = attacks.evaluate(fn,
+                                x[idx],
+                                y[idx],
+                                attack,
+                                eps=eps,
+                                key=key,
+                                progress=False,
+                                run_diagnostics=False)
+      robust[idx] = report.robust_flags[0]
+    print(f"{name:<28} {int(robust.sum()):>7} {time.time() - start:8.1f}", flush=True)
+  flat = lambda z: fn(z.reshape((z.shape[0],) + x.shape[1:]))
+  broken = proven = 0
+  start = time.time()
+  for i in np.flatnonzero(robust):
+    r = verify.bab_attack(flat,
+                          x[i].reshape(-1),
+                          int(y[i]),
+                          eps,
+                          jax.random.fold_in(key, i),
+                          time_limit=_TIME.value)
+    broken += r.status == "broken"
+    proven += r.status == "verified"
+    print(f"  point {i}: {r.status} ({r.stage}, {r.dives} dives, {r.seconds:.1f} s)", flush=True)
+  print(f"{'bab_attack':<28} {int(robust.sum()) - broken:>7} {time.time() - start:8.1f}")
+  print(f"bab_attack broke {broken} of the {int(robust.sum())} points the three attacks left "
+        f"robust, and proved {proven}")
+
+
+if __name__ == "__main__":
+  scripts.run(main)
