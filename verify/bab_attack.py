@@ -39,12 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from robustlib import compilation
 from robustlib.checks import InputError
 from verify import primitives
 from verify import relu_bab
 from verify.alpha_crown import relu_nodes
-from verify.beta_crown import bound_subdomains
-from verify.beta_crown import split_masks
 from verify.graph import build_graph
 from verify.graph import evaluate
 from verify.interval import Interval
@@ -219,20 +218,6 @@ def _beam_bounds(fn, setup, relus, fixed_list) -> np.ndarray:
   return np.asarray(_bound_beam(fn, setup.root, jnp.asarray(splits)))
 
 
-@primitives.highest_precision
+@compilation.jit(static_argnames=("fn",))
 def _bound_beam(fn, root, splits):
-  n = splits.shape[0]
-  out, relus = relu_bab._graph(fn, n, root)
-  bounds = relu_bab._broadcast(root.bounds, n, 0)
-  A = jnp.broadcast_to(root.unsafe.C[:, None, :], (root.unsafe.C.shape[0], n) +
-                       root.unsafe.C.shape[1:]).astype(root.lower.dtype)
-  masks = split_masks(relus, splits)
-  rows, params = bound_subdomains(out,
-                                  A,
-                                  bounds,
-                                  masks,
-                                  steps=20,
-                                  lr=0.1,
-                                  lr_beta=0.05,
-                                  init={"alpha": relu_bab._broadcast(root.alpha, n, 1)})
-  return relu_bab._safety(root, rows, params, masks)
+  return relu_bab.bound_batch(fn, root, splits, steps=20)[0]

@@ -211,28 +211,64 @@ def _sparse_beta(relus, splits, dense):
   return out
 
 
+def _spec(root: Root, n: int) -> jax.Array:
+  """The unsafe set's rows ``[S, N, K]`` for ``n`` subdomains."""
+  c = root.unsafe.C
+  return jnp.broadcast_to(c[:, None, :], (c.shape[0], n) + c.shape[1:]).astype(root.lower.dtype)
+
+
 @primitives.highest_precision
-def _bound_batch(fn, root: Root, splits, beta, *, steps, lr, lr_beta, branching, candidates):
-  """Bounds subdomains ``splits [N, D, 3]``; returns their safety bounds ``[N]``, multipliers
-  ``[N, S, D]``, next branches ``[N, 2]``, candidate inputs ``[N, ...]`` and their safety."""
+def bound_batch(fn: Callable,
+                root: Root,
+                splits: jax.Array,
+                beta: jax.Array | None = None,
+                *,
+                steps: int,
+                lr: float = 0.1,
+                lr_beta: float = 0.05,
+                record: dict | None = None) -> tuple[jax.Array, jax.Array, dict, dict]:
+  """β-CROWN over subdomains ``splits [N, D, 3]`` of the root box (jittable).
+
+  The slopes start at the root's, the multipliers at ``beta [N, S, D]`` (one per
+  split; zeros if None). Returns the safety bounds ``[N]`` (the rounding allowances
+  subtracted: positive is a proof), the rows' lower bounds ``[S, N]``, the
+  optimised parameters and the split masks.
+  """
   n = splits.shape[0]
   out, relus = _graph(fn, n, root)
-  bounds = _broadcast(root.bounds, n, 0)
-  A = jnp.broadcast_to(root.unsafe.C[:, None, :], (root.unsafe.C.shape[0], n) +
-                       root.unsafe.C.shape[1:]).astype(root.lower.dtype)
   masks = split_masks(relus, splits)
-  init = {"alpha": _broadcast(root.alpha, n, 1), "beta": _dense_beta(relus, splits, beta, n)}
-  record: dict = {}
+  init = {"alpha": _broadcast(root.alpha, n, 1)}
+  if beta is not None:
+    init["beta"] = _dense_beta(relus, splits, beta, n)
   rows, params = bound_subdomains(out,
-                                  A,
-                                  bounds,
+                                  _spec(root, n),
+                                  _broadcast(root.bounds, n, 0),
                                   masks,
                                   steps=steps,
                                   lr=lr,
                                   lr_beta=lr_beta,
                                   init=init,
                                   record=record)
-  safety = _safety(root, rows, params, masks)
+  return _safety(root, rows, params, masks), rows, params, masks
+
+
+@primitives.highest_precision
+def _bound_batch(fn, root: Root, splits, beta, *, steps, lr, lr_beta, branching, candidates):
+  """Bounds subdomains ``splits [N, D, 3]``; returns their safety bounds ``[N]``, multipliers
+  ``[N, S, D]``, next branches ``[N, 2]``, candidate inputs ``[N, ...]`` and their safety."""
+  n = splits.shape[0]
+  _, relus = _graph(fn, n, root)
+  bounds = _broadcast(root.bounds, n, 0)
+  A = _spec(root, n)
+  record: dict = {}
+  safety, rows, params, masks = bound_batch(fn,
+                                            root,
+                                            splits,
+                                            beta,
+                                            steps=steps,
+                                            lr=lr,
+                                            lr_beta=lr_beta,
+                                            record=record)
   row = _worst_row(root, rows)
   clamped = clamp(relus, bounds, masks)
   scores = _scores(relus, clamped, masks, record, row)
@@ -274,17 +310,9 @@ def _bound_batch(fn, root: Root, splits, beta, *, steps, lr, lr_beta, branching,
   return safety, _sparse_beta(relus, splits, params["beta"]), branch, x, x_safety
 
 
-@compilation.jit(static_argnames=("fn", "steps", "lr", "lr_beta", "branching", "candidates"))
-def _bound_root(fn, root: Root, splits, beta, *, steps, lr, lr_beta, branching, candidates):
-  return _bound_batch(fn,
-                      root,
-                      splits,
-                      beta,
-                      steps=steps,
-                      lr=lr,
-                      lr_beta=lr_beta,
-                      branching=branching,
-                      candidates=candidates)
+_bound_root = compilation.jit(_bound_batch,
+                              static_argnames=("fn", "steps", "lr", "lr_beta", "branching",
+                                               "candidates"))
 
 
 @compilation.jit(static_argnames=("fn", "batch_size", "steps", "lr", "lr_beta", "branching",
