@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import verify
+from robustlib.checks import InputError
 from verify import certification
 
 
@@ -97,20 +98,40 @@ def test_the_allowance_is_what_certify_subtracts():
 
 
 @pytest.mark.parametrize("act", [jax.nn.relu, jnp.tanh, jax.nn.sigmoid])
-@pytest.mark.parametrize("method", ["ibp", "crown_ibp", "crown"])
-def test_one_ulp_boxes_hold_float32_evaluations_within_the_allowance(act, method):
+@pytest.mark.parametrize("method,magnitudes", [("ibp", "ibp"), ("crown_ibp", "ibp"),
+                                               ("crown", "ibp"), ("crown", "crown")])
+def test_one_ulp_boxes_hold_float32_evaluations_within_the_allowance(act, method, magnitudes):
   fn = _mlp(3, sizes=(8, 32, 32, 4), act=act)
   rng = np.random.default_rng(0)
   lo = rng.uniform(0, 1, size=(8, 8)).astype(np.float32)
   hi = np.nextafter(lo, np.float32(np.inf))
   box = verify.Interval(jnp.asarray(lo), jnp.asarray(hi))
   b = getattr(verify, method)(fn, box)
-  allow = np.asarray(verify.rounding_allowance(fn, box))
+  allow = np.asarray(verify.rounding_allowance(fn, box, magnitudes=magnitudes))
   f = jax.jit(fn)
   for i in range(lo.shape[0]):
     z = np.asarray(f(jnp.asarray(_corners(lo[i], hi[i]))))  # [256, 4]
     assert np.all(z >= np.asarray(b.lower)[i] - allow[i]), (z.min(0) - np.asarray(b.lower)[i])
     assert np.all(z <= np.asarray(b.upper)[i] + allow[i]), (z.max(0) - np.asarray(b.upper)[i])
+
+
+def test_crown_magnitudes_shrink_a_deep_networks_allowance_and_it_still_holds():
+  fn = _mlp(4, sizes=(8, 64, 64, 64, 64, 3))
+  rng = np.random.default_rng(2)
+  lo = rng.uniform(0, 1, size=(4, 8)).astype(np.float32)
+  hi = lo + np.float32(0.05)
+  box = verify.Interval(jnp.asarray(lo), jnp.asarray(hi))
+  spec = verify.margin_spec(jnp.zeros(4, jnp.int32), 3)
+  ibp = np.asarray(verify.rounding_allowance(fn, box, spec))
+  crown = np.asarray(verify.rounding_allowance(fn, box, spec, magnitudes="crown"))
+  assert np.all(crown <= ibp) and np.all(crown < 0.5 * ibp), (crown, ibp)
+  lower = np.asarray(verify.crown(fn, box, spec).lower)
+  f = jax.jit(lambda x: jnp.einsum("sk,nk->ns", spec[0], fn(x)))
+  for i in range(lo.shape[0]):
+    pts = lo[i] + rng.uniform(size=(4096, 8)).astype(np.float32) * np.float32(0.05)
+    assert np.all(np.asarray(f(jnp.asarray(pts))) >= lower[i] - crown[i])
+  with pytest.raises(InputError, match="magnitudes"):
+    verify.rounding_allowance(fn, box, spec, magnitudes="exact")
 
 
 def test_narrow_float_network_is_within_its_allowance():

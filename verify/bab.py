@@ -41,6 +41,7 @@ from verify.unsafe import UnsafeSet
 
 METHODS = ("ibp", "crown_ibp", "crown", "alpha_crown")
 SPLITS = ("input", "relu")
+INPUT_BATCH_SIZE = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +91,8 @@ def bound_safety(fn: Callable, lower: jax.Array, upper: jax.Array, unsafe: Unsaf
     rows = jnp.maximum(rows, lower_bounds(fn, box, spec, method))
   # The allowance for rounding (`verify.rounding`), and for the offsets' rounding to float32.
   u = er.unit_roundoff(jnp.float32)
-  rows = rows - rounding.allowance(fn, box, spec) - 2 * u * jnp.abs(unsafe.d)
+  magnitudes = "ibp" if method == "ibp" else "crown"
+  rows = rows - rounding.allowance(fn, box, spec, magnitudes) - 2 * u * jnp.abs(unsafe.d)
   return unsafe.proven(rows)
 
 
@@ -135,7 +137,7 @@ def branch_and_bound(fn: Callable[[jax.Array], jax.Array],
                      deadline: float,
                      confirm: Callable[[np.ndarray], bool],
                      method: str = "crown",
-                     batch_size: int = 256,
+                     batch_size: int | None = None,
                      max_boxes: int = 1_000_000,
                      log_every: float = 10.0,
                      split: str = "input",
@@ -155,7 +157,8 @@ def branch_and_bound(fn: Callable[[jax.Array], jax.Array],
       (a box centre whose output is unsafe) really is one; only confirmed
       points end the search.
     method: bound method per box (see `bound_safety`).
-    batch_size: boxes bounded per call (padded, so one compilation serves all).
+    batch_size: boxes bounded per call (padded, so one compilation serves all); None:
+      `INPUT_BATCH_SIZE` boxes, or for ``split="relu"`` `verify.relu_bab.default_batch_size`.
     max_boxes: open boxes beyond which the search gives up (``"unknown"``); for
       ``split="relu"`` the pool's capacity (at most 65536).
     log_every: seconds between progress lines.
@@ -165,7 +168,7 @@ def branch_and_bound(fn: Callable[[jax.Array], jax.Array],
   Returns:
     A `BabResult`.
   """
-  if batch_size < 1:
+  if batch_size is not None and batch_size < 1:
     raise InputError(f"batch_size must be >= 1, got {batch_size}")
   if split not in SPLITS:
     raise InputError(f"split must be one of {SPLITS}, got {split!r}")
@@ -178,10 +181,11 @@ def branch_and_bound(fn: Callable[[jax.Array], jax.Array],
                                        deadline=deadline,
                                        confirm=confirm,
                                        batch_size=batch_size,
-                                       capacity=max(min(max_boxes, 65536), 2 * batch_size),
+                                       capacity=max(min(max_boxes, 65536), 2 * (batch_size or 1)),
                                        branching=branching,
                                        log_every=log_every)
     return BabResult(status, x, count, time.monotonic() - start)
+  batch_size = batch_size or INPUT_BATCH_SIZE
   lower, upper = np.asarray(lower, np.float32), np.asarray(upper, np.float32)
   if lower.shape != upper.shape or np.any(lower > upper):
     raise InputError(f"the box must have lower <= upper of equal shapes, got {lower.shape} and "

@@ -32,8 +32,11 @@ def ibp_node(node: Node, ins: list[Any]) -> Interval:
   return Interval(out.lower.astype(dtype), out.upper.astype(dtype))
 
 
-def propagate(graph: Graph, boxes: list[Interval]) -> dict[int, Interval]:
-  """IBP bounds of every node of ``graph`` given the boxes of its inputs."""
+def propagate(graph: Graph,
+              boxes: list[Interval],
+              known: dict[int, Interval] | None = None) -> dict[int, Interval]:
+  """IBP bounds of every node of ``graph`` given the boxes of its inputs, each intersected
+  with ``known`` bounds of that node (sound ones, e.g. CROWN's) where given."""
   bounds: dict[int, Interval] = {}
   for node, box in zip(graph.inputs, boxes):
     bounds[node.index] = box
@@ -41,7 +44,12 @@ def propagate(graph: Graph, boxes: list[Interval]) -> dict[int, Interval]:
     if node.index in bounds:
       continue
     ins = [bounds[a.index] if isinstance(a, Node) else a for a in node.inputs]
-    bounds[node.index] = ibp_node(node, ins)
+    b = ibp_node(node, ins)
+    if known is not None and node.index in known:
+      k = known[node.index]
+      lower, upper = jnp.maximum(b.lower, k.lower), jnp.minimum(b.upper, k.upper)
+      b = Interval(jnp.minimum(lower, upper), jnp.maximum(lower, upper))
+    bounds[node.index] = b
   return bounds
 
 

@@ -118,7 +118,7 @@ def decide(fn: Callable[[jax.Array], jax.Array],
            falsify_steps: int = 100,
            falsify_restarts: int = 4,
            bab_method: str = "crown",
-           batch_size: int = 256,
+           batch_size: int | None = None,
            complete: str = "auto",
            branching: str = "babsr") -> Decision:
   """Decides whether some input of ``spec``'s boxes maps into its unsafe set.
@@ -136,7 +136,8 @@ def decide(fn: Callable[[jax.Array], jax.Array],
     falsify_steps: descent steps per falsification run.
     falsify_restarts: runs per unsafe polytope.
     bab_method: bound method of branch and bound.
-    batch_size: boxes bounded at once by branch and bound.
+    batch_size: boxes (or ReLU subdomains) bounded at once by branch and bound; None: its
+      default (`verify.branch_and_bound`).
     complete: the last stage, one of `COMPLETE`: ``"auto"`` (`choose_complete`),
       ``"input"`` (branch and bound on the input box), ``"relu"`` (on ReLU
       splits, `verify.relu_bab`) or ``"milp"`` (`verify.milp_verify`).

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from verify import error_rules as er
 from verify import primitives
+from verify.crown import intermediate_bounds
 from verify.graph import Graph
 from verify.graph import Node
 from verify.graph import build_graph
@@ -125,13 +126,19 @@ def output_allowance(graph: Graph, bounds: dict[int, Interval], out,
 @primitives.highest_precision
 def allowance(fn: Callable,
               interval: Interval,
-              spec: jax.typing.ArrayLike | None = None) -> jax.Array:
+              spec: jax.typing.ArrayLike | None = None,
+              magnitudes: str = "ibp") -> jax.Array:
   """What a lower bound of ``spec @ fn(x)`` over ``interval`` must exceed to be a proof.
 
   Args:
     fn: ``fn(x) -> [N, K]``.
     interval: the input box ``[N, ...]``.
     spec: ``C [N, S, K]``, or None for the outputs themselves.
+    magnitudes: ``"ibp"``: the error bounds take the nodes' magnitudes from IBP;
+      ``"crown"``: from IBP intersected with CROWN's bounds of the nonlinearities'
+      inputs (`verify.crown.intermediate_bounds`; for programs CROWN bounds). On a
+      deep network IBP's magnitudes grow with depth far faster than CROWN's, the
+      allowance with them (143 against 36 on a 4x256 MNIST MLP at L-inf 0.015).
 
   Returns:
     ``[N, S]`` (``[N, K]`` without a spec), non-negative: a lower bound ``L`` of
@@ -148,6 +155,11 @@ def allowance(fn: Callable,
   if len(graph.outputs) != 1:
     raise primitives.InputError(f"fn must return one array [N, K], got {len(graph.outputs)} "
                                 "outputs")
-  bounds = propagate(graph, boxes)
+  if magnitudes not in ("ibp", "crown"):
+    raise primitives.InputError(f"magnitudes must be 'ibp' or 'crown', got {magnitudes!r}")
+  known = None
+  if magnitudes == "crown":
+    known = intermediate_bounds(graph, boxes, "crown")
+  bounds = propagate(graph, boxes, known)
   spec = None if spec is None else jnp.asarray(spec)
   return output_allowance(graph, bounds, graph.outputs[0], spec)

@@ -41,7 +41,9 @@ _BENCHMARK = flags.DEFINE_string("benchmark", None,
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the falsifier's random starts.")
 _BAB_METHOD = flags.DEFINE_enum("bab_method", "crown", ["ibp", "crown_ibp", "crown", "alpha_crown"],
                                 "Bounds used by branch and bound.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Boxes bounded at once by branch and bound.")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", None, "Boxes (or ReLU subdomains) bounded at once by branch and bound; "
+    "default: 256 boxes, ReLU subdomains by backend.")
 _COMPLETE = flags.DEFINE_enum(
     "complete", "auto", ["auto", "input", "relu", "milp"],
     "The complete search: chosen per instance (auto: input splitting for few input dimensions, "
