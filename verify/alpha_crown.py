@@ -151,8 +151,7 @@ def optimise_intermediate(relus: list[Node],
     lower = r[:m].T.reshape(x.shape)
     upper = -r[m:].T.reshape(x.shape)
     old = bounds[x.index]
-    lower, upper = jnp.maximum(lower, old.lower), jnp.minimum(upper, old.upper)
-    bounds[x.index] = Interval(jnp.minimum(lower, upper), jnp.maximum(lower, upper))
+    bounds[x.index] = ordered(jnp.maximum(lower, old.lower), jnp.minimum(upper, old.upper))
   return bounds
 
 

@@ -23,6 +23,7 @@ from verify.graph import Graph
 from verify.graph import Node
 from verify.graph import build_graph
 from verify.interval import Interval
+from verify.interval import ordered
 
 
 def ibp_node(node: Node, ins: list[Any]) -> Interval:
@@ -47,8 +48,7 @@ def propagate(graph: Graph,
     b = ibp_node(node, ins)
     if known is not None and node.index in known:
       k = known[node.index]
-      lower, upper = jnp.maximum(b.lower, k.lower), jnp.minimum(b.upper, k.upper)
-      b = Interval(jnp.minimum(lower, upper), jnp.maximum(lower, upper))
+      b = ordered(jnp.maximum(b.lower, k.lower), jnp.minimum(b.upper, k.upper))
     bounds[node.index] = b
   return bounds
 
