@@ -26,7 +26,9 @@ from robustlib import scripts
 
 _MODEL = flags.DEFINE_string("model", "cnn_small", "A benchmarks.nets network.")
 _TRAIN_EPS = flags.DEFINE_float("train_eps", 0.3, "PGD training radius.")
-_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 3000, "Training steps.")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 6000, "Training steps.")
+_RAMP_STEPS = flags.DEFINE_integer("ramp_steps", 2000,
+                                   "Steps over which the training radius grows from 0.")
 _EPS = flags.DEFINE_float("eps", 0.3, "L-inf radius of the evaluation.")
 _POINTS = flags.DEFINE_integer("num_points", 100, "First MNIST test points.")
 _TIME = flags.DEFINE_float("time_limit", 120.0, "Seconds of bab_attack per survivor.")
@@ -38,7 +40,8 @@ def main(argv):
   params = nets.train(_MODEL.value,
                       _TRAIN_STEPS.value,
                       adversarial_eps=_TRAIN_EPS.value,
-                      pgd_steps=10)
+                      pgd_steps=10,
+                      ramp_steps=_RAMP_STEPS.value)
   fn = nets.logits_fn(_MODEL.value, params)
   x, y = nets.mnist_nchw("test", _POINTS.value)
   eps, key = _EPS.value, jax.random.key(0)

@@ -184,14 +184,17 @@ def train(name: str,
           seed: int = 0,
           batch_size: int = 128,
           adversarial_eps: float = 0.0,
-          pgd_steps: int = 0) -> Params:
+          pgd_steps: int = 0,
+          ramp_steps: int = 0) -> Params:
   """Adam (1e-3) on cross-entropy for ``steps`` steps on MNIST; prints the time taken.
 
   With ``adversarial_eps > 0``, on L-inf FGSM points with a random start of that
   radius (step 1.25 eps; Wong et al. 2020, "Fast is better than free"), so that a
   robustness evaluation has points that survive its first attacks; with
   ``pgd_steps > 0`` on PGD points of that many steps instead (Madry et al. 2018;
-  steps of 2.5 eps / pgd_steps from a random start).
+  steps of 2.5 eps / pgd_steps from a random start). The radius grows linearly from 0
+  over the first ``ramp_steps`` steps (a small network trained at MNIST's eps 0.3 from
+  the start stays at chance; Gowal et al. 2018 ramp theirs likewise).
   """
   x, y = mnist_nchw("train", 60000)
   params = [(jnp.asarray(w), jnp.asarray(b)) for w, b in init_params(name, jax.random.key(seed))]
@@ -203,15 +206,14 @@ def train(name: str,
                                                            yb).mean()
 
   @jax.jit
-  def step(p, o, xb, yb, key):
+  def step(p, o, xb, yb, key, eps):
     if adversarial_eps > 0 and pgd_steps > 0:
       fn = lambda z: _apply(layers, p, z, True, jax.nn.relu)
-      xb = attacks.pgd(eps=adversarial_eps, steps=pgd_steps)(fn, xb, yb, key)
+      xb = attacks.pgd(eps=adversarial_eps, steps=pgd_steps)(fn, xb, yb, key, eps=eps)
     elif adversarial_eps > 0:
-      delta = jax.random.uniform(key, xb.shape, minval=-adversarial_eps, maxval=adversarial_eps)
+      delta = jax.random.uniform(key, xb.shape, minval=-eps, maxval=eps)
       g = jax.grad(lambda z: loss(p, z, yb))(jnp.clip(xb + delta, 0.0, 1.0))
-      delta = jnp.clip(delta + 1.25 * adversarial_eps * jnp.sign(g), -adversarial_eps,
-                       adversarial_eps)
+      delta = jnp.clip(delta + 1.25 * eps * jnp.sign(g), -eps, eps)
       xb = jnp.clip(xb + delta, 0.0, 1.0)
     g = jax.grad(loss)(p, xb, yb)
     u, o = tx.update(g, o, p)
@@ -223,11 +225,14 @@ def train(name: str,
   key = jax.random.key(seed)
   for i in range(steps):
     idx = rng.integers(0, x.shape[0], batch_size)
-    params, opt_state = step(params, opt_state, x[idx], y[idx], jax.random.fold_in(key, i))
+    eps = adversarial_eps * min(1.0, (i + 1) / ramp_steps) if ramp_steps else adversarial_eps
+    params, opt_state = step(params, opt_state, x[idx], y[idx], jax.random.fold_in(key, i),
+                             jnp.float32(eps))
   jax.block_until_ready(params)
   kind = "clean"
   if adversarial_eps > 0:
     kind = f"{f'PGD-{pgd_steps}' if pgd_steps else 'FGSM-RS'} eps {adversarial_eps:g}"
+    kind += f", ramped over {ramp_steps} steps" if ramp_steps else ""
   print(f"trained {name} ({kind}) for {steps} steps in {time.perf_counter() - start:.1f} s")
   return [(np.asarray(w), np.asarray(b)) for w, b in params]
 

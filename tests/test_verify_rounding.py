@@ -11,6 +11,14 @@ import pytest
 import verify
 from robustlib.checks import InputError
 from verify import certification
+from verify import error_rules
+from verify import primitives
+from verify import rounding
+from verify.graph import build_graph
+import importlib
+
+crown_module = importlib.import_module("verify.crown")
+ibp_module = importlib.import_module("verify.ibp")
 
 
 def _mlp(seed, sizes=(8, 16, 16, 3), act=jax.nn.relu):
@@ -26,6 +34,7 @@ def _mlp(seed, sizes=(8, 16, 16, 3), act=jax.nn.relu):
         h = act(h)
     return h
 
+  fn.weights = ws, bs
   return fn
 
 
@@ -98,16 +107,20 @@ def test_the_allowance_is_what_certify_subtracts():
 
 
 @pytest.mark.parametrize("act", [jax.nn.relu, jnp.tanh, jax.nn.sigmoid])
-@pytest.mark.parametrize("method,magnitudes", [("ibp", "ibp"), ("crown_ibp", "ibp"),
-                                               ("crown", "ibp"), ("crown", "crown")])
-def test_one_ulp_boxes_hold_float32_evaluations_within_the_allowance(act, method, magnitudes):
+@pytest.mark.parametrize("method,magnitudes,errors", [("ibp", "ibp", "forward"),
+                                                      ("crown_ibp", "ibp", "forward"),
+                                                      ("crown", "ibp", "forward"),
+                                                      ("crown", "crown", "forward"),
+                                                      ("crown", "crown", "backward")])
+def test_one_ulp_boxes_hold_float32_evaluations_within_the_allowance(act, method, magnitudes,
+                                                                     errors):
   fn = _mlp(3, sizes=(8, 32, 32, 4), act=act)
   rng = np.random.default_rng(0)
   lo = rng.uniform(0, 1, size=(8, 8)).astype(np.float32)
   hi = np.nextafter(lo, np.float32(np.inf))
   box = verify.Interval(jnp.asarray(lo), jnp.asarray(hi))
   b = getattr(verify, method)(fn, box)
-  allow = np.asarray(verify.rounding_allowance(fn, box, magnitudes=magnitudes))
+  allow = np.asarray(verify.rounding_allowance(fn, box, magnitudes=magnitudes, errors=errors))
   f = jax.jit(fn)
   for i in range(lo.shape[0]):
     z = np.asarray(f(jnp.asarray(_corners(lo[i], hi[i]))))  # [256, 4]
@@ -132,6 +145,79 @@ def test_crown_magnitudes_shrink_a_deep_networks_allowance_and_it_still_holds():
     assert np.all(np.asarray(f(jnp.asarray(pts))) >= lower[i] - crown[i])
   with pytest.raises(InputError, match="magnitudes"):
     verify.rounding_allowance(fn, box, spec, magnitudes="exact")
+
+
+def test_backward_errors_bound_the_float32_error_and_shrink_a_deep_networks_allowance():
+  fn = _mlp(4, sizes=(8, 64, 64, 64, 64, 3))
+  rng = np.random.default_rng(3)
+  lo = rng.uniform(0, 1, size=(4, 8)).astype(np.float32)
+  hi = lo + np.float32(0.02)
+  box = verify.Interval(jnp.asarray(lo), jnp.asarray(hi))
+  spec = verify.margin_spec(jnp.zeros(4, jnp.int32), 3)
+  forward = np.asarray(verify.rounding_allowance(fn, box, spec, "crown"))
+  backward = np.asarray(verify.rounding_allowance(fn, box, spec, "crown", errors="backward"))
+  assert np.all(backward <= forward) and np.all(backward < 0.5 * forward), (backward, forward)
+  # The evaluation part alone bounds float32 against float64 evaluations.
+  graph, boxes = build_graph(fn, [box])
+  out = graph.outputs[0]
+  known = crown_module.intermediate_bounds(graph, boxes, "crown")
+  bounds = ibp_module.propagate(graph, boxes, known)
+  passes = rounding.PassBounds(ibp_module.propagate(graph, boxes), known)
+  model = rounding.ErrorModel.refined(graph, bounds, passes)
+  rows = jnp.swapaxes(spec, 0, 1).astype(jnp.float32)
+  evaluation = np.asarray(rounding.sensitivity_errors(graph, bounds, model, out, rows)).T
+  plain = rounding.ErrorModel.forward(graph, bounds)
+  for x in rounding._relu_inputs(graph):  # tighter, never looser, than the forward model
+    assert np.all(np.asarray(model.errs[x.index]) <= np.asarray(plain.errs[x.index]))
+  lower = np.asarray(verify.crown(fn, box, spec).lower)
+  f32 = jax.jit(lambda x: jnp.einsum("sk,nk->ns", spec[0], fn(x)))
+  ws, bs = [[np.asarray(a, np.float64) for a in group] for group in fn.weights]
+  c = np.asarray(spec[0], np.float64)
+
+  def f64(h):  # the real-valued network, to float64's precision
+    for k, (w, b) in enumerate(zip(ws, bs)):
+      h = h @ w + b
+      h = np.maximum(h, 0.0) if k < len(ws) - 1 else h
+    return h @ c.T
+
+  for i in range(lo.shape[0]):
+    pts = lo[i] + rng.uniform(size=(2048, 8)).astype(np.float32) * np.float32(0.02)
+    z32 = np.asarray(f32(jnp.asarray(pts)), np.float64)
+    z64 = f64(pts.astype(np.float64))
+    assert np.all(np.abs(z32 - z64) <= evaluation[i])
+    assert np.all(z32 >= lower[i] - backward[i]) and np.all(z64 >= lower[i] - backward[i])
+  with pytest.raises(InputError, match="errors"):
+    verify.rounding_allowance(fn, box, spec, errors="exact")
+
+
+@pytest.mark.parametrize("op", [
+    lambda x: x @ jnp.asarray([[1.0, -2.0], [0.5, 3.0], [-1.0, 0.0]]),
+    lambda x: -x,
+    lambda x: 2.0 - 3.0 * x,
+    lambda x: jnp.transpose(x.reshape(2, 3, 1), (2, 0, 1)).reshape(2, 3),
+    lambda x: jnp.pad(x, ((0, 0), (1, 2)), constant_values=0.5),
+    lambda x: jnp.concatenate([x[:, 1:], -x[:, :1]], axis=1),
+    lambda x: jnp.sum(x * jnp.asarray([1.0, -1.0, 2.0]), axis=1, keepdims=True),
+    lambda x: jnp.cumsum(-x, axis=1),
+    lambda x: jnp.where(jnp.asarray([True, False, True]), x, -2.0 * x),
+    lambda x: x[:, jnp.asarray([2, 0, 0])],
+    lambda x: jax.lax.conv_general_dilated(x[:, None, :], jnp.asarray([[[1.0, -2.0]]]),
+                                           (1,), "VALID")[:, 0],
+])
+def test_the_absolute_map_is_the_absolute_jacobian(op):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)
+  graph, _ = build_graph(op, [verify.Interval(x, x)])
+  nodes = [n for n in graph.nodes if n.primitive is not None]
+  assert nodes and all(primitives.kind(n) in ("identity", "linear", "affine") for n in nodes)
+  for n in nodes:
+    ins = [jnp.ones(n.inputs[p].shape, jnp.float32) for p in n.bounded_inputs]
+    out, vjp = jax.vjp(error_rules.absolute_map(n, primitives.kind(n) == "affine"), *ins)
+    ct = jnp.asarray(rng.uniform(0.5, 2.0, size=out.shape), jnp.float32)
+    for k, got in enumerate(vjp(ct)):  # |L_k|^T ct, for each bounded operand
+      jac = jax.jacobian(lambda *v, n=n: n.apply_bounded(*v), argnums=k)(*ins)
+      want = jnp.tensordot(ct, jnp.abs(jac), axes=ct.ndim)
+      np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=n.describe())
 
 
 def test_narrow_float_network_is_within_its_allowance():

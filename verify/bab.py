@@ -84,16 +84,18 @@ def bound_safety(fn: Callable, lower: jax.Array, upper: jax.Array, unsafe: Unsaf
     return jnp.full(lower.shape[:1], -jnp.inf, lower.dtype)
   box = Interval(lower, upper)
   spec = jnp.broadcast_to(unsafe.C, (lower.shape[0],) + unsafe.C.shape)
-  rows = lower_bounds(fn, box, spec, "ibp")
-  if method == "alpha_crown":
-    rows = jnp.maximum(rows, alpha_crown(fn, box, spec, lower_only=True))
-  elif method != "ibp":
-    rows = jnp.maximum(rows, lower_bounds(fn, box, spec, method))
-  # The allowance for rounding (`verify.rounding`), and for the offsets' rounding to float32.
+  # Each pass's bounds less its rounding allowance (`verify.rounding`); the offsets' rounding
+  # to float32 is allowed for too.
   u = er.unit_roundoff(jnp.float32)
+  offsets = 2 * u * jnp.abs(unsafe.d)
   magnitudes = "ibp" if method == "ibp" else "crown"
-  rows = rows - rounding.allowance(fn, box, spec, magnitudes) - 2 * u * jnp.abs(unsafe.d)
-  return unsafe.proven(rows)
+  rows = lower_bounds(fn, box, spec, "ibp") - rounding.allowance(fn, box, spec, magnitudes)
+  if method != "ibp":
+    linear = (alpha_crown(fn, box, spec, lower_only=True)
+              if method == "alpha_crown" else lower_bounds(fn, box, spec, method))
+    errors = "backward" if method in rounding.BACKWARD_PASSES else "forward"
+    rows = jnp.maximum(rows, linear - rounding.allowance(fn, box, spec, magnitudes, errors))
+  return unsafe.proven(rows - offsets)
 
 
 def round_outward(lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

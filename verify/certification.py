@@ -84,11 +84,16 @@ def margin_bounds(logits_fn: Callable,
 @compilation.jit(static_argnames=("logits_fn", "method", "bounds", "chunk_size"))
 def _certify_jit(logits_fn, x, y, eps, method, bounds, chunk_size):
   lower = margin_bounds(logits_fn, x, y, eps, method, bounds, chunk_size)
-  if method != "ibp":  # both are sound: keep the tighter bound of each margin
-    lower = jnp.maximum(lower, margin_bounds(logits_fn, x, y, eps, "ibp", bounds, chunk_size))
   spec = margin_spec(y, lower.shape[1] + 1)
-  allow = rounding.allowance(logits_fn, linf_ball(x, eps, bounds), spec)
-  return jnp.all(lower - allow > 0, axis=1)
+  box = linf_ball(x, eps, bounds)
+  allow = rounding.allowance(logits_fn, box, spec)
+  if method == "ibp":
+    return jnp.all(lower - allow > 0, axis=1)
+  # Both are sound: each margin is proven by the tighter, less its own pass's allowance.
+  ibp = margin_bounds(logits_fn, x, y, eps, "ibp", bounds, chunk_size) - allow
+  if method in rounding.BACKWARD_PASSES:
+    allow = rounding.allowance(logits_fn, box, spec, "crown", errors="backward")
+  return jnp.all(jnp.maximum(lower - allow, ibp) > 0, axis=1)
 
 
 def _round_up(eps) -> np.ndarray:

@@ -23,7 +23,7 @@ number are added to every rounded operation for underflow (flushed subnormals).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -97,21 +97,30 @@ def variation(node, errs, boxes) -> jax.Array:
   return jnp.where(jnp.isnan(width), jnp.inf, width)
 
 
-def _symmetric(node, errs, boxes, zero_constants: bool) -> jax.Array:
-  """A linear map's bound ``|L| e``: its IBP rule on ``[-e, e]`` (constant values zeroed
-  for an affine map, whose constant term cancels in the difference)."""
+def absolute_map(node, zero_constants: bool) -> Callable[..., jax.Array]:
+  """``|L|``, for a linear map ``L`` of the node's bounded operands: ``(*e) -> |L| e`` for
+  ``e >= 0``, its IBP rule on ``[-e, e]`` (constant values zeroed for an affine map, whose
+  constant term cancels in a difference). Linear in ``e >= 0``, so its VJP at any
+  positive ``e`` is ``|L|``'s transpose."""
   from verify import primitives  # pylint: disable=g-import-not-at-top
 
-  args = []
-  for a, b, e in zip(node.inputs, boxes, errs):
-    if _is_iv(b):
-      args.append(Interval(-e, e))
-    elif zero_constants and jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating):
-      args.append(jnp.zeros_like(jnp.asarray(a)))
-    else:
-      args.append(a)
-  out = primitives.record(node).ibp(node, *args)
-  return jnp.maximum(jnp.abs(out.lower), jnp.abs(out.upper))
+  def apply(*es):
+    args = list(node.inputs)
+    for pos, e in zip(node.bounded_inputs, es):
+      args[pos] = Interval(-e, e)
+    if zero_constants:
+      for pos, a in enumerate(node.inputs):
+        if pos not in node.bounded_inputs and jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating):
+          args[pos] = jnp.zeros_like(jnp.asarray(a))
+    return primitives.record(node).ibp(node, *args).upper
+
+  return apply
+
+
+def _symmetric(node, errs, boxes, zero_constants: bool) -> jax.Array:
+  """A linear map's bound ``|L| e``."""
+  out = absolute_map(node, zero_constants)(*[errs[p] for p in node.bounded_inputs])
+  return jnp.abs(out)
 
 
 def linear(node, errs, boxes) -> jax.Array:
@@ -152,6 +161,7 @@ def slope(bound) -> Any:
     out = jnp.where(e > 0, s * e, 0.0)
     return jnp.where(jnp.isnan(out), jnp.inf, out)
 
+  rule.slope_bound = bound
   return rule
 
 

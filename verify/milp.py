@@ -341,7 +341,7 @@ def milp_verify(fn: Callable[[jax.Array], jax.Array],
   allow = np.asarray(
       rounding.allowance(fn, Interval(jnp.asarray(lower)[None],
                                       jnp.asarray(upper)[None]),
-                         jnp.asarray(C, jnp.float32)[None], "crown"), np.float64)[0]
+                         jnp.asarray(C, jnp.float32)[None], "crown", "backward"), np.float64)[0]
   margin = tolerance * scale + allow + 2 * er.unit_roundoff(np.float32) * np.abs(d)
   n_in = lower.size
   status = "verified"

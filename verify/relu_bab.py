@@ -142,8 +142,9 @@ def beta_allowance(root: Root, beta: dict, masks: dict) -> jax.Array:
 
   The terms are bounded by the same backward pass as the specification, so under
   `verify.rounding`'s first-order model their evaluation and computation errors are
-  those of ``beta`` times the ReLU input's value: ``beta (3 e + 2 u (|x| + |c|))`` per
-  split (``e`` the input's error bound, ``|x|`` its magnitude).
+  those of ``beta`` times the ReLU input's value: ``beta (e + 2 e' + 2 u (|x| + |c|))``
+  per split (``e`` the input's evaluation error bound, ``e'`` a linear pass's
+  computation error of it, `verify.rounding.ErrorModel`; ``|x|`` its magnitude).
   """
   total = 0.0
   for k, b in beta.items():
@@ -401,18 +402,20 @@ def _root(fn, lo, hi, unsafe: UnsafeSet, *, root_steps, lr):
   rows, params = optimise(out, A, bounds, root_steps, lr)
   # Magnitudes for the rounding model: IBP's within the bounds above.
   magnitudes = ibp_propagate(graph, boxes, bounds)
-  errors = rounding.error_bounds(graph, magnitudes)
+  passes = rounding.PassBounds(ibp_propagate(graph, boxes), bounds)
+  model = rounding.ErrorModel.refined(graph, magnitudes, passes)
   u = er.unit_roundoff(jnp.float32)
   beta_error = {}
   for node in relu_nodes(out):
     x = node.inputs[node.bounded_inputs[0]]
     b = bounds[x.index]
     _, c = primitives.relu_threshold(node, b.lower.dtype)
-    size = jnp.maximum(jnp.abs(b.lower), jnp.abs(b.upper)) + errors[x.index]
-    beta_error[str(node.index)] = (rounding.ERROR_FACTOR * errors[x.index] + 2 * u *
-                                   (size + jnp.abs(c))).astype(jnp.float32)
-  root = Root(lo, hi, bounds, params["alpha"], unsafe,
-              rounding.output_allowance(graph, magnitudes, out, spec), beta_error)
+    e = model.errs[x.index]
+    size = jnp.maximum(jnp.abs(b.lower), jnp.abs(b.upper)) + e
+    beta_error[str(node.index)] = (e + (rounding.ERROR_FACTOR - 1) * model.computed[x.index] +
+                                   2 * u * (size + jnp.abs(c))).astype(jnp.float32)
+  allowance = rounding.output_allowance(graph, magnitudes, out, spec, passes, model)
+  root = Root(lo, hi, bounds, params["alpha"], unsafe, allowance, beta_error)
   return root, _safety(root, rows)[0], _unstable(relu_nodes(out), bounds)
 
 
