@@ -57,7 +57,7 @@ def test_bab_attack_refuses_bad_settings(net):
   x, key = points[0], jax.random.key(0)
   for kwargs, match in [(dict(eps=0.0), "eps"), (dict(eps=0.1, time_limit=0), "time_limit"),
                         (dict(eps=0.1, restarts=0), "restarts"), (dict(eps=0.1, free=()), "free"),
-                        (dict(eps=0.1, y=7), "label 7")]:
+                        (dict(eps=0.1, beam_size=0), "beam_size"), (dict(eps=0.1, y=7), "label 7")]:
     args = {"y": _label(fn, x), **kwargs}
     with pytest.raises(InputError, match=match):
       bab_attack(fn, x, args.pop("y"), args.pop("eps"), key, **args)

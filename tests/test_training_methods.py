@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 import attacks
+import bound_testing
 import verify
 from robustlib import data, models
-from training import methods, optim, schedules, state as state_lib, steps, trainer
+from training import methods, optim, robustness, schedules, state as state_lib, steps, trainer
 from training.configs import default, digits_mlp
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -354,3 +355,29 @@ def test_a_robust_run_ends_with_the_robustness_report(tmp_path):
     assert sweep["crown"][i] <= sweep["pgd"][i]
   assert report["autoattack_accuracy"] <= report["pgd_accuracy"] + 1 / 32
   assert sweep["pgd"][0] == pytest.approx(report["clean_accuracy"])
+
+
+def test_the_report_runs_bab_attack_on_what_the_attacks_and_bounds_leave_open():
+  fn, _ = bound_testing.relu_mlp(1, (8, 24, 24, 4))
+  x = np.random.default_rng(0).uniform(size=(6, 8)).astype(np.float32)
+  y = np.asarray(jnp.argmax(fn(jnp.asarray(x)), axis=1))
+  # A one-step PGD leaves points 3 and 5 robust, which the exact MILP breaks; so does
+  # the branch-and-bound attack.
+  report = robustness.robustness_report(fn,
+                                        x,
+                                        y,
+                                        0.35,
+                                        key=jax.random.key(0),
+                                        verify_methods=("crown",),
+                                        pgd_steps=1,
+                                        autoattack=False,
+                                        bab_attack_time=3.0)
+  stage = report["bab_attack"]
+  open_count = round(6 * report["pgd_accuracy"]) - round(6 * report["verified_accuracy"]["crown"])
+  assert stage["examples"] == open_count > 0
+  assert stage["broken"] == 2
+  assert stage["broken"] + stage["verified"] <= stage["examples"]
+  assert report["bab_attack_accuracy"] == pytest.approx(report["pgd_accuracy"] -
+                                                        stage["broken"] / 6)
+  assert report["bab_attack_accuracy"] >= report["verified_accuracy"]["crown"]
+  assert "bab_attack" in robustness.format_table(report)

@@ -203,3 +203,22 @@ def test_onnx_needs_a_dataset_and_excludes_workdir(run, tmp_path):
   assert out.returncode == 2 and "--dataset" in out.stderr and "Traceback" not in out.stderr
   out = _script(f"--onnx={tmp_path / 'missing.onnx'}", f"--workdir={run}", "--dataset=digits")
   assert out.returncode == 2 and "either --workdir" in out.stderr
+
+
+def test_bab_attack_breaks_open_examples_and_the_table_counts_them(run, tmp_path):
+  content = runs.certify_run(str(run),
+                             methods="ibp",
+                             eps=[0.0, 0.08],
+                             num_examples=24,
+                             output_dir=str(tmp_path),
+                             bab_attack_time=2.0)
+  clean = np.asarray(content["clean_flags"], bool)
+  verified = np.asarray(content["verified_flags"]["ibp"], bool)
+  bab = content["bab_attack"]
+  broken = np.asarray(bab["broken_flags"], bool)
+  assert bab["examples"] == [0, int(np.sum(clean & ~verified[1]))]  # radius 0: none open
+  assert not np.any(broken & ~(clean & ~verified))  # only open examples, never a verified one
+  assert bab["broken"] == broken.sum(axis=1).tolist() and bab["broken"][1] >= 1
+  assert "bab_attack (2 s per example): broke 0, " in runs.table(content)
+  with pytest.raises(runs.checks.InputError, match="bab_attack_time"):
+    runs.certify_run(str(run), methods="ibp", eps=[0.08], bab_attack_time=-1.0)

@@ -165,7 +165,7 @@ def test_backward_errors_bound_the_float32_error_and_shrink_a_deep_networks_allo
   passes = rounding.PassBounds(ibp_module.propagate(graph, boxes), known)
   model = rounding.ErrorModel.refined(graph, bounds, passes)
   rows = jnp.swapaxes(spec, 0, 1).astype(jnp.float32)
-  evaluation = np.asarray(rounding.sensitivity_errors(graph, bounds, model, out, rows)).T
+  evaluation = np.asarray(rounding.sensitivity_errors(graph, passes, model, out, rows)).T
   plain = rounding.ErrorModel.forward(graph, bounds)
   for x in rounding._relu_inputs(graph):  # tighter, never looser, than the forward model
     assert np.all(np.asarray(model.errs[x.index]) <= np.asarray(plain.errs[x.index]))
@@ -218,6 +218,58 @@ def test_the_absolute_map_is_the_absolute_jacobian(op):
       jac = jax.jacobian(lambda *v, n=n: n.apply_bounded(*v), argnums=k)(*ins)
       want = jnp.tensordot(ct, jnp.abs(jac), axes=ct.ndim)
       np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=n.describe())
+
+
+def _backward_allowance(fn, box):
+  return np.asarray(verify.rounding_allowance(fn, box, magnitudes="crown", errors="backward"))
+
+
+def test_errors_and_bounds_pass_through_stop_gradient_and_barriers():
+  rng = np.random.default_rng(3)
+  w0 = jnp.asarray(rng.uniform(0.1, 1.0, size=(4, 6)), jnp.float32)
+  w1 = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+  lo = jnp.zeros((2, 4), jnp.float32)
+  box = verify.Interval(lo, lo + 1.0)
+  plain = _backward_allowance(lambda x: (x @ w0) @ w1, box)
+  assert np.all(plain > 0)
+  # stop_gradient's VJP is zero; the rounding before it still reaches the output.
+  stopped = _backward_allowance(lambda x: jax.lax.stop_gradient(x @ w0) @ w1, box)
+  np.testing.assert_allclose(stopped, plain, rtol=1e-6)
+  # An optimization barrier's second result is its second operand, in every pass.
+  barrier = lambda x: jax.lax.optimization_barrier((x @ jnp.zeros_like(w0), x @ w0))[1] @ w1
+  np.testing.assert_allclose(_backward_allowance(barrier, box), plain, rtol=1e-6)
+  want = verify.crown(lambda x: (x @ w0) @ w1, box)
+  got = verify.crown(barrier, box)
+  np.testing.assert_allclose(got.lower, want.lower, rtol=1e-6)
+  np.testing.assert_allclose(got.upper, want.upper, rtol=1e-6)
+
+
+def test_predicates_keep_their_dtype_when_their_bounds_are_widened():
+  box = verify.Interval(jnp.full((1, 3), -1.0), jnp.full((1, 3), 2.0))
+  leaky = lambda x: jnp.where(jnp.logical_not(x > 0), 0.1 * x, x)
+  assert np.all(np.isfinite(np.asarray(verify.rounding_allowance(leaky, box))))
+  step = np.asarray(verify.rounding_allowance(lambda x: x + (x > 0).astype(jnp.float32), box))
+  assert np.all(step <= 3.0 + 1e-3), step  # the step moves by at most 1, x by rounding
+
+
+def test_a_relu_whose_computed_bound_is_within_twice_its_error_of_the_threshold_is_not_flat():
+  # The real value lies within the computed bound's error of it, the float value within
+  # its own error of the real one: a ReLU is flat only when both stay on the flat side.
+  w = jnp.asarray([[0.7], [0.3], [-0.2]], jnp.float32)
+  box = verify.Interval(jnp.zeros((1, 3), jnp.float32), jnp.ones((1, 3), jnp.float32))
+
+  def errors(b):
+    graph, boxes = build_graph(lambda x: jax.nn.relu(x @ w + b), [box])
+    bounds = ibp_module.propagate(graph, boxes)
+    errs = rounding.error_bounds(graph, bounds)
+    out = graph.outputs[0]
+    x = out.inputs[out.bounded_inputs[0]]
+    return float(bounds[x.index].upper[0, 0]), float(errs[x.index][0, 0]), errs[out.index]
+
+  upper, e, _ = errors(jnp.float32(0.0))
+  upper, e, relu = errors(jnp.float32(-(upper + 1.5 * e)))
+  assert -2 * e < upper <= -e, (upper, e)
+  assert float(relu[0, 0]) >= e
 
 
 def test_narrow_float_network_is_within_its_allowance():

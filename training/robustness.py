@@ -1,7 +1,8 @@
 """The robustness report of a trained model: empirical (attacks) and verified (bounds) accuracy.
 
 At the test radius: clean accuracy, accuracy under PGD-40 and under the
-AutoAttack suite, verified accuracy by each bound method; over a sweep of radii:
+AutoAttack suite, verified accuracy by each bound method, and optionally the
+branch-and-bound attack's on what is left open; over a sweep of radii:
 PGD and verified accuracy, also saved as a PNG.
 """
 
@@ -22,13 +23,13 @@ from robustlib import evaluation, plotting
 AUTOATTACK_BATCH = 100
 
 
-def verified_accuracy(logits_fn: Callable[[jax.Array], jax.Array],
-                      x: np.ndarray,
-                      y: np.ndarray,
-                      eps: float,
-                      method: str,
-                      batch_size: int = 256) -> float:
-  """Fraction of ``(x, y)`` that ``verify.certify`` proves robust, in fixed-size batches."""
+def verified_flags(logits_fn: Callable[[jax.Array], jax.Array],
+                   x: np.ndarray,
+                   y: np.ndarray,
+                   eps: float,
+                   method: str,
+                   batch_size: int = 256) -> np.ndarray:
+  """Which of ``(x, y)`` ``verify.certify`` proves robust (bool ``[N]``), in fixed-size batches."""
   n = x.shape[0]
   xs = evaluation.pad_to_multiple(np.asarray(x), batch_size)
   ys = evaluation.pad_to_multiple(np.asarray(y), batch_size)
@@ -36,7 +37,17 @@ def verified_accuracy(logits_fn: Callable[[jax.Array], jax.Array],
   for start in range(0, xs.shape[0], batch_size):
     stop = start + batch_size
     flags.append(np.asarray(verify.certify(logits_fn, xs[start:stop], ys[start:stop], eps, method)))
-  return float(np.mean(np.concatenate(flags)[:n]))
+  return np.concatenate(flags)[:n]
+
+
+def verified_accuracy(logits_fn: Callable[[jax.Array], jax.Array],
+                      x: np.ndarray,
+                      y: np.ndarray,
+                      eps: float,
+                      method: str,
+                      batch_size: int = 256) -> float:
+  """Fraction of ``(x, y)`` that ``verify.certify`` proves robust, in fixed-size batches."""
+  return float(np.mean(verified_flags(logits_fn, x, y, eps, method, batch_size)))
 
 
 def robustness_report(logits_fn: Callable[[jax.Array], jax.Array],
@@ -50,6 +61,7 @@ def robustness_report(logits_fn: Callable[[jax.Array], jax.Array],
                       pgd_steps: int = 40,
                       autoattack: bool = True,
                       batch_size: int = 256,
+                      bab_attack_time: float = 0.0,
                       plot_path: str | None = None) -> dict:
   """Clean, PGD, AutoAttack and verified accuracy of ``logits_fn`` at ``eps`` (L-inf).
 
@@ -63,12 +75,15 @@ def robustness_report(logits_fn: Callable[[jax.Array], jax.Array],
     pgd_steps: steps of the PGD attack.
     autoattack: also run AutoAttack (standard version) at ``eps``.
     batch_size: examples per call.
+    bab_attack_time: seconds of `verify.bab_attack` (affine and ReLU networks) per example
+      the attacks leave robust and no method verifies at ``eps``; 0: not run.
     plot_path: where to save the PNG of accuracy against epsilon (None: no plot).
 
   Returns:
     ``{"eps", "num_examples", "clean_accuracy", "pgd_accuracy",
-    ["autoattack_accuracy"], "verified_accuracy": {method: value}, "sweep": {...},
-    "seconds"}``; ``sweep`` holds the radii and one accuracy list per curve.
+    ["autoattack_accuracy"], "verified_accuracy": {method: value}, ["bab_attack_accuracy",
+    "bab_attack": {"examples", "broken", "verified"}], "sweep": {...}, "seconds"}``;
+    ``sweep`` holds the radii and one accuracy list per curve.
   """
   start = time.perf_counter()
   radii = sorted({round(float(e), 6) for e in sweep} | {float(eps)})
@@ -90,6 +105,7 @@ def robustness_report(logits_fn: Callable[[jax.Array], jax.Array],
   }
   logging.info("robustness report: clean %.4f, PGD-%d %.4f", report["clean_accuracy"], pgd_steps,
                report["pgd_accuracy"])
+  robust = np.asarray(pgd_report.robust_flags[pgd_report.eps.index(float(eps))], bool)
   if autoattack:  # batches of at most 100, so that each logs a progress line within minutes
     aa = attacks.evaluate(logits_fn,
                           x,
@@ -99,17 +115,31 @@ def robustness_report(logits_fn: Callable[[jax.Array], jax.Array],
                           batch_size=min(batch_size, AUTOATTACK_BATCH),
                           progress=False)
     report["autoattack_accuracy"] = aa.robust_accuracy[0]
+    robust &= np.asarray(aa.robust_flags[0], bool)
     logging.info("robustness report: AutoAttack %.4f", report["autoattack_accuracy"])
   curves = {"pgd": [pgd_at[e] for e in radii]}
+  verified = np.zeros(x.shape[0], bool)
   for method in verify_methods:
     curves[method] = []
     for e in radii:
       t = time.perf_counter()
-      curves[method].append(verified_accuracy(logits_fn, x, y, e, method, batch_size))
+      flags = verified_flags(logits_fn, x, y, e, method, batch_size)
+      if e == float(eps):
+        verified |= flags
+      curves[method].append(float(np.mean(flags)))
       logging.info("robustness report: verified (%s) at eps %g: %.4f (%.1f s)", method, e,
                    curves[method][-1],
                    time.perf_counter() - t)
   report["verified_accuracy"] = {m: curves[m][radii.index(float(eps))] for m in verify_methods}
+  if bab_attack_time > 0:
+    stage = verify.bab_attack_examples(logits_fn, x, y, float(eps), robust & ~verified,
+                                       jax.random.fold_in(key, 2), bab_attack_time)
+    robust &= ~stage.pop("broken_flags")
+    stage.pop("verified_flags")
+    report["bab_attack_accuracy"] = float(np.mean(robust))
+    report["bab_attack"] = stage
+    logging.info("robustness report: bab_attack %.4f (broke %d of %d)",
+                 report["bab_attack_accuracy"], stage["broken"], stage["examples"])
   report["sweep"] = {"eps": radii, **curves}
   report["seconds"] = round(time.perf_counter() - start, 2)
   if plot_path:
@@ -126,6 +156,8 @@ def format_table(report: dict) -> str:
   rows = [("clean", report["clean_accuracy"]), ("PGD", report["pgd_accuracy"])]
   if "autoattack_accuracy" in report:
     rows.append(("AutoAttack", report["autoattack_accuracy"]))
+  if "bab_attack_accuracy" in report:
+    rows.append(("bab_attack", report["bab_attack_accuracy"]))
   rows += [(f"verified ({m})", v) for m, v in report["verified_accuracy"].items()]
   width = max(len(r[0]) for r in rows)
   lines = [f"robustness at eps = {report['eps']:g} ({report['num_examples']} examples)"]

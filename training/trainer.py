@@ -49,6 +49,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if int(config.report.pgd_steps) < 1 or int(config.report.num_examples) < 0:
     raise ConfigError("config.report.pgd_steps must be >= 1 and num_examples >= 0, got "
                       f"{config.report.pgd_steps} and {config.report.num_examples}")
+  if not float(config.report.bab_attack_time) >= 0:
+    raise ConfigError(f"config.report.bab_attack_time must be seconds >= 0 (0: no "
+                      f"bab_attack), got {config.report.bab_attack_time}")
   if any(float(f) < 0 for f in config.report.sweep):
     raise ConfigError(f"config.report.sweep must hold radii >= 0, got {config.report.sweep}")
   try:
@@ -237,6 +240,7 @@ def _robustness(config, eval_apply, state, test, eps: float, workdir: str, plot:
       pgd_steps=config.report.pgd_steps,
       autoattack=config.report.autoattack,
       batch_size=config.eval_batch_size,
+      bab_attack_time=config.report.bab_attack_time,
       plot_path=os.path.join(workdir, ROBUSTNESS_PLOT) if plot else None)
   print(robustness.format_table(result))
   result["report_seconds"] = result.pop("seconds")  # "seconds" is the training's own time

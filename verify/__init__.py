@@ -15,7 +15,7 @@ Depends on ``robustlib`` only.
 from verify import vnnlib
 from verify.alpha_crown import alpha_crown
 from verify.bab import BabResult, branch_and_bound
-from verify.bab_attack import BabAttackResult, bab_attack
+from verify.bab_attack import BabAttackResult, bab_attack, bab_attack_examples
 from verify.beta_crown import ReluLayer, beta_crown, relu_layers
 from verify.certification import METHODS, certify, margin_bounds
 from verify.crown import crown, crown_ibp
@@ -42,6 +42,7 @@ __all__: list[str] = [
     "UnsupportedPrimitiveError",
     "alpha_crown",
     "bab_attack",
+    "bab_attack_examples",
     "beta_crown",
     "branch_and_bound",
     "certify",

@@ -10,13 +10,18 @@ guided by bounds. This attack keeps their ingredients in a compact loop:
    ReLUs (CROWN's bounds over the ball) are fixed to the sides the candidate
    puts them on, except the ``free`` ones nearest their thresholds there
    (relative to their bounds' width): a subdomain around the candidate;
-3. β-CROWN bounds every such subdomain of the beam (one batched call); those
-   it proves safe are skipped, the others are taken lowest bound first;
+3. β-CROWN bounds every subdomain of the beam (one batched call): the
+   candidates' own, then random free sets drawn near the thresholds; those it
+   proves safe are skipped, the others are taken lowest bound first;
 4. a small mixed-integer program "dives" into the subdomain (`verify.milp`
    with those neurons fixed: ``free`` binaries only), exactly, under a short
    time limit; its solution, when the network confirms it, is the adversarial
-   example, else it joins the candidates;
-5. subdomains widen (more free neurons) while time is left.
+   example;
+5. descent from new random starts adds to the pool, and the next round's
+   subdomains are wider (more free neurons: ``free``, then doubling up to every
+   unstable neuron, the complete program) where the bounds or the dives ruled
+   out all of this round's, narrower where a dive ran out of time; until the
+   time limit.
 
 Every counterexample returned is the network's own misclassification of a
 point of the ball (and box). Not finding one proves nothing, unless the
@@ -92,6 +97,7 @@ def bab_attack(fn: Callable[[jax.Array], jax.Array],
                candidates: int = 4,
                free: Sequence[int] = (12, 24, 48, 96),
                dive_limit: float = 10.0,
+               beam_size: int = 16,
                bounds: Sequence[float] = (0.0, 1.0)) -> BabAttackResult:
   """Searches the L-inf ball of ``x`` (within ``bounds``) for a point ``fn`` misclassifies.
 
@@ -105,8 +111,9 @@ def bab_attack(fn: Callable[[jax.Array], jax.Array],
     restarts: descent runs from random starts (batched) filling the candidate pool.
     pgd_steps: steps per run.
     candidates: candidates (lowest margins first) whose patterns steer the dives.
-    free: the numbers of unstable neurons left free in the dives, in turn.
+    free: the first numbers of unstable neurons left free in the dives (then doubling).
     dive_limit: seconds per program.
+    beam_size: subdomains bounded together per round.
     bounds: the input box.
 
   Returns:
@@ -119,7 +126,8 @@ def bab_attack(fn: Callable[[jax.Array], jax.Array],
   if time_limit <= 0 or dive_limit <= 0:
     raise InputError(f"time_limit and dive_limit must be positive, got {time_limit} and "
                      f"{dive_limit}")
-  for value, name in ((restarts, "restarts"), (pgd_steps, "pgd_steps"), (candidates, "candidates")):
+  for value, name in ((restarts, "restarts"), (pgd_steps, "pgd_steps"), (candidates, "candidates"),
+                      (beam_size, "beam_size")):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
       raise InputError(f"{name} must be a positive integer, got {value!r}")
   if not free or any(int(f) < 1 for f in free):
@@ -140,7 +148,7 @@ def bab_attack(fn: Callable[[jax.Array], jax.Array],
   points, order = np.clip(np.asarray(points), lo, hi), np.argsort(np.asarray(safety))
   if broken(points[order[0]]):
     return done("broken", "descent", points[order[0]])
-  pool = [points[i] for i in order[:candidates]]
+  pool = [(float(np.asarray(safety)[i]), points[i]) for i in order[:candidates]]
 
   # 2. The unstable neurons over the ball.
   setup = relu_bab.prepare(fn, lo, hi, unsafe, root_steps=20, lr=0.1)
@@ -155,14 +163,33 @@ def bab_attack(fn: Callable[[jax.Array], jax.Array],
     layer_bounds.append(tuple(np.asarray(v).reshape(-1) for v in (b.lower, b.upper, c)))
   unstable = [(l < c) & (u > c) for l, u, c in layer_bounds]
   total = int(sum(m.sum() for m in unstable))
-  dives, seen = 0, set()
-  for width in sorted({min(int(f), total) for f in free}):
-    # 3. The beam: one subdomain per candidate, bounded together by beta-CROWN.
-    beam = [_subdomain(fn, relus, layer_bounds, unstable, z, width) for z in pool]
-    beam = [b for b in beam if b[0] not in seen]
-    if not beam:
+  widths = sorted({min(int(f), total) for f in free})
+  while widths[-1] < total:  # then doubling, up to the complete program
+    widths.append(min(2 * widths[-1], total))
+  draw = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+  dives, seen, rounds, level = 0, set(), 0, 0
+  while time.monotonic() - start < time_limit:
+    # 3. The beam: the candidates' subdomains at this round's width (the neurons nearest their
+    #    thresholds free), then random free sets drawn near the thresholds, bounded together.
+    width = widths[level]
+    beam, fresh = [], {}
+    for attempt in range(4 * beam_size):
+      z = pool[attempt % len(pool)][1]
+      sub = _subdomain(fn, relus, layer_bounds, unstable, z, width,
+                       None if attempt < len(pool) else draw)
+      if sub[0] not in seen and sub[0] not in fresh:
+        fresh[sub[0]] = True
+        beam.append(sub)
+      if len(beam) == beam_size:
+        break
+    rounds += 1
+    if not beam:  # every subdomain of this width was tried
+      if level == len(widths) - 1:
+        return done("unknown", "exhausted", dives=dives)
+      level += 1
       continue
-    lower = _beam_bounds(fn, setup, relus, [b[1] for b in beam])
+    lower = _beam_bounds(fn, setup, relus, [b[1] for b in beam], beam_size)
+    outcomes = []
     for i in np.argsort(lower):
       if time.monotonic() - start > time_limit:
         return done("unknown", "time", dives=dives)
@@ -172,20 +199,93 @@ def bab_attack(fn: Callable[[jax.Array], jax.Array],
         continue
       # 4. The dive: a program with `width` binaries.
       limit = min(dive_limit, time_limit - (time.monotonic() - start))
-      result = milp_verify(fn, lo, hi, unsafe, time_limit=max(limit, 1e-3), fixed=fixed)
+      result = milp_verify(fn,
+                           lo,
+                           hi,
+                           unsafe,
+                           time_limit=max(limit, 1e-3),
+                           fixed=fixed,
+                           allowance=np.asarray(setup.root.allowance)[0])
       dives += 1
+      outcomes.append(result.status)
       if result.status == "falsified" and broken(result.counterexample):
         return done("broken", "dive", result.counterexample, dives)
       if width == total and result.status == "verified":
         return done("verified", "dive", dives=dives)
-    logging.info("bab_attack: %d free neurons, %d dives, %.1f s", width, dives,
+    # The neighbourhood adapts (Zhang et al.'s large neighbourhood search): wider where the
+    # bounds or the programs rule every subdomain out, narrower where a program runs out of
+    # time.
+    level = max(level - 1, 0) if "unknown" in outcomes else min(level + 1, len(widths) - 1)
+    # 5. New candidates: descent from new random starts joins the pool.
+    more, more_safety = falsify_runs(fn, jnp.asarray(lo), jnp.asarray(hi), unsafe,
+                                     jax.random.fold_in(key, rounds), pgd_steps, per)
+    more = np.clip(np.asarray(more), lo, hi)
+    best = int(np.argmin(np.asarray(more_safety)))
+    if broken(more[best]):
+      return done("broken", "descent", more[best], dives)
+    pool.append((float(np.asarray(more_safety)[best]), more[best]))
+    pool = sorted(pool, key=lambda c: c[0])[:candidates]
+    logging.info("bab_attack: round %d, %d free neurons, %d bounded, %d dives, %.1f s", rounds,
+                 width, len(beam), dives,
                  time.monotonic() - start)
-  return done("unknown", "exhausted", dives=dives)
+  return done("unknown", "time", dives=dives)
 
 
-def _subdomain(fn, relus, layer_bounds, unstable, z: np.ndarray, width: int):
-  """The candidate's pattern on the unstable neurons but the ``width`` nearest their
-  thresholds: a hashable key and the signs per layer (`verify.milp.encode`'s ``fixed``)."""
+def bab_attack_examples(logits_fn: Callable[[jax.Array], jax.Array], x: np.ndarray, y: np.ndarray,
+                        eps: float, todo: np.ndarray, key: jax.Array, time_limit: float) -> dict:
+  """`bab_attack` on each example ``todo`` marks (say, robust to the attacks and not
+  verified): an evaluation's strongest stage, with a log line per example (rate, ETA).
+
+  Args:
+    logits_fn: ``[N, ...] -> [N, K]``, affine operations and ReLUs.
+    x: inputs ``[N, ...]`` in [0, 1]; y: labels ``[N]``.
+    eps: the L-inf radius.
+    todo: bool ``[N]``.
+    key: PRNG key (folded with each example's index).
+    time_limit: seconds per example.
+
+  Returns:
+    ``{"examples", "broken", "verified", "broken_flags", "verified_flags"}`` (flags bool
+    ``[N]``).
+  """
+  x = np.asarray(x)
+  shape = x.shape[1:]
+  flat = lambda z: logits_fn(z.reshape((z.shape[0],) + shape))
+  broken, proven = np.zeros(x.shape[0], bool), np.zeros(x.shape[0], bool)
+  jobs = np.flatnonzero(np.asarray(todo, bool))
+  start = time.monotonic()
+  for n, i in enumerate(jobs):
+    r = bab_attack(flat,
+                   x[i].reshape(-1),
+                   int(y[i]),
+                   eps,
+                   jax.random.fold_in(key, int(i)),
+                   time_limit=time_limit)
+    broken[i], proven[i] = r.status == "broken", r.status == "verified"
+    rate = (n + 1) / max(time.monotonic() - start, 1e-9)
+    logging.info("bab_attack: %d/%d examples (%.2f/s, ETA %.0f s): example %d %s (%s, %.1f s)",
+                 n + 1, jobs.size, rate, (jobs.size - n - 1) / rate, i, r.status, r.stage,
+                 r.seconds)
+  return {
+      "examples": int(jobs.size),
+      "broken": int(broken.sum()),
+      "verified": int(proven.sum()),
+      "broken_flags": broken,
+      "verified_flags": proven,
+  }
+
+
+def _subdomain(fn,
+               relus,
+               layer_bounds,
+               unstable,
+               z: np.ndarray,
+               width: int,
+               draw: np.random.Generator | None = None):
+  """The candidate's pattern on the unstable neurons but ``width`` free ones: those nearest
+  their thresholds (relative to their bounds' width), or with ``draw`` a random set, each
+  neuron as likely as it is near (Gumbel top-k over ``-log closeness``). Returns a
+  hashable key and the signs per layer (`verify.milp.encode`'s ``fixed``)."""
   pre = _pre_activations(fn, relus, jnp.asarray(z)[None])
   closeness, signs = [], []
   for (l, u, c), m, p in zip(layer_bounds, unstable, pre):
@@ -193,6 +293,8 @@ def _subdomain(fn, relus, layer_bounds, unstable, z: np.ndarray, width: int):
     closeness.append(np.where(m, np.abs(p - c) / np.maximum(u - l, 1e-12), np.inf))
     signs.append(np.where(m, np.where(p >= c, 1, -1), 0).astype(np.int8))
   flat = np.concatenate(closeness)
+  if draw is not None:
+    flat = np.log(np.maximum(flat, 1e-12)) - draw.gumbel(size=flat.shape)
   free = np.argsort(flat)[:width]
   sizes = np.cumsum([0] + [s.size for s in signs])
   for j in free:
@@ -201,8 +303,9 @@ def _subdomain(fn, relus, layer_bounds, unstable, z: np.ndarray, width: int):
   return tuple(np.concatenate(signs).tolist()), dict(enumerate(signs))
 
 
-def _beam_bounds(fn, setup, relus, fixed_list) -> np.ndarray:
-  """beta-CROWN lower bounds on the safety over each subdomain ``[B]``."""
+def _beam_bounds(fn, setup, relus, fixed_list, batch: int) -> np.ndarray:
+  """beta-CROWN lower bounds on the safety over each subdomain ``[B]``, in a batch of at
+  least ``batch`` (padded, and to a power of two of splits: few compilations)."""
   rows = []
   for fixed in fixed_list:
     split = [(layer, j, int(s))
@@ -210,12 +313,13 @@ def _beam_bounds(fn, setup, relus, fixed_list) -> np.ndarray:
              for j in np.flatnonzero(signs)
              for s in [signs[j]]]
     rows.append(split)
-  depth = max(1, max(len(r) for r in rows))
-  splits = np.zeros((len(rows), depth, 3), np.int32)
+  depth = 1 << max(0, max(len(r) for r in rows) - 1).bit_length()  # few compilations
+  splits = np.zeros((max(batch, len(rows)), depth, 3), np.int32)
   for i, r in enumerate(rows):
     if r:
       splits[i, :len(r)] = r
-  return np.asarray(_bound_beam(fn, setup.root, jnp.asarray(splits)))
+  splits[len(rows):] = splits[0]
+  return np.asarray(_bound_beam(fn, setup.root, jnp.asarray(splits)))[:len(rows)]
 
 
 @compilation.jit(static_argnames=("fn",))

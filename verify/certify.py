@@ -29,6 +29,10 @@ other methods (CROWN at least) leave unverified gets a mixed-integer program
 the exact robust accuracy, up to the examples left undecided, which the output
 counts along with those it found counterexamples for.
 
+``--bab_attack_time=SECONDS`` runs the branch-and-bound attack (`verify.bab_attack`)
+on the examples left between the columns: neither verified nor broken by the attack.
+The output counts those it breaks and those it proves.
+
 A network from elsewhere: ``--onnx=model.onnx --dataset=mnist`` instead of
 ``--workdir`` (inputs NCHW, NHWC or flattened, values in [0, 1]; results, and the
 ``attacks.json`` read for the PGD column, beside the file unless ``--output_dir``
@@ -69,6 +73,9 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory (default: the 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results go (default: --workdir).")
 _MILP_TIME_LIMIT = flags.DEFINE_float("milp_time_limit", 60.0,
                                       "Seconds per example for --method=milp.")
+_BAB_ATTACK_TIME = flags.DEFINE_float(
+    "bab_attack_time", 0.0, "Seconds of verify.bab_attack per example left neither verified "
+    "nor broken by the attack (0: not run).")
 
 
 def main(argv):
@@ -88,7 +95,8 @@ def main(argv):
                           data_dir=data_dir,
                           dataset=dataset,
                           output_dir=_OUTPUT_DIR.value,
-                          milp_time_limit=_MILP_TIME_LIMIT.value)
+                          milp_time_limit=_MILP_TIME_LIMIT.value,
+                          bab_attack_time=_BAB_ATTACK_TIME.value)
   except scripts.USER_ERRORS as e:
     raise app.UsageError(f"{type(e).__name__}: {e}") from None
   print(f"{content['model']} on {content['dataset']}, {content['num_examples']} examples, "

@@ -64,7 +64,7 @@ def _magnitude(box) -> jax.Array:
   return jnp.abs(jnp.asarray(box))
 
 
-def _widen(box, err):
+def widen(box, err):
   """The interval ``box`` widened by ``err`` (constants stay constants; a bool or integer
   value that may be off takes every value it may have)."""
   if not _is_iv(box):
@@ -91,7 +91,7 @@ def variation(node, errs, boxes) -> jax.Array:
   """
   from verify import primitives  # pylint: disable=g-import-not-at-top
 
-  wide = [_widen(b, e) for b, e in zip(boxes, errs)]
+  wide = [widen(b, e) for b, e in zip(boxes, errs)]
   out = primitives.record(node).ibp(node, *wide)
   width = jnp.asarray(out.upper, jnp.float32) - jnp.asarray(out.lower, jnp.float32)
   return jnp.where(jnp.isnan(width), jnp.inf, width)
@@ -282,7 +282,7 @@ def quotient(node, errs, boxes) -> jax.Array:
   if node.bounded_inputs == [0]:
     return linear(node, errs, boxes)
   (ea, eb), (ba, bb) = errs, boxes
-  wide = _widen(bb, eb)
+  wide = widen(bb, eb)
   least = jnp.where(wide.lower > 0, wide.lower, jnp.where(wide.upper < 0, -wide.upper, 0.0))
   q = _magnitude(primitives.record(node).ibp(node, ba, bb))
   out = (ea + q * eb) / jnp.where(least > 0, least, 1.0)

@@ -302,7 +302,8 @@ def milp_verify(fn: Callable[[jax.Array], jax.Array],
                 unsafe: UnsafeSet,
                 time_limit: float = 60.0,
                 tolerance: float = 1e-4,
-                fixed: dict[int, np.ndarray] | None = None) -> MilpResult:
+                fixed: dict[int, np.ndarray] | None = None,
+                allowance: jax.typing.ArrayLike | None = None) -> MilpResult:
   """Decides whether some input in ``[lower, upper]`` maps into ``unsafe`` (with ``fixed``,
   some input of the part of the box where those ReLU inputs have those signs, `encode`).
 
@@ -317,6 +318,10 @@ def milp_verify(fn: Callable[[jax.Array], jax.Array],
       largest coefficient over the program's variables (at least 1), plus the row's
       rounding allowance (`verify.rounding_allowance`: the solver decides the
       real-valued network, a user runs it in float32).
+    allowance: ``[S]``, the rows' rounding allowance over this box or one containing
+      it (a branch-and-bound search's root's, `verify.rounding_allowance` with
+      ``errors="backward"`` or tighter), when already computed: on a convolutional
+      network it costs far more than a small program.
 
   Returns:
     `MilpResult`.
@@ -338,10 +343,16 @@ def milp_verify(fn: Callable[[jax.Array], jax.Array],
                      f"{out.const.size}")
   rows_const, rows_coef = C @ out.const - d, out.coef @ C.T  # [S], [V, S]
   scale = np.maximum(1.0, np.max(np.abs(rows_coef), axis=0, initial=0.0))
-  allow = np.asarray(
-      rounding.allowance(fn, Interval(jnp.asarray(lower)[None],
-                                      jnp.asarray(upper)[None]),
-                         jnp.asarray(C, jnp.float32)[None], "crown", "backward"), np.float64)[0]
+  # The solver's answer needs only the float32 evaluation's part of the backward model; the
+  # allowance's computation part (for a float32 bound pass) only adds to it.
+  if allowance is None:
+    allowance = rounding.allowance(fn, Interval(jnp.asarray(lower)[None],
+                                                jnp.asarray(upper)[None]),
+                                   jnp.asarray(C, jnp.float32)[None], "crown", "backward")[0]
+  allow = np.asarray(allowance, np.float64).reshape(-1)
+  if allow.shape != (C.shape[0],) or not np.all(allow >= 0):
+    raise InputError(f"allowance must be [{C.shape[0]}] values >= 0 (one per row of the "
+                     f"unsafe set), got shape {np.shape(allowance)}")
   margin = tolerance * scale + allow + 2 * er.unit_roundoff(np.float32) * np.abs(d)
   n_in = lower.size
   status = "verified"

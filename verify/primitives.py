@@ -12,7 +12,7 @@ Every other module asks this one (`lookup`, `kind`, `record`); nothing else in
 The graph builder (`verify.graph`) also takes its structural knowledge from here:
 which primitives are calls to inline (`CALLS`), and which are rewritten into
 simpler ones before any bound is computed (`EXPANSIONS`: ``clamp``, ``max``/``min``
-of two bounded values, ``scan`` unrolled, ``cond`` on a constant index, generic
+of two bounded values, ``optimization_barrier`` removed, ``scan`` unrolled, ``cond`` on a constant index, generic
 ``reduce``/``reduce_window`` with a max/min/add body).
 
 Adding an activation is one record below (its IBP rule, ``kind="elementwise"``
@@ -472,7 +472,6 @@ _RECORDS = [
     _structural("gather", ibp=_const_index_op, kind=_gather_kind),
     _structural("select_n", ibp=_select_n, kind=_select_kind, error=er.select),
     _structural("stop_gradient", kind="identity", flat_order=_IDENTITY_FLAT, one_to_one=True),
-    _structural("optimization_barrier", kind="identity", one_to_one=True),
     _structural("reduce_max", kind=_pool_kind),
     _structural("reduce_window_max", kind=_pool_kind),
     _structural("reduce_min", kind="interval"),
@@ -932,8 +931,15 @@ def _generic_reduction(windows: bool) -> Callable:
   return expand
 
 
+def _expand_barrier(builder, primitive, params, invals, source, avals):
+  """An optimization barrier changes no value: its results are its operands (each bound
+  as its own operand, whichever the barrier groups it with)."""
+  return list(invals)
+
+
 EXPANSIONS: dict[str, Callable] = {
     "clamp": _expand_clamp,
+    "optimization_barrier": _expand_barrier,
     "max": _expand_max_min,
     "min": _expand_max_min,
     "scan": _expand_scan,

@@ -453,8 +453,8 @@ def initial_pool(fn: Callable, setup: Setup, *, capacity: int, max_depth: int,
   return pool, (np.asarray(x[0]) if float(x_safety[0]) <= 0 else None)
 
 
-def _decide_exactly(fn, lower, upper, unsafe: UnsafeSet, splits: np.ndarray,
-                    deadline: float) -> tuple[str, np.ndarray | None]:
+def _decide_exactly(fn, lower, upper, unsafe: UnsafeSet, splits: np.ndarray, deadline: float,
+                    allowance: np.ndarray) -> tuple[str, np.ndarray | None]:
   """A subdomain no split is left for, decided by the MILP restricted to its splits (a
   linear program when every unstable neuron is split; `verify.milp`)."""
   from verify import milp  # pylint: disable=import-outside-toplevel
@@ -471,7 +471,13 @@ def _decide_exactly(fn, lower, upper, unsafe: UnsafeSet, splits: np.ndarray,
     fixed[layer] = np.zeros(sizes[layer], np.int8)
     fixed[layer][list(signs)] = list(signs.values())
   try:
-    result = milp.milp_verify(fn, lower, upper, unsafe, time_limit=remaining, fixed=fixed)
+    result = milp.milp_verify(fn,
+                              lower,
+                              upper,
+                              unsafe,
+                              time_limit=remaining,
+                              fixed=fixed,
+                              allowance=allowance)
   except (primitives.UnsupportedPrimitiveError, InputError):
     return "unknown", None
   return result.status, result.counterexample
@@ -602,7 +608,8 @@ def search(fn: Callable,
     if stats["candidate_safety"] <= 0 and confirm(np.asarray(stats["candidate"])):
       return "falsified", np.asarray(stats["candidate"]), bounded
     for splits in stats["stuck_splits"][stats["stuck_flags"]]:
-      status, x = _decide_exactly(fn, lower, upper, unsafe, splits, deadline)
+      status, x = _decide_exactly(fn, lower, upper, unsafe, splits, deadline,
+                                  np.asarray(setup.root.allowance)[0])
       if status == "falsified" and confirm(x):
         return "falsified", x, bounded
       stuck += status != "verified"

@@ -101,14 +101,23 @@ def error_bounds(graph: Graph, bounds: dict[int, Interval]) -> dict[int, jax.Arr
   return ErrorModel.forward(graph, bounds).errs
 
 
-def _node_error(node: Node, bounds: dict[int, Interval], errs: dict[int, jax.Array]):
-  """``(error bound, own rounding)`` of one node given its operands' error bounds."""
+def _node_error(node: Node, bounds: dict[int, Interval], errs: dict[int, jax.Array],
+                comp: dict[int, jax.Array]):
+  """``(error bound, own rounding)`` of one node given its operands' error bounds.
+
+  ``comp``: how far each operand's ``bounds``, computed in floating point, may be from
+  the bounds they stand for; the rules see the bounds widened by it, intervals that hold
+  the operands' real values (a stability test on the computed bounds alone could call a
+  ReLU flat where the real value crosses its threshold).
+  """
   dtype = _error_dtype(node.dtype)
   if node.primitive is None:
     zero = jnp.zeros(node.shape, dtype)
     return zero, zero
   rec = primitives.record(node)
-  boxes = [bounds[a.index] if isinstance(a, Node) else a for a in node.inputs]
+  boxes = [
+      er.widen(bounds[a.index], comp[a.index]) if isinstance(a, Node) else a for a in node.inputs
+  ]
   es = [
       errs[a.index] if isinstance(a, Node) else jnp.zeros(jnp.shape(a), dtype) for a in node.inputs
   ]
@@ -151,22 +160,28 @@ class ErrorModel:
     reaches: every node's own rounding.
     computed: at each ReLU input, how far a bound of it computed in floating point by
       the passes (`PassBounds`) may be from the bound it stands for (the forward
-      model's ``errs`` without `PassBounds`).
+      model's ``errs`` without `PassBounds`). Measured over `PassBounds.hull`, it holds for
+      any pass whose intermediate bounds are linear passes relaxing over bounds inside the
+      hull (alpha-CROWN's optimised ones): their slopes lie in the hull's intervals.
     forward_errs: the forward model's ``errs`` (``errs`` itself without `PassBounds`).
+    bounds: the bounds the errors are measured over, as computed; each within
+      ``forward_errs`` of the bound it stands for (IBP's computation over them is the
+      forward model's; a linear pass's, over them or tighter ones, no larger).
   """
   errs: dict[int, jax.Array]
   reaches: dict[int, jax.Array]
   computed: dict[int, jax.Array]
   forward_errs: dict[int, jax.Array]
+  bounds: dict[int, Interval]
 
   @classmethod
   def forward(cls, graph: Graph, bounds: dict[int, Interval]) -> "ErrorModel":
     """The forward model: each node's error from its operands' (`error_bounds`)."""
     errs, reaches = {}, {}
     for node in graph.nodes:
-      errs[node.index], reaches[node.index] = _node_error(node, bounds, errs)
+      errs[node.index], reaches[node.index] = _node_error(node, bounds, errs, errs)
     inputs = {x.index for x in _relu_inputs(graph)}
-    return cls(errs, reaches, {i: errs[i] for i in inputs}, errs)
+    return cls(errs, reaches, {i: errs[i] for i in inputs}, errs, bounds)
 
   @classmethod
   def refined(cls, graph: Graph, bounds: dict[int, Interval], passes: PassBounds) -> "ErrorModel":
@@ -174,38 +189,41 @@ class ErrorModel:
     a backward pass from it (`sensitivity_errors`), in order, so that later nodes' errors
     start from the tightened ones; and the passes' computation errors of its bounds."""
     plain = cls.forward(graph, bounds)
-    hull = passes.hull()
+    # The passes' IBP bounds are IBP's over its own bounds, whose computation its forward
+    # model bounds (not the one over ``bounds``, which may be tighter).
+    ibp_errs = plain.errs if passes.ibp is bounds else cls.forward(graph, passes.ibp).errs
     inputs = {x.index for x in _relu_inputs(graph)}
     largest = max(int(np.prod(n.shape[1:])) for n in graph.nodes)
     errs, reaches, computed = {}, {}, {}
     for node in graph.nodes:
-      errs[node.index], reaches[node.index] = _node_error(node, bounds, errs)
+      errs[node.index], reaches[node.index] = _node_error(node, bounds, errs, plain.errs)
       if node.index not in inputs:
         continue
       fwd = plain.errs[node.index]
       size = int(np.prod(node.shape[1:]))
-      if (size * node.shape[0] * largest > REFINE_BUDGET or
-          not jnp.issubdtype(node.dtype, jnp.floating)):
-        computed[node.index] = fwd
-        continue
-      rows = jnp.broadcast_to(
-          jnp.eye(size, dtype=jnp.float32).reshape((size, 1) + node.shape[1:]),
-          (size,) + node.shape)
-      model = cls(errs, reaches, computed, plain.errs)
+      linear = fwd
+      if (size * node.shape[0] * largest <= REFINE_BUDGET and
+          jnp.issubdtype(node.dtype, jnp.floating)):
+        rows = jnp.broadcast_to(
+            jnp.eye(size, dtype=_error_dtype(node.dtype)).reshape((size, 1) + node.shape[1:]),
+            (size,) + node.shape)
+        model = cls(errs, reaches, computed, plain.errs, bounds)
 
-      def per_element(v, node=node):  # [S, N] -> [N, *shape]
-        return jnp.moveaxis(v, 0, -1).reshape(node.shape)
+        def per_element(v, node=node):  # [S, N] -> [N, *shape]
+          return jnp.moveaxis(v, 0, -1).reshape(node.shape)
 
-      evaluation = per_element(sensitivity_errors(graph, bounds, model, node, rows))
-      errs[node.index] = jnp.minimum(errs[node.index], evaluation)
-      bwd = (ERROR_FACTOR - 1) * per_element(
-          sensitivity_errors(graph, hull, model, node, rows, computation=True))
-      # A side the passes took from IBP is off by IBP's (forward) computation error.
+        evaluation = per_element(sensitivity_errors(graph, passes, model, node, rows))
+        errs[node.index] = jnp.minimum(errs[node.index], evaluation)
+        linear = jnp.minimum(
+            fwd, (ERROR_FACTOR - 1) *
+            per_element(sensitivity_errors(graph, passes, model, node, rows, computation=True)))
+      # A side the passes took from IBP is off by IBP's computation error, one a linear pass
+      # computed (strictly tighter) by the linear pass's.
       ib, rb = passes.ibp[node.index], passes.relaxed.get(node.index, passes.ibp[node.index])
-      low = jnp.where(rb.lower > ib.lower, bwd, jnp.maximum(bwd, fwd))
-      high = jnp.where(rb.upper < ib.upper, bwd, jnp.maximum(bwd, fwd))
-      computed[node.index] = jnp.minimum(jnp.maximum(low, high), fwd)
-    return cls(errs, reaches, computed, plain.errs)
+      low = jnp.where(rb.lower > ib.lower, linear, ibp_errs[node.index])
+      high = jnp.where(rb.upper < ib.upper, linear, ibp_errs[node.index])
+      computed[node.index] = jnp.maximum(low, high)
+    return cls(errs, reaches, computed, plain.errs, bounds)
 
 
 def _relu_inputs(graph: Graph) -> list[Node]:
@@ -220,24 +238,26 @@ def _sum_rest(x: jax.Array) -> jax.Array:
   return jnp.sum(x, axis=tuple(range(2, x.ndim))) if x.ndim > 2 else x
 
 
-def _relu_slopes(node: Node, box: Interval, err: jax.Array):
-  """``relu(x') - relu(x) = d (x' - x)`` with ``d`` in ``[dc - dr, dc + dr]``: 0 on the
-  flat side, 1 on the other, ``[0, 1]`` where the widened ``box`` crosses the threshold."""
+def _relu_slopes(node: Node, box: Interval):
+  """``relu(x') - relu(x) = d (x' - x)`` with ``d`` in ``[dc - dr, dc + dr]`` for ``x, x'``
+  in ``box``: 0 on the flat side, 1 on the other, ``[0, 1]`` where ``box`` crosses the
+  threshold."""
   is_max, c = primitives.relu_threshold(node, box.lower.dtype)
-  below, above = box.upper + err <= c, box.lower - err >= c
+  below, above = box.upper <= c, box.lower >= c
   flat, through = (below, above) if is_max else (above, below)
   half = jnp.where(flat | through, 0.0, 0.5)
   return jnp.where(through, 1.0, half), half
 
 
-def _slopes(node: Node, box: Interval, err: jax.Array):
-  """``f(x') - f(x) = d (x' - x)`` for an elementwise ``f``: ``(dc, dr)``, or None."""
+def _slopes(node: Node, box: Interval):
+  """``f(x') - f(x) = d (x' - x)`` for an elementwise ``f`` and ``x, x'`` in ``box``:
+  ``(dc, dr)``, or None."""
   if primitives.kind(node) == "relu":
-    return _relu_slopes(node, box, err)
+    return _relu_slopes(node, box)
   bound = getattr(primitives.record(node).error, "slope_bound", None)
   if bound is None:
     return None
-  s = bound(box.lower - err, box.upper + err)
+  s = bound(box.lower, box.upper)
   return jnp.zeros_like(s), jnp.where(jnp.isnan(s), jnp.inf, s)
 
 
@@ -246,8 +266,22 @@ def _propagates(node: Node) -> bool:
   return all(jnp.issubdtype(d, jnp.floating) for d in floats)
 
 
+def _slope_box(x: Node, passes: PassBounds, model: ErrorModel, computation: bool) -> Interval:
+  """An interval holding both values between which an elementwise node's slope is taken at
+  its operand ``x``: in a pass's computation, the value its relaxation is drawn over (its
+  computed bounds, widened by their error ``computed``); in the evaluation, the real and
+  the float value (the real value's bounds, widened by the float value's error)."""
+  if computation:  # only ReLU inputs: the pass stops at other elementwise nodes
+    return er.widen(passes.hull()[x.index], model.computed[x.index])
+  real = er.widen(model.bounds[x.index], model.forward_errs[x.index])
+  if x.index in passes.relaxed and x.index in model.computed:
+    relaxed = er.widen(passes.relaxed[x.index], model.computed[x.index])
+    real = Interval(jnp.maximum(real.lower, relaxed.lower), jnp.minimum(real.upper, relaxed.upper))
+  return er.widen(real, model.errs[x.index])
+
+
 def sensitivity_errors(graph: Graph,
-                       bounds: dict[int, Interval],
+                       passes: PassBounds,
                        model: ErrorModel,
                        out: Node,
                        rows: jax.Array,
@@ -269,13 +303,20 @@ def sensitivity_errors(graph: Graph,
   coefficients ``A_n`` in floating point: replacing ``rows . out`` by ``A_n . n`` at each
   step leaves a residual at most ``|A_n| . reach_n`` (the same products over the same
   magnitudes), and ``|A_n| <= |S_n|`` when each relaxation's slope lies in the ReLU's
-  interval, i.e. when ``bounds`` are at least as wide as the pass's
-  (`PassBounds.hull`). With ``computation``, the pass adds at every ReLU input that
-  ``bounds`` leave unstable ``|S| . computed``: a relaxation's line over computed bounds
-  misses the function by at most their error.
+  interval, i.e. over bounds at least as wide as those the pass relaxes over
+  (`PassBounds.hull`). With ``computation``, the pass adds at every ReLU input whose
+  widened bounds cross the threshold ``|S| . computed``: a relaxation's line over
+  computed bounds misses the function by at most their error.
+
+  Each slope's interval is taken over `_slope_box`: the bounds widened by how far their
+  computation may be off (`ErrorModel.computed`, else the forward errors) so that they
+  hold the real value, and in the evaluation by the float value's error too. Like CROWN,
+  the model bounds each batch row on its own: it assumes the program computes the rows
+  independently (a row's float value depends on no other row's).
 
   Args:
-    graph, bounds, model: the graph, bounds of its nodes and their error bounds.
+    graph, passes, model: the graph, the bounds of its nodes (IBP's, and those a linear
+      pass relaxes over) and their error bounds.
     out: the output node.
     rows: ``[S, N, *out.shape[1:]]`` coefficients.
     computation: bounds the computation of a linear bound pass instead of the evaluation.
@@ -287,7 +328,8 @@ def sensitivity_errors(graph: Graph,
   acc: dict[int, tuple[jax.Array, jax.Array]] = {out.index: (rows, jnp.zeros_like(rows))}
   total = jnp.zeros(rows.shape[:2], rows.dtype)
 
-  def weigh(size, w):  # no 0 * inf where a sensitivity is 0
+  def weigh(size, w):  # no 0 * inf where a sensitivity is 0; NaN (an inf - inf) is inf
+    size = jnp.where(jnp.isnan(size), jnp.inf, size)
     return _sum_rest(jnp.where(size > 0, size * w[None], 0.0))
 
   def add(node, centre, radius):
@@ -309,14 +351,18 @@ def sensitivity_errors(graph: Graph,
     # times the error of the bounds they are drawn over: its computation stops there.
     if (kind == "relu" or (kind == "elementwise" and not computation)) and _propagates(node):
       x = node.inputs[node.bounded_inputs[0]]
-      slopes = _slopes(node, bounds[x.index], model.errs[x.index])
+      slopes = _slopes(node, _slope_box(x, passes, model, computation))
     if slopes is not None:
       dc, dr = slopes
       total = total + weigh(size, model.reaches[node.index])
+      # A computed 0 may stand for a tiny sensitivity: 0 * inf stays NaN (then inf).
       add(x, centre * dc[None], jnp.abs(centre) * dr[None] + radius * (jnp.abs(dc) + dr)[None])
       if computation and kind == "relu":
         total = total + weigh(jnp.where(dr[None] > 0, size, 0.0), model.computed[x.index])
-    elif kind in ("identity", "linear", "affine") and _propagates(node):
+    elif kind == "identity" and _propagates(node):  # its VJP may be 0 (stop_gradient)
+      total = total + weigh(size, model.reaches[node.index])
+      add(node.inputs[node.bounded_inputs[0]], centre, radius)
+    elif kind in ("linear", "affine") and _propagates(node):
       total = total + weigh(size, model.reaches[node.index])
       ins = [node.inputs[p] for p in node.bounded_inputs]
       zeros = [jnp.zeros(a.shape, a.dtype) for a in ins]
@@ -368,8 +414,8 @@ def output_allowance(graph: Graph,
   if passes is None:
     return forward
   rows = jnp.swapaxes(c, 0, 1)
-  evaluation = sensitivity_errors(graph, bounds, model, out, rows)
-  computation = sensitivity_errors(graph, passes.hull(), model, out, rows, computation=True)
+  evaluation = sensitivity_errors(graph, passes, model, out, rows)
+  computation = sensitivity_errors(graph, passes, model, out, rows, computation=True)
   return jnp.minimum(forward, (evaluation + (ERROR_FACTOR - 1) * computation).T + own)
 
 

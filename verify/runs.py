@@ -13,6 +13,7 @@ import time
 from typing import NamedTuple, Sequence
 
 from absl import logging
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from robustlib import checks, plotting, sources
 from robustlib import compilation
 from robustlib.evaluation import pad_to_multiple
+from verify.bab_attack import bab_attack_examples
 from verify import certification
 from verify import milp
 from verify.unsafe import UnsafeSet
@@ -175,6 +177,31 @@ def milp_flags(logits_fn,
   return status
 
 
+def bab_attack_stage(logits_fn, images: np.ndarray, labels: np.ndarray, eps: Sequence[float],
+                     clean: np.ndarray, verified: dict[str, np.ndarray],
+                     attacked: list[np.ndarray | None] | None, time_limit: float) -> dict:
+  """`verify.bab_attack_examples` at each radius on the clean examples no method verified
+  and the attack (robust flags ``attacked``, where known) left robust.
+
+  Returns:
+    ``{"time_limit", "examples", "broken", "verified", "broken_flags"}``, counts per
+    radius (flags ``[E, N]``).
+  """
+  out = {"time_limit": time_limit, "examples": [], "broken": [], "verified": [], "broken_flags": []}
+  for j, e in enumerate(eps):
+    done = np.zeros_like(clean)
+    for v in verified.values():
+      done = done | v[j]
+    robust = attacked[j] if attacked and attacked[j] is not None else clean
+    todo = clean & ~done & robust if e > 0 else np.zeros_like(clean)
+    stage = bab_attack_examples(logits_fn, images, labels, float(e), todo, jax.random.key(j),
+                                time_limit)
+    for k in ("examples", "broken", "verified"):
+      out[k].append(stage[k])
+    out["broken_flags"].append(stage["broken_flags"].astype(int).tolist())
+  return out
+
+
 def certify_run(workdir: str | None = None,
                 *,
                 onnx: str | None = None,
@@ -185,7 +212,8 @@ def certify_run(workdir: str | None = None,
                 data_dir: str | None = None,
                 dataset: str | None = None,
                 output_dir: str | None = None,
-                milp_time_limit: float = 60.0) -> dict:
+                milp_time_limit: float = 60.0,
+                bab_attack_time: float = 0.0) -> dict:
   """Verified accuracy of a training run's latest checkpoint, or an ONNX network, on a test split.
 
   Args:
@@ -209,6 +237,10 @@ def certify_run(workdir: str | None = None,
       or the ONNX file's folder); ``attacks.json`` is read from ``workdir``, or
       from ``output_dir`` for an ONNX network.
     milp_time_limit: seconds per example for ``milp``.
+    bab_attack_time: seconds of `verify.bab_attack` (ReLU networks) per example and
+      radius that no method verifies and the attack (``attacks.json``, when it has
+      per-example flags) leaves robust; 0: not run. Its counterexamples (and proofs)
+      narrow the gap between the two columns.
 
   Returns:
     The content written to ``verify.json``.
@@ -221,6 +253,9 @@ def certify_run(workdir: str | None = None,
                             f"and {num_examples}")
   if "milp" in methods and not milp_time_limit > 0:
     raise checks.InputError(f"milp_time_limit must be > 0 seconds, got {milp_time_limit}")
+  if not bab_attack_time >= 0:
+    raise checks.InputError(f"bab_attack_time must be seconds >= 0 (0: no bab_attack), got "
+                            f"{bab_attack_time}")
   test = sources.load_test_set(workdir,
                                onnx=onnx,
                                dataset=dataset,
@@ -266,6 +301,10 @@ def certify_run(workdir: str | None = None,
     contradictions = verified_but_attacked(verified, attacked)
     if any(c for counts in contradictions.values() for c in counts):
       logging.error("examples both verified and broken by the attack: %s", contradictions)
+  bab = None
+  if bab_attack_time > 0:
+    bab = bab_attack_stage(logits_fn, images, labels, eps, clean, verified, attacked,
+                           bab_attack_time)
   content = {
       "workdir": test.source,
       "dataset": test.dataset,
@@ -284,6 +323,7 @@ def certify_run(workdir: str | None = None,
       },
       "seconds_per_method": seconds,
       "milp": exact or None,
+      "bab_attack": bab,
       "seconds": time.time() - start,
       "clean_flags": clean.astype(int).tolist(),
       "verified_flags": {
@@ -320,6 +360,12 @@ def table(content: dict) -> str:
     lines.append(f"milp ({exact['time_limit']:g} s per example): counterexamples found "
                  f"{', '.join(map(str, exact['falsified']))}; undecided "
                  f"{', '.join(map(str, exact['unknown']))} (per radius)")
+  bab = content.get("bab_attack")
+  if bab:
+    lines.append(f"bab_attack ({bab['time_limit']:g} s per example): broke "
+                 f"{', '.join(map(str, bab['broken']))} of "
+                 f"{', '.join(map(str, bab['examples']))} open examples, proved "
+                 f"{', '.join(map(str, bab['verified']))} (per radius)")
   lines.append(content["pgd_note"])
   contradictions = content.get("verified_but_attacked")
   if contradictions:

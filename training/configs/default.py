@@ -70,6 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.report.pgd_steps = 40
   config.report.autoattack = True
   config.report.num_examples = 0  # 0: every evaluation example
+  # Seconds of verify.bab_attack per example left neither broken nor verified (0: not run).
+  config.report.bab_attack_time = 0.0
 
   config.log_every = 100
   config.eval_every = 500
