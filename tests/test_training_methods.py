@@ -371,7 +371,7 @@ def test_the_report_runs_bab_attack_on_what_the_attacks_and_bounds_leave_open():
                                         verify_methods=("crown",),
                                         pgd_steps=1,
                                         autoattack=False,
-                                        bab_attack_time=3.0)
+                                        bab_attack_time=1.0)
   stage = report["bab_attack"]
   open_count = round(6 * report["pgd_accuracy"]) - round(6 * report["verified_accuracy"]["crown"])
   assert stage["examples"] == open_count > 0

@@ -209,9 +209,9 @@ def test_bab_attack_breaks_open_examples_and_the_table_counts_them(run, tmp_path
   content = runs.certify_run(str(run),
                              methods="ibp",
                              eps=[0.0, 0.08],
-                             num_examples=24,
+                             num_examples=16,
                              output_dir=str(tmp_path),
-                             bab_attack_time=2.0)
+                             bab_attack_time=1.0)
   clean = np.asarray(content["clean_flags"], bool)
   verified = np.asarray(content["verified_flags"]["ibp"], bool)
   bab = content["bab_attack"]
@@ -219,6 +219,6 @@ def test_bab_attack_breaks_open_examples_and_the_table_counts_them(run, tmp_path
   assert bab["examples"] == [0, int(np.sum(clean & ~verified[1]))]  # radius 0: none open
   assert not np.any(broken & ~(clean & ~verified))  # only open examples, never a verified one
   assert bab["broken"] == broken.sum(axis=1).tolist() and bab["broken"][1] >= 1
-  assert "bab_attack (2 s per example): broke 0, " in runs.table(content)
+  assert "bab_attack (1 s per example): broke 0, " in runs.table(content)
   with pytest.raises(runs.checks.InputError, match="bab_attack_time"):
     runs.certify_run(str(run), methods="ibp", eps=[0.08], bab_attack_time=-1.0)
