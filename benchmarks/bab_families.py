@@ -15,7 +15,9 @@ and whole-box bounds first, the same for all; only the complete search
 differs) and a table gives, per family and method, the instances decided,
 those decided wrongly (against the ground truth: must be 0), those with known
 ground truth decided, and the median time. Every stage resumes from the files
-it wrote, so a killed run continues where it stopped.
+it wrote, so a killed run continues where it stopped. Bounds, the ground truth
+included, are in ``--precision`` (float64 by default: the real-valued network,
+as VNN-COMP decides it; `verify.interval.precision_dtype`).
 """
 
 from __future__ import annotations
@@ -29,17 +31,21 @@ import time
 
 from absl import app
 from absl import flags
+import jax
 import numpy as np
 
 from benchmarks import nets
 from robustlib import scripts
 from verify import instances
+from verify.interval import PRECISIONS
 
 # name: (network, adversarial training eps, PGD steps, radii, time limit in seconds).
 FAMILIES = {
     "mlp2x256": ("mlp", 0.0, 0, (0.02, 0.035), 120.0),
     "mlp2x256_pgd": ("mlp", 0.1, 10, (0.05, 0.1), 120.0),
-    "mlp4x256": ("mlp_4x256", 0.0, 0, (0.015, 0.025), 300.0),
+    # alpha-CROWN's root bound over six points, float64: from +13..+2 at 0.005 to -75..+7 at
+    # 0.015, where no method decides in 300 s; these radii sit between.
+    "mlp4x256": ("mlp_4x256", 0.0, 0, (0.0075, 0.01), 300.0),
     "mlp4x256_pgd": ("mlp_4x256", 0.1, 10, (0.05, 0.1), 300.0),
     "mlp6x256": ("mlp_6x256", 0.0, 0, (0.01, 0.02), 300.0),
     "mlp6x256_pgd": ("mlp_6x256", 0.1, 10, (0.05, 0.1), 300.0),
@@ -56,6 +62,11 @@ _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 3000, "Training steps per net
 _TRUTH_LIMIT = flags.DEFINE_float("truth_limit", 900.0, "MILP seconds for the ground truth.")
 _TIME_SCALE = flags.DEFINE_float("time_scale", 1.0, "Multiplies every family's time limit.")
 _STAGES = flags.DEFINE_list("stages", ["build", "truth", "compare"], "What to run.")
+_PRECISION = flags.DEFINE_enum(
+    "precision", "float64", list(PRECISIONS),
+    "Bound passes' dtype for every method and the ground truth: float64 decides the "
+    "real-valued network as the MILP does (float32's rounding allowance is above the margins "
+    "of deep MLPs at their radii).")
 
 _LOG = logging.getLogger(__name__)
 
@@ -94,33 +105,46 @@ def robustness_vnnlib(x: np.ndarray, eps: float, label: int, num_classes: int) -
   return "\n".join(lines) + f"\n(assert (or {others}))\n"
 
 
-def _read(path: pathlib.Path) -> dict[tuple[str, str], dict]:
+def _read(path: pathlib.Path, precision: str) -> dict[tuple[str, str], dict]:
+  """The rows of ``path`` decided in ``precision``, by (family, vnnlib)."""
   if not path.exists():
     return {}
   with open(path, newline="") as f:
-    return {(r["family"], r["vnnlib"]): r for r in csv.DictReader(f)}
+    return {
+        (r["family"], r["vnnlib"]): r
+        for r in csv.DictReader(f)
+        if r.get("precision", "float32") == precision
+    }
 
 
 def _append(path: pathlib.Path, row: dict) -> None:
   new = not path.exists()
   with open(path, "a", newline="") as f:
+    if not new:
+      with open(path, newline="") as g:
+        if next(csv.reader(g)) != list(row):
+          raise app.UsageError(f"{path} has other columns than {list(row)}: use another --out_dir")
     writer = csv.DictWriter(f, fieldnames=list(row))
     if new:
       writer.writeheader()
     writer.writerow(row)
 
 
-def decide_all(folder: pathlib.Path, family: str, complete: str, limit: float,
-               out: pathlib.Path) -> None:
+def decide_all(folder: pathlib.Path, family: str, complete: str, limit: float, out: pathlib.Path,
+               precision: str) -> None:
   """Each instance of the family decided with ``complete`` under ``limit`` s (resumable)."""
-  done = _read(out)
+  done = _read(out, precision)
   todo = [
       r for r in instances.read_instances(folder / "instances.csv")
       if (family, pathlib.Path(r[1]).name) not in done
   ]
   start = time.monotonic()
   for k, (onnx_path, vnnlib_path, _) in enumerate(todo):
-    decision, _ = instances.run_instance(onnx_path, vnnlib_path, limit, complete=complete)
+    decision, _ = instances.run_instance(onnx_path,
+                                         vnnlib_path,
+                                         limit,
+                                         complete=complete,
+                                         precision=precision)
     _append(
         out,
         dict(family=family,
@@ -128,7 +152,8 @@ def decide_all(folder: pathlib.Path, family: str, complete: str, limit: float,
              method=complete,
              result=decision.result,
              stage=decision.stage,
-             seconds=round(decision.seconds, 3)))
+             seconds=round(decision.seconds, 3),
+             precision=precision))
     rate = (time.monotonic() - start) / (k + 1)
     _LOG.info("%s %s [%d/%d] %s: %s by %s in %.1f s | ETA %.0f s", family, complete, k + 1,
               len(todo),
@@ -136,7 +161,8 @@ def decide_all(folder: pathlib.Path, family: str, complete: str, limit: float,
               rate * (len(todo) - k - 1))
 
 
-def milp_from_truth(truth: pathlib.Path, family: str, limit: float, out: pathlib.Path) -> None:
+def milp_from_truth(truth: pathlib.Path, family: str, limit: float, out: pathlib.Path,
+                    precision: str) -> None:
   """The MILP's rows under ``limit`` s read off its ground-truth run under a longer limit.
 
   The ground truth is the same search (`verify.instances.decide` with
@@ -144,8 +170,8 @@ def milp_from_truth(truth: pathlib.Path, family: str, limit: float, out: pathlib
   shorter run answers the same, else it times out, so the family's MILP column
   costs no second run.
   """
-  done = _read(out)
-  for (fam, name), row in _read(truth).items():
+  done = _read(out, precision)
+  for (fam, name), row in _read(truth, precision).items():
     if fam != family or (fam, name) in done:
       continue
     seconds = float(row["seconds"])
@@ -157,13 +183,14 @@ def milp_from_truth(truth: pathlib.Path, family: str, limit: float, out: pathlib
              method="milp",
              result="timeout" if late else row["result"],
              stage="milp" if late else row["stage"],
-             seconds=min(seconds, limit)))
+             seconds=min(seconds, limit),
+             precision=precision))
 
 
-def table(out_dir: pathlib.Path, families, methods) -> str:
+def table(out_dir: pathlib.Path, families, methods, precision: str) -> str:
   truth = {
       k: r["result"]
-      for k, r in _read(out_dir / "truth.csv").items()
+      for k, r in _read(out_dir / "truth.csv", precision).items()
       if r["result"] in ("sat", "unsat")
   }
   lines = [
@@ -172,7 +199,10 @@ def table(out_dir: pathlib.Path, families, methods) -> str:
   ]
   for family in families:
     for method in methods:
-      rows = [r for k, r in _read(out_dir / f"results_{method}.csv").items() if k[0] == family]
+      rows = [
+          r for k, r in _read(out_dir / f"results_{method}.csv", precision).items()
+          if k[0] == family
+      ]
       if not rows:
         continue
       decided = [r for r in rows if r["result"] in ("sat", "unsat")]
@@ -194,21 +224,25 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"unknown families or methods: {sorted(unknown)} (families: "
                          f"{list(FAMILIES)}; methods: {list(METHODS)})")
+  if _PRECISION.value == "float64":
+    jax.config.update("jax_enable_x64", True)
   out_dir = pathlib.Path(_OUT_DIR.value)
   out_dir.mkdir(parents=True, exist_ok=True)
   folders = {f: build(out_dir, f, _POINTS.value, _TRAIN_STEPS.value) for f in _FAMILIES.value}
   if "truth" in _STAGES.value:
     for family, folder in folders.items():
-      decide_all(folder, family, "milp", _TRUTH_LIMIT.value, out_dir / "truth.csv")
+      decide_all(folder, family, "milp", _TRUTH_LIMIT.value, out_dir / "truth.csv",
+                 _PRECISION.value)
   if "compare" in _STAGES.value:
     for family, folder in folders.items():
       for method in _METHODS.value:
         limit = FAMILIES[family][4] * _TIME_SCALE.value
         out = out_dir / f"results_{method}.csv"
         if method == "milp" and limit <= _TRUTH_LIMIT.value:
-          milp_from_truth(out_dir / "truth.csv", family, limit, out)
-        decide_all(folder, family, method, limit, out)
-  print(table(out_dir, _FAMILIES.value, _METHODS.value))
+          milp_from_truth(out_dir / "truth.csv", family, limit, out, _PRECISION.value)
+        decide_all(folder, family, method, limit, out, _PRECISION.value)
+  print(f"bounds in {_PRECISION.value}")
+  print(table(out_dir, _FAMILIES.value, _METHODS.value, _PRECISION.value))
 
 
 if __name__ == "__main__":

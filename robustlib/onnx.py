@@ -1114,12 +1114,15 @@ def _checked(plan: _Plan, compiled: Callable, x: jax.Array) -> jax.Array:
   return compiled(x if hasattr(x, "shape") else np.asarray(x))
 
 
-def load(model: str | os.PathLike | bytes | Any) -> OnnxModel:
+def load(model: str | os.PathLike | bytes | Any, dtype: Any = None) -> OnnxModel:
   """Loads an ONNX model as a JAX function.
 
   Args:
     model: a path to a ``.onnx`` file, its bytes, or an ``onnx.ModelProto``. The
       graph has one input that is not an initializer and one output.
+    dtype: the floating dtype the graph computes in (its input is cast to it, and
+      weights are promoted to it); None: the input's declared dtype. ``float64``
+      (with JAX's 64-bit mode) evaluates float32 weights exactly as stored.
 
   Returns:
     An `OnnxModel` whose ``fn`` maps ``[N, *input_shape]`` to ``[N, *output_shape]``.
@@ -1139,7 +1142,13 @@ def load(model: str | os.PathLike | bytes | Any) -> OnnxModel:
     >>> logits = model(x)      # x: float32 [N, *model.input_shape]
   """
   onnx = _import_onnx()
-  graph, in_dims, dtype, out_dims = _parse(onnx, _read_model(onnx, model))
+  graph, in_dims, declared, out_dims = _parse(onnx, _read_model(onnx, model))
+  if dtype is None:
+    dtype = declared
+  elif not jnp.issubdtype(dtype, jnp.floating):
+    raise OnnxError(f"dtype must be a floating dtype, got {dtype}")
+  elif jax.dtypes.canonicalize_dtype(dtype) != np.dtype(dtype):
+    raise OnnxError(f"dtype {np.dtype(dtype).name} needs JAX's 64-bit mode (JAX_ENABLE_X64=1)")
   plan, output_shape = _plan(graph, in_dims, dtype, out_dims)
   compiled = compilation.jit(functools.partial(_apply, graph, plan))
   return OnnxModel(fn=functools.partial(_checked, plan, compiled),

@@ -10,7 +10,7 @@ import pytest
 from robustlib.checks import InputError
 from verify.bab import branch_and_bound
 from verify.bab import bound_safety
-from verify.bab import round_outward
+from verify.interval import round_outward
 from verify.falsification import falsify
 from verify.unsafe import UnsafeSet
 

@@ -21,6 +21,7 @@ from vnncomp_instances import POCKETS  # pylint: disable=g-import-not-at-top
 from vnncomp_instances import RELU_HALF
 from vnncomp_instances import box_text
 from vnncomp_instances import constructed
+from vnncomp_instances import mlp_onnx
 from vnncomp_instances import pocket_onnx
 from vnncomp_instances import random_layers
 from vnncomp_instances import ort_session
@@ -156,6 +157,41 @@ def test_relu_splits_decide_convolutional_instances(tmp_path, name, model, text)
     assert auto.complete in ("milp", "relu") and auto.reason  # 64 inputs: never input splits
 
 
+def _cancelling_net(delta):
+  """``y_0 - y_1 = delta`` exactly, both outputs sums of four ReLUs of order 1e4: float32's
+  rounding allowance (some 1e-2) hides the margin, float64's (some 1e-11) does not."""
+  w1, b1 = 1e4 * np.ones((4, 2)), np.zeros(4)
+  return mlp_onnx([(w1, b1), (np.ones((2, 4)), np.array([delta, 0.0]))])
+
+
+def test_float64_bounds_prove_what_float32_rounding_hides(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  model = _cancelling_net(1e-2)
+  text = box_text([0.5, 0.5], [1.0, 1.0], 2) + "(assert (<= Y_0 Y_1))\n"
+  # The float32 evaluation never reaches the unsafe set either, but no float32 proof exists:
+  # the margin is below the allowance.
+  assert run(tmp_path, "cancel", model, text, timeout=5.0).result != "unsat"
+  with pytest.raises(instances.InputError, match="JAX_ENABLE_X64"):
+    run(tmp_path, "cancel", model, text, precision="float64")
+  with jax.enable_x64(True):
+    decision = run(tmp_path, "cancel", model, text, precision="float64")
+    assert decision.result == "unsat" and decision.stage in instances.BOUND_METHODS, decision
+    sat_text = box_text([0.5, 0.5], [1.0, 1.0], 2) + "(assert (>= Y_0 Y_1))\n"
+    decision = run(tmp_path, "cancel_sat", model, sat_text, precision="float64")
+    assert decision.result == "sat" and decision.y.dtype == np.float64
+    check_counterexample(decision, model, sat_text)
+
+
+def test_input_splits_in_float64_decide_pockets(tmp_path):
+  # ReLU splits and the MILP in float64: tests/test_relu_bab.py.
+  import jax  # pylint: disable=g-import-not-at-top
+  model = pocket_onnx(POCKETS, width=0.02, height=0.75)  # min y = 0.25; IBP sees -0.5
+  text = box_text([-1, -1], [1, 1], 1) + "(assert (<= Y_0 0))\n"
+  with jax.enable_x64(True):
+    decision = run(tmp_path, "pocket_unsat", model, text, complete="input", precision="float64")
+  assert decision.result == "unsat" and decision.complete == "input", decision
+
+
 def test_the_complete_search_follows_inputs_and_unstable_relus():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
@@ -213,7 +249,8 @@ def test_single_instance_cli_writes_the_result_file(tmp_path):
   onnx_path, vnnlib_path = write_instance(tmp_path, "sat", RELU_HALF,
                                           box_text([-1.0], [1.0], 1) + "(assert (>= Y_0 0.4))")
   out = tmp_path / "result.txt"
-  proc = _script(f"--onnx={onnx_path}", f"--vnnlib={vnnlib_path}", "--timeout=30", f"--out={out}")
+  proc = _script(f"--onnx={onnx_path}", f"--vnnlib={vnnlib_path}", "--timeout=30", f"--out={out}",
+                 "--precision=float64")  # the flag turns on JAX's 64-bit mode
   assert proc.returncode == 0, proc.stderr
   lines = out.read_text().splitlines()
   assert lines[0] == "sat" and lines[-1].startswith(" (Y_0 ") and lines[-1].endswith("))")

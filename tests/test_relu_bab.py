@@ -2,6 +2,7 @@
 
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -45,6 +46,33 @@ def test_relu_branch_and_bound_agrees_with_the_milp(branching):
       branched += result.status == "verified" and result.boxes > 1
   assert {"verified", "falsified"} <= set(answers)
   assert branched >= 1  # some proofs needed splits
+
+
+def test_relu_branch_and_bound_in_float64_keeps_its_answers():
+  fn, _ = bound_testing.relu_mlp(seed=4, sizes=(5, 16, 16, 3))
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    for eps in (0.1, 0.2):  # falsified; verified after splits
+      x0 = rng.uniform(size=5)
+      y = int(np.argmax(fn(jnp.asarray(x0, jnp.float32)[None])))
+      unsafe = UnsafeSet.of(
+          [(np.eye(3)[y] - np.eye(3)[t], np.zeros(1)) for t in range(3) if t != y], 3, np.float64)
+      lo, hi = x0 - eps, x0 + eps
+      exact = milp_verify(fn, lo, hi, unsafe, time_limit=30, precision="float64").status
+      result = branch_and_bound(
+          fn,
+          lo,
+          hi,
+          unsafe,
+          deadline=time.monotonic() + 30,
+          confirm=lambda z, y=y: bool(np.argmax(fn(jnp.asarray(z)[None])) != y),
+          batch_size=16,
+          split="relu",
+          precision="float64")
+      assert result.status == exact and (exact == "falsified" or result.boxes > 1), result
+      setup = relu_bab.prepare(fn, lo, hi, unsafe, root_steps=5, lr=0.1, dtype=np.float64)
+      assert setup.root.lower.dtype == jnp.float64
+      assert float(jnp.max(setup.root.allowance)) < 1e-9  # float32's is some 2e-5 here
 
 
 def test_relu_branch_and_bound_refuses_bad_settings():

@@ -5,7 +5,9 @@ of VNN-COMP instances (VNNLIB, falsification, branch and bound).
 Bounds are sound for the real-valued function a program computes from its float
 weights; "verified" (`certify`, `decide`, `branch_and_bound`) also subtracts
 `rounding_allowance`, so that it holds at every float32 point of the box for the
-program's float32 evaluation too (`verify.rounding` gives the model). What the
+program's float32 evaluation too (`verify.rounding` gives the model); with
+``precision="float64"`` the complete searches bound in float64 and prove the
+float64 evaluation instead (`PRECISIONS`: the real-valued network up to some 1e-12). What the
 interpreter cannot bound soundly raises `UnsupportedPrimitiveError` naming the
 primitive and the user's source line; `verify.primitives` holds what it knows.
 
@@ -21,7 +23,7 @@ from verify.certification import METHODS, certify, margin_bounds
 from verify.crown import crown, crown_ibp
 from verify.falsification import falsify, falsify_runs
 from verify.ibp import ibp, relu_input_bounds
-from verify.interval import Interval, linf_ball
+from verify.interval import PRECISIONS, Interval, linf_ball
 from verify.instances import Decision, decide
 from verify.milp import MilpResult, milp_minimum, milp_verify
 from verify.primitives import SUPPORTED_PRIMITIVES, UnsupportedPrimitiveError
@@ -37,6 +39,7 @@ __all__: list[str] = [
     "MilpResult",
     "ReluLayer",
     "METHODS",
+    "PRECISIONS",
     "SUPPORTED_PRIMITIVES",
     "UnsafeSet",
     "UnsupportedPrimitiveError",

@@ -37,6 +37,8 @@ from verify import rounding
 from verify.alpha_crown import alpha_crown
 from verify.crown import lower_bounds
 from verify.interval import Interval
+from verify.interval import precision_dtype
+from verify.interval import round_outward
 from verify.unsafe import UnsafeSet
 
 METHODS = ("ibp", "crown_ibp", "crown", "alpha_crown")
@@ -52,7 +54,7 @@ class BabResult:
     status: ``"verified"`` (every box proven safe), ``"falsified"`` (a
       confirmed counterexample), ``"timeout"`` or ``"unknown"`` (the search gave
       up: too many open boxes, or a box too small on every side to split in
-      float32).
+      the bounds' dtype).
     counterexample: ``[...]`` input when falsified, else None.
     boxes: boxes (or ReLU subdomains) bounded.
     seconds: wall time.
@@ -85,8 +87,8 @@ def bound_safety(fn: Callable, lower: jax.Array, upper: jax.Array, unsafe: Unsaf
   box = Interval(lower, upper)
   spec = jnp.broadcast_to(unsafe.C, (lower.shape[0],) + unsafe.C.shape)
   # Each pass's bounds less its rounding allowance (`verify.rounding`); the offsets' rounding
-  # to float32 is allowed for too.
-  u = er.unit_roundoff(jnp.float32)
+  # to their dtype is allowed for too.
+  u = er.unit_roundoff(unsafe.d.dtype)
   offsets = 2 * u * jnp.abs(unsafe.d)
   magnitudes = "ibp" if method == "ibp" else "crown"
   rows = lower_bounds(fn, box, spec, "ibp") - rounding.allowance(fn, box, spec, magnitudes)
@@ -96,22 +98,6 @@ def bound_safety(fn: Callable, lower: jax.Array, upper: jax.Array, unsafe: Unsaf
     errors = "backward" if method in rounding.BACKWARD_PASSES else "forward"
     rows = jnp.maximum(rows, linear - rounding.allowance(fn, box, spec, magnitudes, errors))
   return unsafe.proven(rows - offsets)
-
-
-def round_outward(lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """The smallest float32 box containing the (float64) box ``[lower, upper]``."""
-  lo, hi = np.asarray(lower, np.float32), np.asarray(upper, np.float32)
-  lo = np.where(lo > lower, np.nextafter(lo, np.float32(-np.inf)), lo)
-  hi = np.where(hi < upper, np.nextafter(hi, np.float32(np.inf)), hi)
-  return lo, hi
-
-
-def round_inward(lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """The largest float32 box inside the (float64) box ``[lower, upper]``: where points may lie."""
-  lo, hi = np.asarray(lower, np.float32), np.asarray(upper, np.float32)
-  lo = np.where(lo < lower, np.nextafter(lo, np.float32(np.inf)), lo)
-  hi = np.where(hi > upper, np.nextafter(hi, np.float32(-np.inf)), hi)
-  return lo, np.maximum(hi, lo)
 
 
 @compilation.jit(static_argnames=("fn", "method"))
@@ -143,7 +129,8 @@ def branch_and_bound(fn: Callable[[jax.Array], jax.Array],
                      max_boxes: int = 1_000_000,
                      log_every: float = 10.0,
                      split: str = "input",
-                     branching: str = "babsr") -> BabResult:
+                     branching: str = "babsr",
+                     precision: str = "float32") -> BabResult:
   """Proves that no input of ``[lower, upper]`` maps into ``unsafe``, or finds one that does.
 
   With ``split="relu"`` the search splits unstable ReLUs instead of the box, bounding
@@ -166,10 +153,13 @@ def branch_and_bound(fn: Callable[[jax.Array], jax.Array],
     log_every: seconds between progress lines.
     split: ``"input"`` or ``"relu"``.
     branching: for ``split="relu"``, ``"babsr"`` or ``"fsb"`` (`verify.relu_bab`).
+    precision: the bound passes' dtype, ``"float32"`` or ``"float64"``
+      (`verify.interval.precision_dtype`: what a proof is of); the box is taken in it.
 
   Returns:
     A `BabResult`.
   """
+  dtype = precision_dtype(precision)
   if batch_size is not None and batch_size < 1:
     raise InputError(f"batch_size must be >= 1, got {batch_size}")
   if split not in SPLITS:
@@ -185,63 +175,62 @@ def branch_and_bound(fn: Callable[[jax.Array], jax.Array],
                                        batch_size=batch_size,
                                        capacity=max(min(max_boxes, 65536), 2 * (batch_size or 1)),
                                        branching=branching,
-                                       log_every=log_every)
+                                       log_every=log_every,
+                                       dtype=dtype)
     return BabResult(status, x, count, time.monotonic() - start)
   batch_size = batch_size or INPUT_BATCH_SIZE
-  lower, upper = np.asarray(lower, np.float32), np.asarray(upper, np.float32)
-  if lower.shape != upper.shape or np.any(lower > upper):
-    raise InputError(f"the box must have lower <= upper of equal shapes, got {lower.shape} and "
-                     f"{upper.shape}")
-  # Open boxes as (centre, radius) in float64: float32 centres would drift off the grid of
-  # halvings, and soundness needs the float32 box handed to the bounds to cover each piece.
-  stack_c = ((lower.astype(np.float64) + upper) / 2)[None]
-  stack_r = ((upper.astype(np.float64) - lower) / 2)[None]
-  tiny = 1e-7 * max(float(np.max(stack_r)), 1e-30)
+  if np.shape(lower) != np.shape(upper) or np.any(np.asarray(lower) > np.asarray(upper)):
+    raise InputError(f"the box must have lower <= upper of equal shapes, got {np.shape(lower)} "
+                     f"and {np.shape(upper)}")
+  lower, upper = round_outward(lower, upper, dtype)
+  # Open boxes as their ends in the bounds' dtype: the two halves of a box share the very
+  # value they are split at, so they cover it exactly, whatever the rounding of that value.
+  stack_lo, stack_hi = lower[None], upper[None]
+  tiny = 1e-7 * max(float(np.max(upper - lower)), 1e-30)
   boxes, last_log = 0, start
   result = lambda status, x=None: BabResult(status, x, boxes, time.monotonic() - start)
-  while len(stack_c):
+  while len(stack_lo):
     if time.monotonic() > deadline:
       return result("timeout")
-    if len(stack_c) > max_boxes:
+    if len(stack_lo) > max_boxes:
       return result("unknown")
-    take = min(batch_size, len(stack_c))
-    c, r = stack_c[-take:], stack_r[-take:]
-    stack_c, stack_r = stack_c[:-take], stack_r[:-take]
+    take = min(batch_size, len(stack_lo))
+    lo, hi = stack_lo[-take:], stack_hi[-take:]
+    stack_lo, stack_hi = stack_lo[:-take], stack_hi[:-take]
     pad = batch_size - take
-    c_in = np.concatenate([c, np.repeat(c[:1], pad, 0)]) if pad else c
-    r_in = np.concatenate([r, np.repeat(r[:1], pad, 0)]) if pad else r
-    lo32, hi32 = round_outward(c_in - r_in, c_in + r_in)
-    center32 = (lo32 + hi32) / 2
+    lo_in = np.concatenate([lo, np.repeat(lo[:1], pad, 0)]) if pad else lo
+    hi_in = np.concatenate([hi, np.repeat(hi[:1], pad, 0)]) if pad else hi
     proven, dim, center_safety = jax.device_get(
-        _bound_and_choose(fn, jnp.asarray(lo32), jnp.asarray(hi32), unsafe, method))
+        _bound_and_choose(fn, jnp.asarray(lo_in), jnp.asarray(hi_in), unsafe, method))
     proven, dim, center_safety = proven[:take], dim[:take], center_safety[:take]
     boxes += take
     for i in np.flatnonzero(center_safety <= 0):
-      x = np.clip(center32[i], lower, upper)
+      x = np.clip((lo[i] + hi[i]) / 2, lower, upper)
       if confirm(x):
         return result("falsified", x)
     open_ = np.flatnonzero(~(proven > 0))
     if open_.size:
-      c, r = c[open_], r[open_]
-      flat_r = r.reshape(open_.size, -1)
+      lo, hi = lo[open_], hi[open_]
+      width = (hi - lo).reshape(open_.size, -1)
       rows = np.arange(open_.size)
       d = dim[open_]
-      d = np.where(flat_r[rows, d] / 2 < tiny, np.argmax(flat_r, axis=1), d)  # split elsewhere
-      if np.any(flat_r[rows, d] / 2 < tiny):  # every side is as small as float32 resolves
-        return result("unknown")
-      idx = np.unravel_index(d, c.shape[1:])
-      half = r[(rows,) + idx] / 2
-      r = r.copy()
-      r[(rows,) + idx] = half
-      lo_c, hi_c = c.copy(), c.copy()
-      lo_c[(rows,) + idx] -= half
-      hi_c[(rows,) + idx] += half
-      stack_c = np.concatenate([stack_c, lo_c, hi_c])
-      stack_r = np.concatenate([stack_r, r, r])
+      for choice in ("bound", "widest"):
+        idx = (rows,) + np.unravel_index(d, lo.shape[1:])
+        mid = lo[idx] + (hi[idx] - lo[idx]) / 2
+        unsplittable = (width[rows, d] / 2 < tiny) | ~((mid > lo[idx]) & (mid < hi[idx]))
+        if not np.any(unsplittable):
+          break
+        if choice == "widest":  # every side is as small as the dtype resolves
+          return result("unknown")
+        d = np.where(unsplittable, np.argmax(width, axis=1), d)  # split elsewhere
+      lo_half, hi_half = hi.copy(), lo.copy()
+      lo_half[idx], hi_half[idx] = mid, mid
+      stack_lo = np.concatenate([stack_lo, lo, hi_half])
+      stack_hi = np.concatenate([stack_hi, lo_half, hi])
     now = time.monotonic()
     if now - last_log > log_every:
       last_log = now
       logging.info("branch and bound: %d boxes bounded (%.0f/s), %d open, worst bound %.4g", boxes,
-                   boxes / (now - start), len(stack_c),
+                   boxes / (now - start), len(stack_lo),
                    float(np.min(proven)) if take else float("nan"))
   return result("verified")

@@ -13,10 +13,13 @@ guided by bounds. This attack keeps their ingredients in a compact loop:
 3. β-CROWN bounds every subdomain of the beam (one batched call): the
    candidates' own, then random free sets drawn near the thresholds; those it
    proves safe are skipped, the others are taken lowest bound first;
-4. a small mixed-integer program "dives" into the subdomain (`verify.milp`
-   with those neurons fixed: ``free`` binaries only), exactly, under a short
-   time limit; its solution, when the network confirms it, is the adversarial
-   example;
+4. descent restarted inside the unproven subdomains: signed gradient steps on
+   the safety plus a penalty on the splits' violations (`SPLIT_PENALTY`, per
+   unit of each neuron's bounds' width), from the candidate and from the input
+   that minimises the subdomain's β-CROWN bound (one batched call); then a small
+   mixed-integer program "dives" into each (`verify.milp` with those neurons
+   fixed: ``free`` binaries only), exactly, under a short time limit; a point
+   either finds, when the network confirms it, is the adversarial example;
 5. descent from new random starts adds to the pool, and the next round's
    subdomains are wider (more free neurons: ``free``, then doubling up to every
    unstable neuron, the complete program) where the bounds or the dives ruled
@@ -56,6 +59,10 @@ from verify.falsification import falsify_runs
 from verify.milp import milp_verify
 from verify.unsafe import UnsafeSet
 
+# Weight of a split's violation, per unit of its neuron's bounds' width, against the safety
+# (logits) in the descent inside a subdomain.
+SPLIT_PENALTY = 10.0
+
 
 @dataclasses.dataclass(frozen=True)
 class BabAttackResult:
@@ -65,7 +72,8 @@ class BabAttackResult:
     status: ``"broken"`` (``x_adv`` is misclassified), ``"verified"`` (the bounds
       or the complete program proved the ball safe) or ``"unknown"``.
     x_adv: the adversarial input ``[...]`` when broken, else None.
-    stage: what found it: ``"descent"``, ``"dive"``, or where the search stopped.
+    stage: what found it: ``"descent"``, ``"subdomain descent"``, ``"dive"``, or where the
+      search stopped.
     dives: programs solved.
     seconds: wall time.
   """
@@ -168,18 +176,19 @@ def bab_attack(fn: Callable[[jax.Array], jax.Array],
     widths.append(min(2 * widths[-1], total))
   draw = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
   dives, seen, rounds, level = 0, set(), 0, 0
+  allowance = np.asarray(setup.root.allowance)[0]  # the root's holds in every subdomain
   while time.monotonic() - start < time_limit:
     # 3. The beam: the candidates' subdomains at this round's width (the neurons nearest their
     #    thresholds free), then random free sets drawn near the thresholds, bounded together.
     width = widths[level]
-    beam, fresh = [], {}
+    beam, fresh = [], set()
     for attempt in range(4 * beam_size):
       z = pool[attempt % len(pool)][1]
       sub = _subdomain(fn, relus, layer_bounds, unstable, z, width,
                        None if attempt < len(pool) else draw)
       if sub[0] not in seen and sub[0] not in fresh:
-        fresh[sub[0]] = True
-        beam.append(sub)
+        fresh.add(sub[0])
+        beam.append((*sub, z))
       if len(beam) == beam_size:
         break
     rounds += 1
@@ -188,16 +197,22 @@ def bab_attack(fn: Callable[[jax.Array], jax.Array],
         return done("unknown", "exhausted", dives=dives)
       level += 1
       continue
-    lower = _beam_bounds(fn, setup, relus, [b[1] for b in beam], beam_size)
+    lower, corners = _beam_bounds(fn, setup, [b[1] for b in beam], beam_size)
+    todo = [i for i in np.argsort(lower) if lower[i] <= 0]
+    if todo:  # 4. descent inside the unproven subdomains, then the dives
+      starts = np.concatenate([np.stack([beam[i][2] for i in todo]), corners[todo]])
+      signs = [np.stack([beam[i][1][layer] for i in todo] * 2) for layer in range(len(relus))]
+      found, found_safety = _subdomain_descent(fn, starts, signs, layer_bounds, lo, hi, unsafe,
+                                               pgd_steps, 2 * beam_size)
+      if found_safety[0] <= 0 and broken(found[0]):
+        return done("broken", "subdomain descent", found[0], dives)
+    seen.update(b[0] for b in beam)
     outcomes = []
-    for i in np.argsort(lower):
+    for i in todo:
       if time.monotonic() - start > time_limit:
         return done("unknown", "time", dives=dives)
-      key_, fixed = beam[i]
-      seen.add(key_)
-      if lower[i] > 0:  # proven: no counterexample in this subdomain
-        continue
-      # 4. The dive: a program with `width` binaries.
+      key_, fixed, _ = beam[i]
+      # The dive: a program with `width` binaries.
       limit = min(dive_limit, time_limit - (time.monotonic() - start))
       result = milp_verify(fn,
                            lo,
@@ -205,7 +220,7 @@ def bab_attack(fn: Callable[[jax.Array], jax.Array],
                            unsafe,
                            time_limit=max(limit, 1e-3),
                            fixed=fixed,
-                           allowance=np.asarray(setup.root.allowance)[0])
+                           allowance=allowance)
       dives += 1
       outcomes.append(result.status)
       if result.status == "falsified" and broken(result.counterexample):
@@ -303,9 +318,10 @@ def _subdomain(fn,
   return tuple(np.concatenate(signs).tolist()), dict(enumerate(signs))
 
 
-def _beam_bounds(fn, setup, relus, fixed_list, batch: int) -> np.ndarray:
-  """beta-CROWN lower bounds on the safety over each subdomain ``[B]``, in a batch of at
-  least ``batch`` (padded, and to a power of two of splits: few compilations)."""
+def _beam_bounds(fn, setup, fixed_list, batch: int) -> tuple[np.ndarray, np.ndarray]:
+  """beta-CROWN lower bounds on the safety over each subdomain ``[B]`` and the inputs that
+  minimise them ``[B, ...]``, in a batch of at least ``batch`` (padded, and to a power of two
+  of splits: few compilations)."""
   rows = []
   for fixed in fixed_list:
     split = [(layer, j, int(s))
@@ -319,9 +335,71 @@ def _beam_bounds(fn, setup, relus, fixed_list, batch: int) -> np.ndarray:
     if r:
       splits[i, :len(r)] = r
   splits[len(rows):] = splits[0]
-  return np.asarray(_bound_beam(fn, setup.root, jnp.asarray(splits)))[:len(rows)]
+  lower, corners = jax.device_get(_bound_beam(fn, setup.root, jnp.asarray(splits)))
+  return lower[:len(rows)], corners[:len(rows)]
 
 
 @compilation.jit(static_argnames=("fn",))
 def _bound_beam(fn, root, splits):
-  return relu_bab.bound_batch(fn, root, splits, steps=20)[0]
+  beta = jnp.zeros((splits.shape[0], root.unsafe.C.shape[0], splits.shape[1]), root.lower.dtype)
+  safety, _, _, corners, _ = relu_bab.bound_and_branch(fn,
+                                                       root,
+                                                       splits,
+                                                       beta,
+                                                       steps=20,
+                                                       lr=0.1,
+                                                       lr_beta=0.05,
+                                                       branching="babsr",
+                                                       candidates=1)
+  return safety, corners
+
+
+def _subdomain_descent(fn, starts: np.ndarray, signs: list[np.ndarray], layer_bounds, lo, hi,
+                       unsafe: UnsafeSet, steps: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+  """Descent from ``starts [B, ...]`` inside subdomains (per layer, signs ``[B, M]``; 0 where
+  free), padded to ``batch`` runs; returns the points ``[B, ...]`` and their safety ``[B]``
+  (the network's, no penalty), least safe first."""
+  n = starts.shape[0]
+  pad = lambda a: np.concatenate([a, np.repeat(a[:1], batch - n, 0)]) if batch > n else a
+  thresholds = [np.broadcast_to(c, l.shape).astype(np.float32) for l, _, c in layer_bounds]
+  scales = [SPLIT_PENALTY / np.maximum(u - l, 1e-12).astype(np.float32) for l, u, _ in layer_bounds]
+  x, safety = jax.device_get(
+      _descend(fn, jnp.asarray(pad(starts)), [jnp.asarray(pad(s), jnp.float32) for s in signs],
+               thresholds, scales, jnp.asarray(lo), jnp.asarray(hi), unsafe, steps))
+  x, safety = np.clip(x[:n], lo, hi), safety[:n]
+  order = np.argsort(safety)
+  return x[order], safety[order]
+
+
+@compilation.jit(static_argnames=("fn", "steps"))
+def _descend(fn, starts, signs, thresholds, scales, lo, hi, unsafe: UnsafeSet, steps: int):
+  """Signed gradient steps (from 20 % to 0.2 % of the box's width) on the safety plus the
+  weighted violations ``max(0, -s (z - c))`` of the splits; the least safe point of each run."""
+  graph, _ = build_graph(fn, [Interval(starts, starts)])
+  out = graph.outputs[0]
+  pre = [node.inputs[node.bounded_inputs[0]].index for node in relu_nodes(out)]
+
+  def objective(x):
+    values = evaluate(graph, [x])
+    safety = unsafe.safety(values[out.index])
+    penalty = sum(
+        jnp.sum(w * jax.nn.relu(-s * (values[k].reshape(x.shape[0], -1) - c)), axis=1)
+        for k, s, c, w in zip(pre, signs, thresholds, scales))
+    return jnp.sum(safety + penalty), safety
+
+  width = hi - lo
+
+  def body(t, carry):
+    x, best_x, best = carry
+    g, safety = jax.grad(objective, has_aux=True)(x)
+    better = safety < best
+    best_x = jnp.where(better.reshape((-1,) + (1,) * lo.ndim), x, best_x)
+    best = jnp.minimum(safety, best)
+    step = width * (0.2 * 0.01**(t / max(steps - 1, 1)))
+    return jnp.clip(x - step * jnp.sign(g), lo, hi), best_x, best
+
+  init = (starts, starts, jnp.full(starts.shape[:1], jnp.inf, starts.dtype))
+  x, best_x, best = jax.lax.fori_loop(0, steps, body, init)
+  last = unsafe.safety(fn(x))
+  better = last < best
+  return jnp.where(better.reshape((-1,) + (1,) * lo.ndim), x, best_x), jnp.minimum(last, best)

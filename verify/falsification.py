@@ -88,6 +88,6 @@ def falsify_runs(fn: Callable[[jax.Array], jax.Array],
     step = width * (0.2 * 0.01**(t / max(steps - 1, 1)))
     return jnp.clip(x - step * jnp.sign(g), lower, upper), best
 
-  init = (starts, jnp.full((n,), jnp.inf, jnp.float32))
+  init = (starts, jnp.full((n,), jnp.inf, jax.eval_shape(objective, starts)[1].dtype))
   x, best = lax.fori_loop(0, steps, body, (starts, init))
   return keep(best, x, jnp.min(unsafe.distance(fn(x)), axis=1))

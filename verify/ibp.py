@@ -33,6 +33,22 @@ def ibp_node(node: Node, ins: list[Any]) -> Interval:
   return Interval(out.lower.astype(dtype), out.upper.astype(dtype))
 
 
+def _outward(box: Interval, dtype) -> Interval:
+  """``box`` in ``dtype``, rounded outward where that is narrower (known bounds computed in a
+  wider dtype than the node's, as a float64 pass over a float32 program computes them)."""
+  if jnp.dtype(box.lower.dtype) == jnp.dtype(dtype) or not jnp.issubdtype(dtype, jnp.floating):
+    return box
+  sg = jax.lax.stop_gradient
+
+  def step(v, towards):  # the next value towards ``towards``; the gradient is v's
+    return jnp.nextafter(sg(v), jnp.asarray(towards, dtype)) + (v - sg(v))
+
+  lo, hi = box.lower.astype(dtype), box.upper.astype(dtype)
+  lo = jnp.where(lo > box.lower, step(lo, -jnp.inf), lo)
+  hi = jnp.where(hi < box.upper, step(hi, jnp.inf), hi)
+  return Interval(lo, hi)
+
+
 def propagate(graph: Graph,
               boxes: list[Interval],
               known: dict[int, Interval] | None = None) -> dict[int, Interval]:
@@ -47,7 +63,7 @@ def propagate(graph: Graph,
     ins = [bounds[a.index] if isinstance(a, Node) else a for a in node.inputs]
     b = ibp_node(node, ins)
     if known is not None and node.index in known:
-      k = known[node.index]
+      k = _outward(known[node.index], b.lower.dtype)
       b = ordered(jnp.maximum(b.lower, k.lower), jnp.minimum(b.upper, k.upper))
     bounds[node.index] = b
   return bounds

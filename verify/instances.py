@@ -25,7 +25,8 @@ The strategy, in order of cost, until the instance is decided or time is up:
 A counterexample is reported only after it is confirmed: inside the box, and
 mapped into the unsafe set by the network (by the JAX function and, when
 onnxruntime is installed, by onnxruntime too). Bounds are computed in float32
-on a box rounded outward to float32.
+on a box rounded outward to float32, or with ``precision="float64"`` in float64
+(what an ``unsat`` then holds for: the float64 evaluation of the weights).
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ from robustlib.checks import InputError
 from verify import vnnlib
 from verify.bab import bound_safety
 from verify.bab import branch_and_bound
-from verify.bab import round_inward
-from verify.bab import round_outward
 from verify.falsification import falsify
+from verify.interval import precision_dtype
+from verify.interval import round_inward
+from verify.interval import round_outward
 from verify.primitives import UnsupportedPrimitiveError
 from verify import relu_bab
 from verify.milp import encode
@@ -120,7 +122,8 @@ def decide(fn: Callable[[jax.Array], jax.Array],
            bab_method: str = "crown",
            batch_size: int | None = None,
            complete: str = "auto",
-           branching: str = "babsr") -> Decision:
+           branching: str = "babsr",
+           precision: str = "float32") -> Decision:
   """Decides whether some input of ``spec``'s boxes maps into its unsafe set.
 
   Args:
@@ -142,12 +145,18 @@ def decide(fn: Callable[[jax.Array], jax.Array],
       ``"input"`` (branch and bound on the input box), ``"relu"`` (on ReLU
       splits, `verify.relu_bab`) or ``"milp"`` (`verify.milp_verify`).
     branching: ``"babsr"`` or ``"fsb"``, for ReLU splits.
+    precision: the bound passes' dtype and the evaluation an ``unsat`` holds for:
+      ``"float32"`` (the network as a user runs it) or ``"float64"`` (the same weights
+      evaluated in float64: the real-valued network up to some 1e-12, VNN-COMP's
+      semantics; needs JAX's 64-bit mode, `verify.interval.precision_dtype`). A ``sat``
+      is confirmed by that evaluation too.
 
   Returns:
     A `Decision`.
   """
   if complete not in COMPLETE:
     raise InputError(f"complete must be one of {COMPLETE}, got {complete!r}")
+  dtype = precision_dtype(precision)
   start = time.monotonic()
   deadline = start + timeout
   if int(np.prod(input_shape)) != spec.num_inputs:
@@ -160,9 +169,9 @@ def decide(fn: Callable[[jax.Array], jax.Array],
                      f"{out.shape[1]}")
   done = lambda result, stage, x=None, y=None: Decision(result, stage,
                                                         time.monotonic() - start, x, y)
-  props = [(p, *round_outward(p.lower, p.upper),
+  props = [(p, *round_outward(p.lower, p.upper, dtype),
             UnsafeSet.of([(q.C, q.d)
-                          for q in p.unsafe], spec.num_outputs))
+                          for q in p.unsafe], spec.num_outputs, dtype))
            for p in spec.properties
            if p.unsafe]
   if not props:  # the asserts cannot all hold: no box, or nothing unsafe in any
@@ -174,7 +183,7 @@ def decide(fn: Callable[[jax.Array], jax.Array],
     x = np.clip(np.asarray(x, np.float32), *round_inward(prop.lower, prop.upper))
     if not prop.contains(x.astype(np.float64)):
       return None
-    y = np.asarray(flat_fn(jnp.asarray(x)[None]))[0]
+    y = np.asarray(flat_fn(jnp.asarray(x, dtype)[None]))[0]
     if not prop.violated(y.astype(np.float64)):
       return None
     if reference is not None and not prop.violated(np.asarray(reference(x), np.float64)):
@@ -223,7 +232,7 @@ def decide(fn: Callable[[jax.Array], jax.Array],
   done = lambda result, stage, x=None, y=None: Decision(
       result, stage, time.monotonic() - start, x, y, complete=complete, reason=reason)
   if complete == "milp":
-    return _decide_by_milp(flat_fn, open_props, confirm, deadline, done)
+    return _decide_by_milp(flat_fn, open_props, confirm, deadline, done, precision)
   stage = "bab" if complete == "input" else "relu_bab"
 
   # 3. Branch and bound on what is left.
@@ -244,7 +253,8 @@ def decide(fn: Callable[[jax.Array], jax.Array],
                               method=bab_method,
                               batch_size=batch_size,
                               split=complete,
-                              branching=branching)
+                              branching=branching,
+                              precision=precision)
     if result.status == "falsified":
       return done("sat", stage, *found[-1])
     status.append(result.status)
@@ -274,7 +284,7 @@ def choose_complete(flat_fn: Callable, num_inputs: int, lower: np.ndarray,
   return "relu", f"{num_inputs} input dimensions, {unstable} unstable ReLUs"
 
 
-def _decide_by_milp(flat_fn, open_props, confirm, deadline, done) -> Decision:
+def _decide_by_milp(flat_fn, open_props, confirm, deadline, done, precision) -> Decision:
   """Stage 3 with `verify.milp_verify`: one program per open unsafe set."""
   status = []
   for prop, lo, hi, unsafe in open_props:
@@ -282,7 +292,7 @@ def _decide_by_milp(flat_fn, open_props, confirm, deadline, done) -> Decision:
     if remaining <= 0:
       return done("timeout", "milp")
     try:
-      result = milp_verify(flat_fn, lo, hi, unsafe, time_limit=remaining)
+      result = milp_verify(flat_fn, lo, hi, unsafe, time_limit=remaining, precision=precision)
     except UnsupportedPrimitiveError as e:
       logging.warning("no exact encoding: %s", e)
       return done("unknown", "unsupported")
@@ -331,10 +341,14 @@ def _onnxruntime_reference(model_bytes: bytes, model: ronnx.OnnxModel):
 
 def run_instance(onnx_path: str | os.PathLike, vnnlib_path: str | os.PathLike, timeout: float,
                  **options) -> tuple[Decision, float]:
-  """Loads and decides one instance; returns the decision and the preparation time (s)."""
+  """Loads and decides one instance; returns the decision and the preparation time (s).
+
+  With ``precision="float64"`` the network computes in float64 (`robustlib.onnx.load`).
+  """
   start = time.monotonic()
   model_bytes = _read_bytes(onnx_path)
-  model = ronnx.load(model_bytes)
+  dtype = precision_dtype(options.get("precision", "float32"))
+  model = ronnx.load(model_bytes, dtype if dtype != np.float32 else None)
   spec = vnnlib.parse(_read_bytes(vnnlib_path).decode(),
                       num_inputs=int(np.prod(model.input_shape)),
                       num_outputs=int(np.prod(model.output_shape)),

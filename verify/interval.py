@@ -138,3 +138,48 @@ def linf_ball(
     # A point outside the box still gets a valid (possibly degenerate) interval.
     upper = jnp.maximum(upper, lower)
   return Interval(lower, upper)
+
+
+# Dtypes of the bound passes of a complete search (`verify.decide`'s ``precision``).
+PRECISIONS = ("float32", "float64")
+
+
+def precision_dtype(precision: str) -> np.dtype:
+  """The dtype of bound passes in ``precision`` (one of `PRECISIONS`).
+
+  ``"float32"`` proves properties of the network as a user runs it in float32;
+  ``"float64"`` proves them of the float64 evaluation of the same weights
+  (float32 weights are exact in float64), whose rounding allowance is some
+  1e-9 of float32's: the real-valued network, up to that, as VNN-COMP and an
+  exact MILP decide it. It needs JAX's 64-bit mode.
+  """
+  if precision not in PRECISIONS:
+    raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+  if precision == "float64" and jax.dtypes.canonicalize_dtype(jnp.float64) != np.float64:
+    raise InputError("precision='float64' needs JAX's 64-bit mode: set JAX_ENABLE_X64=1, or "
+                     "call jax.config.update('jax_enable_x64', True) (or run inside "
+                     "jax.enable_x64(True)) before any computation")
+  return np.dtype(precision)
+
+
+def round_outward(lower: np.ndarray,
+                  upper: np.ndarray,
+                  dtype: np.dtype = np.float32) -> tuple[np.ndarray, np.ndarray]:
+  """The smallest ``dtype`` box containing the (float64) box ``[lower, upper]``."""
+  dtype = np.dtype(dtype)
+  lo, hi = np.asarray(lower, dtype), np.asarray(upper, dtype)
+  lo = np.where(lo > lower, np.nextafter(lo, dtype.type(-np.inf)), lo)
+  hi = np.where(hi < upper, np.nextafter(hi, dtype.type(np.inf)), hi)
+  return lo, hi
+
+
+def round_inward(lower: np.ndarray,
+                 upper: np.ndarray,
+                 dtype: np.dtype = np.float32) -> tuple[np.ndarray, np.ndarray]:
+  """The largest ``dtype`` box inside the (float64) box ``[lower, upper]``: where points may
+  lie."""
+  dtype = np.dtype(dtype)
+  lo, hi = np.asarray(lower, dtype), np.asarray(upper, dtype)
+  lo = np.where(lo < lower, np.nextafter(lo, dtype.type(np.inf)), lo)
+  hi = np.where(hi > upper, np.nextafter(hi, dtype.type(-np.inf)), hi)
+  return lo, np.maximum(hi, lo)

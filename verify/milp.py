@@ -56,6 +56,8 @@ from verify.graph import Node
 from verify.graph import build_graph
 from verify.primitives import UnsupportedPrimitiveError
 from verify.interval import Interval
+from verify.interval import precision_dtype
+from verify.interval import round_outward
 from verify.unsafe import UnsafeSet
 
 STATUSES = ("verified", "falsified", "unknown")
@@ -275,13 +277,14 @@ def relu_sizes(fn: Callable[[jax.Array], jax.Array], x: jax.typing.ArrayLike) ->
 
 
 def _check_box(lower, upper) -> tuple[np.ndarray, np.ndarray]:
-  lower, upper = np.asarray(lower, np.float32), np.asarray(upper, np.float32)
+  """The box rounded outward to float32 (the network's inputs)."""
+  lower, upper = np.asarray(lower, np.float64), np.asarray(upper, np.float64)
   if lower.shape != upper.shape:
     raise InputError(f"lower and upper must have the same shape, got {lower.shape} and "
                      f"{upper.shape}")
   if np.any(lower > upper) or not (np.all(np.isfinite(lower)) and np.all(np.isfinite(upper))):
     raise InputError("the box must be finite with lower <= upper")
-  return lower, upper
+  return round_outward(lower, upper)
 
 
 def _solve(program: _Program, objective: np.ndarray, extra, time_limit: float):
@@ -303,7 +306,8 @@ def milp_verify(fn: Callable[[jax.Array], jax.Array],
                 time_limit: float = 60.0,
                 tolerance: float = 1e-4,
                 fixed: dict[int, np.ndarray] | None = None,
-                allowance: jax.typing.ArrayLike | None = None) -> MilpResult:
+                allowance: jax.typing.ArrayLike | None = None,
+                precision: str = "float32") -> MilpResult:
   """Decides whether some input in ``[lower, upper]`` maps into ``unsafe`` (with ``fixed``,
   some input of the part of the box where those ReLU inputs have those signs, `encode`).
 
@@ -322,6 +326,9 @@ def milp_verify(fn: Callable[[jax.Array], jax.Array],
       it (a branch-and-bound search's root's, `verify.rounding_allowance` with
       ``errors="backward"`` or tighter), when already computed: on a convolutional
       network it costs far more than a small program.
+    precision: which evaluation of the network "verified" holds for: ``"float32"``
+      (as a user runs it) or ``"float64"`` (the allowance of a float64 evaluation,
+      some 1e-9 of float32's; `verify.interval.precision_dtype`).
 
   Returns:
     `MilpResult`.
@@ -331,6 +338,7 @@ def milp_verify(fn: Callable[[jax.Array], jax.Array],
     ...                        verify.UnsafeSet.misclassified(y, 10))
   """
   start = time.time()
+  dtype = precision_dtype(precision)
   lower, upper = _check_box(lower, upper)
   if tolerance < 0 or time_limit <= 0:
     raise InputError(f"tolerance must be >= 0 and time_limit > 0, got {tolerance} and "
@@ -346,14 +354,15 @@ def milp_verify(fn: Callable[[jax.Array], jax.Array],
   # The solver's answer needs only the float32 evaluation's part of the backward model; the
   # allowance's computation part (for a float32 bound pass) only adds to it.
   if allowance is None:
-    allowance = rounding.allowance(fn, Interval(jnp.asarray(lower)[None],
-                                                jnp.asarray(upper)[None]),
-                                   jnp.asarray(C, jnp.float32)[None], "crown", "backward")[0]
+    allowance = rounding.allowance(
+        fn, Interval(jnp.asarray(lower, dtype)[None],
+                     jnp.asarray(upper, dtype)[None]),
+        jnp.asarray(C, dtype)[None], "crown", "backward")[0]
   allow = np.asarray(allowance, np.float64).reshape(-1)
   if allow.shape != (C.shape[0],) or not np.all(allow >= 0):
     raise InputError(f"allowance must be [{C.shape[0]}] values >= 0 (one per row of the "
                      f"unsafe set), got shape {np.shape(allowance)}")
-  margin = tolerance * scale + allow + 2 * er.unit_roundoff(np.float32) * np.abs(d)
+  margin = tolerance * scale + allow + 2 * er.unit_roundoff(unsafe.d.dtype) * np.abs(d)
   n_in = lower.size
   status = "verified"
   for p in range(member.shape[0]):

@@ -63,6 +63,7 @@ from verify.crown import intermediate_bounds
 from verify.ibp import propagate as ibp_propagate
 from verify.graph import build_graph
 from verify.interval import Interval
+from verify.interval import round_outward
 from verify.unsafe import UnsafeSet
 
 BRANCHING = ("babsr", "fsb")
@@ -130,7 +131,7 @@ def _broadcast(tree, n: int, axis: int):
 def _safety(root: Root, rows: jax.Array, params: dict | None = None, masks=None) -> jax.Array:
   """``[N]`` proven safety from lower bounds ``[S, N]`` of the rows (found with the split
   multipliers ``params["beta"]`` on ``masks``, whose terms' rounding is allowed for too)."""
-  u = er.unit_roundoff(jnp.float32)
+  u = er.unit_roundoff(root.unsafe.d.dtype)
   rows = rows.T - root.allowance - 2 * u * jnp.abs(root.unsafe.d)
   if params is not None:
     rows = rows - beta_allowance(root, params["beta"], masks).T
@@ -264,7 +265,7 @@ def bound_batch(fn: Callable,
 
 
 @primitives.highest_precision
-def _bound_batch(fn, root: Root, splits, beta, *, steps, lr, lr_beta, branching, candidates):
+def bound_and_branch(fn, root: Root, splits, beta, *, steps, lr, lr_beta, branching, candidates):
   """Bounds subdomains ``splits [N, D, 3]``; returns their safety bounds ``[N]``, multipliers
   ``[N, S, D]``, next branches ``[N, 2]``, candidate inputs ``[N, ...]`` and their safety."""
   n = splits.shape[0]
@@ -321,7 +322,7 @@ def _bound_batch(fn, root: Root, splits, beta, *, steps, lr, lr_beta, branching,
   return safety, _sparse_beta(relus, splits, params["beta"]), branch, x, x_safety
 
 
-_bound_root = compilation.jit(_bound_batch,
+_bound_root = compilation.jit(bound_and_branch,
                               static_argnames=("fn", "steps", "lr", "lr_beta", "branching",
                                                "candidates"))
 
@@ -342,15 +343,15 @@ def _step(fn, root: Root, pool: Pool, *, batch_size, steps, lr, lr_beta, branchi
   kids = jnp.concatenate([_with_split(splits, depth, branch, sign) for sign in (1, -1)])
   kid_beta = jnp.concatenate([pool.beta[parents]] * 2)
   kid_valid = jnp.concatenate([valid] * 2)
-  safety, beta, next_branch, x, x_safety = _bound_batch(fn,
-                                                        root,
-                                                        kids,
-                                                        kid_beta,
-                                                        steps=steps,
-                                                        lr=lr,
-                                                        lr_beta=lr_beta,
-                                                        branching=branching,
-                                                        candidates=candidates)
+  safety, beta, next_branch, x, x_safety = bound_and_branch(fn,
+                                                            root,
+                                                            kids,
+                                                            kid_beta,
+                                                            steps=steps,
+                                                            lr=lr,
+                                                            lr_beta=lr_beta,
+                                                            branching=branching,
+                                                            candidates=candidates)
   # A child lies inside its parent: the parent's bound holds on it too.
   safety = jnp.maximum(safety, jnp.concatenate([pool.bound[parents]] * 2))
   open_ = kid_valid & ~(safety > 0)
@@ -398,13 +399,13 @@ def _root(fn, lo, hi, unsafe: UnsafeSet, *, root_steps, lr):
   bounds = optimise_intermediate(relu_nodes(out), intermediate_bounds(graph, boxes, "crown"),
                                  root_steps, lr)
   spec = jnp.broadcast_to(unsafe.C, (1,) + unsafe.C.shape)
-  A = jnp.transpose(spec, (1, 0, 2)).astype(jnp.float32)
+  A = jnp.transpose(spec, (1, 0, 2)).astype(lo.dtype)
   rows, params = optimise(out, A, bounds, root_steps, lr)
   # Magnitudes for the rounding model: IBP's within the bounds above.
   magnitudes = ibp_propagate(graph, boxes, bounds)
   passes = rounding.PassBounds(ibp_propagate(graph, boxes), bounds)
   model = rounding.ErrorModel.refined(graph, magnitudes, passes)
-  u = er.unit_roundoff(jnp.float32)
+  u = er.unit_roundoff(lo.dtype)
   beta_error = {}
   for node in relu_nodes(out):
     x = node.inputs[node.bounded_inputs[0]]
@@ -413,17 +414,23 @@ def _root(fn, lo, hi, unsafe: UnsafeSet, *, root_steps, lr):
     e = model.errs[x.index]
     size = jnp.maximum(jnp.abs(b.lower), jnp.abs(b.upper)) + e
     beta_error[str(node.index)] = (e + (rounding.ERROR_FACTOR - 1) * model.computed[x.index] +
-                                   2 * u * (size + jnp.abs(c))).astype(jnp.float32)
+                                   2 * u * (size + jnp.abs(c))).astype(lo.dtype)
   allowance = rounding.output_allowance(graph, magnitudes, out, spec, passes, model)
   root = Root(lo, hi, bounds, params["alpha"], unsafe, allowance, beta_error)
   return root, _safety(root, rows)[0], _unstable(relu_nodes(out), bounds)
 
 
-def prepare(fn: Callable, lower: np.ndarray, upper: np.ndarray, unsafe: UnsafeSet, *,
-            root_steps: int, lr: float) -> Setup:
-  """CROWN's intermediate bounds and alpha-CROWN's slopes over the box ``[...]``."""
-  lo = jnp.asarray(lower, jnp.float32)[None]
-  hi = jnp.asarray(upper, jnp.float32)[None]
+def prepare(fn: Callable,
+            lower: np.ndarray,
+            upper: np.ndarray,
+            unsafe: UnsafeSet,
+            *,
+            root_steps: int,
+            lr: float,
+            dtype: np.dtype = np.float32) -> Setup:
+  """CROWN's intermediate bounds and alpha-CROWN's slopes over the box ``[...]``, in
+  ``dtype`` (the box rounded outward to it)."""
+  lo, hi = (jnp.asarray(v)[None] for v in round_outward(lower, upper, dtype))
   graph, _ = build_graph(fn, [Interval(lo, hi)])
   if len(graph.outputs) != 1 or not hasattr(graph.outputs[0], "index"):
     raise InputError("fn must return one array [N, K] that depends on its input")
@@ -440,14 +447,15 @@ def initial_pool(fn: Callable, setup: Setup, *, capacity: int, max_depth: int,
   the root's counterexample candidate when the network puts it in the unsafe set."""
   s_rows = setup.root.unsafe.C.shape[0]
   root_splits = jnp.zeros((1, max_depth, 3), jnp.int32)
-  root_beta = jnp.zeros((1, s_rows, max_depth), jnp.float32)
+  dtype = setup.root.lower.dtype
+  root_beta = jnp.zeros((1, s_rows, max_depth), dtype)
   safety, _, branch, x, x_safety = _bound_root(fn, setup.root, root_splits, root_beta, **options)
   fill = lambda shape, value, dtype: jnp.full((capacity,) + shape, value, dtype)
   live = (safety[0] <= 0) & (branch[0, 0] >= 0)
   pool = Pool(splits=fill((max_depth, 3), 0, jnp.int32),
               depth=fill((), 0, jnp.int32),
-              bound=fill((), jnp.inf, jnp.float32).at[0].set(safety[0]),
-              beta=fill((s_rows, max_depth), 0.0, jnp.float32),
+              bound=fill((), jnp.inf, dtype).at[0].set(safety[0]),
+              beta=fill((s_rows, max_depth), 0.0, dtype),
               branch=fill((2,), -1, jnp.int32).at[0].set(branch[0]),
               live=fill((), False, bool).at[0].set(live))
   return pool, (np.asarray(x[0]) if float(x_safety[0]) <= 0 else None)
@@ -484,9 +492,9 @@ def _decide_exactly(fn, lower, upper, unsafe: UnsafeSet, splits: np.ndarray, dea
 
 
 def count_unstable(fn: Callable, lower: np.ndarray, upper: np.ndarray) -> int:
-  """Unstable ReLUs of ``fn`` over the box ``[...]`` by CROWN's intermediate bounds."""
-  lo = jnp.asarray(lower, jnp.float32)[None]
-  hi = jnp.asarray(upper, jnp.float32)[None]
+  """Unstable ReLUs of ``fn`` over the box ``[...]`` (rounded outward to float32) by CROWN's
+  intermediate bounds."""
+  lo, hi = (jnp.asarray(v)[None] for v in round_outward(lower, upper))
   graph, boxes = build_graph(fn, [Interval(lo, hi)])
   if len(graph.outputs) != 1 or not hasattr(graph.outputs[0], "index"):
     raise InputError("fn must return one array [N, K] that depends on its input")
@@ -541,7 +549,8 @@ def search(fn: Callable,
            root_steps: int = 50,
            lr: float = 0.1,
            lr_beta: float = 0.05,
-           log_every: float = 10.0):
+           log_every: float = 10.0,
+           dtype: np.dtype = np.float32):
   """ReLU-split branch and bound over the box ``[lower, upper]`` (one input ``[...]``).
 
   Args:
@@ -561,6 +570,7 @@ def search(fn: Callable,
     root_steps: alpha-CROWN's steps over the root box.
     lr, lr_beta: Adam's learning rates for the slopes and the multipliers.
     log_every: seconds between progress lines.
+    dtype: the bound passes' (`verify.interval.precision_dtype`).
 
   Returns:
     ``(status, counterexample, subdomains bounded)``: ``"verified"``,
@@ -582,7 +592,7 @@ def search(fn: Callable,
   start = time.monotonic()
   if start > deadline:
     return "timeout", None, 0
-  setup = prepare(fn, lower, upper, unsafe, root_steps=root_steps, lr=lr)
+  setup = prepare(fn, lower, upper, unsafe, root_steps=root_steps, lr=lr, dtype=dtype)
   if setup.safety > 0:
     return "verified", None, 1
   if batch_size is None:

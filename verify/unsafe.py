@@ -43,8 +43,12 @@ class UnsafeSet:
   member: jax.Array
 
   @classmethod
-  def of(cls, polytopes: Sequence[tuple[np.ndarray, np.ndarray]], num_outputs: int) -> UnsafeSet:
-    """Stacks polytopes ``(C_p [m_p, K], d_p [m_p])``, at least one."""
+  def of(cls,
+         polytopes: Sequence[tuple[np.ndarray, np.ndarray]],
+         num_outputs: int,
+         dtype: np.dtype = np.float32) -> UnsafeSet:
+    """Stacks polytopes ``(C_p [m_p, K], d_p [m_p])``, at least one, in ``dtype`` (the bounds'
+    dtype; the offsets' rounding to it is allowed for where they are used)."""
     if not polytopes:
       raise InputError("an unsafe set needs at least one polytope")
     rows, offsets, owner = [], [], []
@@ -56,8 +60,8 @@ class UnsafeSet:
       offsets.append(d)
       owner += [p] * c.shape[0]
     member = np.arange(len(polytopes))[:, None] == np.asarray(owner, np.int64)[None, :]
-    return cls(jnp.asarray(np.concatenate(rows), jnp.float32),
-               jnp.asarray(np.concatenate(offsets), jnp.float32), jnp.asarray(member))
+    return cls(jnp.asarray(np.concatenate(rows), dtype), jnp.asarray(np.concatenate(offsets),
+                                                                     dtype), jnp.asarray(member))
 
   @classmethod
   def misclassified(cls, label: int, num_classes: int) -> UnsafeSet:

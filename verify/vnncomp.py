@@ -11,8 +11,9 @@ competition's results CSV (``--out``, default ``results.csv``)::
   python -m verify.vnncomp --instances=DIR/instances.csv
 
 Needs the ``onnx`` extra (``pip install robustlib[onnx]``). The strategy is
-`verify.instances.decide`'s: falsification, IBP, CROWN, alpha-CROWN, then
-branch and bound on the input box until the timeout.
+`verify.instances.decide`'s: falsification, IBP, CROWN, alpha-CROWN, then the
+complete search it chooses (``--complete``) until the timeout; the bounds in
+float32, or in float64 with ``--precision=float64``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ import sys
 
 from absl import app, flags
 
+import jax
+
 from robustlib import scripts
 from robustlib.checks import InputError
 from verify import instances as lib
+from verify.interval import PRECISIONS
 
 _ONNX = flags.DEFINE_string("onnx", None, "The network (.onnx or .onnx.gz).")
 _VNNLIB = flags.DEFINE_string("vnnlib", None, "The property (.vnnlib or .vnnlib.gz).")
@@ -51,13 +55,21 @@ _COMPLETE = flags.DEFINE_enum(
     "on ReLU splits (beta-CROWN), or a mixed-integer program.")
 _BRANCHING = flags.DEFINE_enum("branching", "babsr", ["babsr", "fsb"],
                                "How ReLU-split branch and bound picks its neuron.")
+_PRECISION = flags.DEFINE_enum(
+    "precision", "float32", list(PRECISIONS),
+    "Bound passes' dtype, and what unsat holds for: the network evaluated in float32, or in "
+    "float64 (the real-valued network up to ~1e-12, VNN-COMP's semantics; turns on JAX's "
+    "64-bit mode).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   scripts.setup_logging()
-  options = dict(seed=_SEED.value,
+  if _PRECISION.value == "float64":
+    jax.config.update("jax_enable_x64", True)
+  options = dict(precision=_PRECISION.value,
+                 seed=_SEED.value,
                  bab_method=_BAB_METHOD.value,
                  batch_size=_BATCH_SIZE.value,
                  complete=_COMPLETE.value,
