@@ -110,6 +110,18 @@ def test_bound_safety_rejects_unknown_methods():
     bound_safety(lambda x: x, jnp.zeros((1, 1)), jnp.ones((1, 1)), _below(0.0), "lp")
 
 
+def test_bound_safety_allows_for_rows_rounded_to_their_dtype():
+  # y = (1e6, 1e5) everywhere is on the boundary of 0.1 y_0 - y_1 <= 0, which the float32 row
+  # (0.1 rounded up by 1.5e-9) misses by 1.5e-3: far above float64 bounds' own rounding.
+  fn = lambda x: jnp.array([1e6, 1e5], x.dtype) + 0.0 * x
+  unsafe = UnsafeSet.of([(np.array([[0.1, -1.0]]), np.zeros(1))], 2)
+  assert unsafe.C.dtype == jnp.float32 and float(unsafe.C[0, 0]) * 1e6 - 1e5 > 1e-3
+  with jax.enable_x64(True):
+    lo, hi = jnp.zeros((1, 2), jnp.float64), jnp.ones((1, 2), jnp.float64)
+    for method in ("ibp", "crown"):
+      assert float(bound_safety(fn, lo, hi, unsafe, method)[0]) <= 0, method
+
+
 @pytest.fixture(scope="module")
 def net():
   fn = _mlp(0)

@@ -56,6 +56,7 @@ from verify.graph import build_graph
 from verify.graph import evaluate
 from verify.interval import Interval
 from verify.falsification import falsify_runs
+from verify.falsification import signed_descent
 from verify.milp import milp_verify
 from verify.unsafe import UnsafeSet
 
@@ -387,19 +388,4 @@ def _descend(fn, starts, signs, thresholds, scales, lo, hi, unsafe: UnsafeSet, s
         for k, s, c, w in zip(pre, signs, thresholds, scales))
     return jnp.sum(safety + penalty), safety
 
-  width = hi - lo
-
-  def body(t, carry):
-    x, best_x, best = carry
-    g, safety = jax.grad(objective, has_aux=True)(x)
-    better = safety < best
-    best_x = jnp.where(better.reshape((-1,) + (1,) * lo.ndim), x, best_x)
-    best = jnp.minimum(safety, best)
-    step = width * (0.2 * 0.01**(t / max(steps - 1, 1)))
-    return jnp.clip(x - step * jnp.sign(g), lo, hi), best_x, best
-
-  init = (starts, starts, jnp.full(starts.shape[:1], jnp.inf, starts.dtype))
-  x, best_x, best = jax.lax.fori_loop(0, steps, body, init)
-  last = unsafe.safety(fn(x))
-  better = last < best
-  return jnp.where(better.reshape((-1,) + (1,) * lo.ndim), x, best_x), jnp.minimum(last, best)
+  return signed_descent(objective, starts, lo, hi, steps)

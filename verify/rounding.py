@@ -21,7 +21,8 @@ same magnitudes, and its relaxations' slopes are at most the Lipschitz constants
 the error rules use. `allowance` therefore takes the output's error bound
 ``|C| e`` three times (the evaluation, the bound computation, and as much again
 for higher-order terms) and adds ``(K + 2) u |C| m`` for the specification's own
-products (``m`` the outputs' magnitudes).
+products (``m`` the outputs' magnitudes) and ``u |C| m`` for its rows' rounding to their
+dtype (``u`` the larger of the two dtypes': rows of decimal coefficients are rounded).
 
 The forward model multiplies by ``|W|`` at every layer, so on a deep network it grows far
 faster than any rounding can. For lower bounds of linear passes (``errors="backward"``,
@@ -407,8 +408,12 @@ def output_allowance(graph: Graph,
     c = jnp.broadcast_to(jnp.eye(k, dtype=e.dtype), (n, k, k))
     own = 2 * u * m
   else:
-    c = jnp.asarray(spec, e.dtype)
-    own = (k + 2) * u * jnp.einsum("nsk,nk->ns", jnp.abs(c), m, precision=hi)
+    # The products' rounding, and the rows' own rounding to their dtype or the outputs'
+    # (an unsafe set's decimal coefficients): at most max(u, u_C) |C| each.
+    spec = jnp.asarray(spec)
+    c = spec.astype(e.dtype)
+    own = ((k + 2) * u + max(u, er.unit_roundoff(spec.dtype))) * jnp.einsum(
+        "nsk,nk->ns", jnp.abs(c), m, precision=hi)
   forward = ERROR_FACTOR * (e if spec is None else jnp.einsum(
       "nsk,nk->ns", jnp.abs(c), e, precision=hi)) + own
   if passes is None:

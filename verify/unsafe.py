@@ -48,7 +48,8 @@ class UnsafeSet:
          num_outputs: int,
          dtype: np.dtype = np.float32) -> UnsafeSet:
     """Stacks polytopes ``(C_p [m_p, K], d_p [m_p])``, at least one, in ``dtype`` (the bounds'
-    dtype; the offsets' rounding to it is allowed for where they are used)."""
+    dtype; the rows' and offsets' rounding to it is allowed for where they are used: the
+    rows' by `verify.rounding`'s allowance, the offsets' by ``2 u |d|``)."""
     if not polytopes:
       raise InputError("an unsafe set needs at least one polytope")
     rows, offsets, owner = [], [], []
