@@ -112,6 +112,31 @@ def test_decisions_follow_the_exact_minimum():
   assert outcomes == {"verified", "falsified"}
 
 
+def test_counterexamples_lie_in_the_callers_box_and_hold_in_its_precision():
+  relu = lambda x: jnp.maximum(x, 0.0) * 1.0
+  # [0.1, 0.2] rounded outward to float32 reaches below 0.1, where y <= 0.1 - 1 ulp holds.
+  below = float(np.nextafter(np.float32(0.1), np.float32(0)))
+  unsafe = UnsafeSet.of([(np.ones((1, 1)), np.array([below]))], 1)
+  assert milp.milp_verify(relu, np.array([0.1]), np.array([0.2]), unsafe,
+                          time_limit=10).status != "falsified"
+  with jax.enable_x64(True):
+    # y = 1 + 1e-8 > 1 in float64, though float32 rounds it to 1.
+    plus_one = lambda x: jnp.maximum(x, 0.0) + 1.0
+    at = np.array([1e-8])
+    unsafe = UnsafeSet.of([(np.ones((1, 1)), np.ones(1))], 1, np.float64)
+    assert milp.milp_verify(plus_one, at, at, unsafe, time_limit=10,
+                            precision="float64").status != "falsified"
+    # A float32 row of 0.1 misses the boundary point (1e6, 1e5) of 0.1 y_0 - y_1 <= 0.
+    const = lambda x: jnp.array([1e6, 1e5], x.dtype) + 0.0 * x
+    unsafe = UnsafeSet.of([(np.array([[0.1, -1.0]]), np.zeros(1))], 2)
+    assert milp.milp_verify(const,
+                            np.zeros(2),
+                            np.ones(2),
+                            unsafe,
+                            time_limit=10,
+                            precision="float64").status != "verified"
+
+
 def test_an_affine_network_needs_no_binaries():
   w = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)
   fn = lambda x: x @ w  # pylint: disable=unnecessary-lambda-assignment

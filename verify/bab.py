@@ -182,6 +182,7 @@ def branch_and_bound(fn: Callable[[jax.Array], jax.Array],
   if np.shape(lower) != np.shape(upper) or np.any(np.asarray(lower) > np.asarray(upper)):
     raise InputError(f"the box must have lower <= upper of equal shapes, got {np.shape(lower)} "
                      f"and {np.shape(upper)}")
+  box = np.asarray(lower, np.float64), np.asarray(upper, np.float64)
   lower, upper = round_outward(lower, upper, dtype)
   # Open boxes as their ends in the bounds' dtype: the two halves of a box share the very
   # value they are split at, so they cover it exactly, whatever the rounding of that value.
@@ -205,7 +206,7 @@ def branch_and_bound(fn: Callable[[jax.Array], jax.Array],
     proven, dim, center_safety = proven[:take], dim[:take], center_safety[:take]
     boxes += take
     for i in np.flatnonzero(center_safety <= 0):
-      x = np.clip((lo[i] + hi[i]) / 2, lower, upper)
+      x = np.clip((lo[i] + hi[i]) / 2, *box)  # the caller's box, not the rounded one
       if confirm(x):
         return result("falsified", x)
     open_ = np.flatnonzero(~(proven > 0))

@@ -41,7 +41,8 @@ def _outward(box: Interval, dtype) -> Interval:
   sg = jax.lax.stop_gradient
 
   def step(v, towards):  # the next value towards ``towards``; the gradient is v's
-    return jnp.nextafter(sg(v), jnp.asarray(towards, dtype)) + (v - sg(v))
+    up = jnp.nextafter(sg(v), jnp.asarray(towards, dtype))
+    return jnp.where(jnp.isfinite(v), up + (v - sg(v)), up)
 
   lo, hi = box.lower.astype(dtype), box.upper.astype(dtype)
   lo = jnp.where(lo > box.lower, step(lo, -jnp.inf), lo)

@@ -167,6 +167,7 @@ def round_outward(lower: np.ndarray,
                   dtype: np.dtype = np.float32) -> tuple[np.ndarray, np.ndarray]:
   """The smallest ``dtype`` box containing the (float64) box ``[lower, upper]``."""
   dtype = np.dtype(dtype)
+  lower, upper = np.asarray(lower, np.float64), np.asarray(upper, np.float64)
   lo, hi = np.asarray(lower, dtype), np.asarray(upper, dtype)
   lo = np.where(lo > lower, np.nextafter(lo, dtype.type(-np.inf)), lo)
   hi = np.where(hi < upper, np.nextafter(hi, dtype.type(np.inf)), hi)
@@ -179,6 +180,7 @@ def round_inward(lower: np.ndarray,
   """The largest ``dtype`` box inside the (float64) box ``[lower, upper]``: where points may
   lie."""
   dtype = np.dtype(dtype)
+  lower, upper = np.asarray(lower, np.float64), np.asarray(upper, np.float64)
   lo, hi = np.asarray(lower, dtype), np.asarray(upper, dtype)
   lo = np.where(lo < lower, np.nextafter(lo, dtype.type(np.inf)), lo)
   hi = np.where(hi > upper, np.nextafter(hi, dtype.type(-np.inf)), hi)

@@ -57,6 +57,7 @@ from verify.graph import build_graph
 from verify.primitives import UnsupportedPrimitiveError
 from verify.interval import Interval
 from verify.interval import precision_dtype
+from verify.interval import round_inward
 from verify.interval import round_outward
 from verify.unsafe import UnsafeSet
 
@@ -276,15 +277,24 @@ def relu_sizes(fn: Callable[[jax.Array], jax.Array], x: jax.typing.ArrayLike) ->
   return [] if not isinstance(out, Node) else [int(np.prod(n.shape[1:])) for n in relu_nodes(out)]
 
 
-def _check_box(lower, upper) -> tuple[np.ndarray, np.ndarray]:
-  """The box rounded outward to float32 (the network's inputs)."""
+def _check_box(lower, upper) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray]:
+  """The box in float64 and rounded outward to float32 (the network's inputs)."""
   lower, upper = np.asarray(lower, np.float64), np.asarray(upper, np.float64)
   if lower.shape != upper.shape:
     raise InputError(f"lower and upper must have the same shape, got {lower.shape} and "
                      f"{upper.shape}")
   if np.any(lower > upper) or not (np.all(np.isfinite(lower)) and np.all(np.isfinite(upper))):
     raise InputError("the box must be finite with lower <= upper")
-  return round_outward(lower, upper)
+  return (lower, upper), *round_outward(lower, upper)
+
+
+def _point_in(x: np.ndarray, box, dtype) -> np.ndarray | None:
+  """The solver's input clipped to the ``dtype`` points of the caller's ``box`` (the solver
+  works in the box rounded outward, and within tolerances); None where the box has none."""
+  lo, hi = round_inward(*box, dtype)
+  if np.any(lo > box[1]) or np.any(hi < box[0]):
+    return None
+  return np.clip(np.asarray(x, np.float64).reshape(lo.shape).astype(dtype), lo, hi)
 
 
 def _solve(program: _Program, objective: np.ndarray, extra, time_limit: float):
@@ -339,7 +349,7 @@ def milp_verify(fn: Callable[[jax.Array], jax.Array],
   """
   start = time.time()
   dtype = precision_dtype(precision)
-  lower, upper = _check_box(lower, upper)
+  box, lower, upper = _check_box(lower, upper)
   if tolerance < 0 or time_limit <= 0:
     raise InputError(f"tolerance must be >= 0 and time_limit > 0, got {tolerance} and "
                      f"{time_limit}")
@@ -356,8 +366,8 @@ def milp_verify(fn: Callable[[jax.Array], jax.Array],
   if allowance is None:
     allowance = rounding.allowance(
         fn, Interval(jnp.asarray(lower, dtype)[None],
-                     jnp.asarray(upper, dtype)[None]),
-        jnp.asarray(C, dtype)[None], "crown", "backward")[0]
+                     jnp.asarray(upper, dtype)[None]), unsafe.C[None], "crown",
+        "backward")[0]  # the rows' own dtype: their rounding
   allow = np.asarray(allowance, np.float64).reshape(-1)
   if allow.shape != (C.shape[0],) or not np.all(allow >= 0):
     raise InputError(f"allowance must be [{C.shape[0]}] values >= 0 (one per row of the "
@@ -380,9 +390,8 @@ def milp_verify(fn: Callable[[jax.Array], jax.Array],
     if res.x is None:  # time out (or a solver failure) before any solution
       status = "unknown"
       continue
-    x = np.clip(res.x[:n_in].reshape(lower.shape).astype(np.float32), lower, upper)
-    safety = float(unsafe.safety(fn(jnp.asarray(x)[None]))[0])
-    if safety <= 0:
+    x = _point_in(res.x[:n_in], box, dtype)  # checked in the precision's evaluation
+    if x is not None and float(unsafe.safety(fn(jnp.asarray(x)[None]))[0]) <= 0:
       return MilpResult("falsified", x, binaries, time.time() - start)
     status = "unknown"
   return MilpResult(status, None, binaries, time.time() - start)
@@ -408,7 +417,7 @@ def milp_minimum(fn: Callable[[jax.Array], jax.Array],
     solution's input ``[...]`` (clipped into the box: the solver's tolerances
     allow it a hair outside).
   """
-  lower, upper = _check_box(lower, upper)
+  box, lower, upper = _check_box(lower, upper)
   program, out, _ = encode(fn, lower, upper)
   c = np.asarray(c, np.float64)
   res = _solve(program, out.coef @ c, [], time_limit)
@@ -417,5 +426,6 @@ def milp_minimum(fn: Callable[[jax.Array], jax.Array],
   base = float(c @ out.const)
   bound = getattr(res, "mip_dual_bound", None)
   bound = res.fun if bound is None or not math.isfinite(bound) else bound
-  x = np.clip(res.x[:lower.size].reshape(lower.shape).astype(np.float32), lower, upper)
+  x = _point_in(res.x[:lower.size], box, np.float32)
+  x = np.clip(res.x[:lower.size].reshape(lower.shape), *box) if x is None else x
   return float(bound) + base, float(res.fun) + base, x
