@@ -575,3 +575,24 @@ def test_a_relaxation_stays_inside_its_functions_domain(method):
   out = bound(method, _sqrt_of_relu, box)
   assert np.all(np.isfinite(out.lower)) and np.all(np.isfinite(out.upper))
   bound_testing.assert_sound(_sqrt_of_relu, box, out.lower, out.upper)
+
+
+@pytest.mark.parametrize("method", ["crown", "alpha_crown", "ibp"])
+@pytest.mark.parametrize("window", ["cumsum", "reduce_window_sum"])
+def test_compiled_bounds_through_a_windowed_sum_of_a_slice_equal_op_by_op_ones(method, window):
+  # XLA's CPU simplifier folds the slice's transpose (a pad) into the windowed sum's transpose
+  # wrongly when an axis has size 1: compiled, the bounds of column 2 were those of column 4.
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(4, 5)), jnp.float32)
+  sums = {
+      "cumsum":
+          lambda h: lax.cumsum(h, 1),
+      "reduce_window_sum":
+          lambda h: lax.reduce_window(h, 0.0, lax.add, (1, 2), (1, 1), ((0, 0), (1, 1)))[:, 1:],
+  }
+  fn = lambda x: sums[window](x @ w)[:, 2:3]
+  box = verify.linf_ball(jnp.asarray([[0.3, -0.2, 0.5, 0.1]]), 0.5)
+  eager = bound(method, fn, box)
+  compiled = jax.jit(lambda b: bound(method, fn, b))(box)
+  np.testing.assert_allclose(compiled.lower, eager.lower, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(compiled.upper, eager.upper, rtol=1e-5, atol=1e-5)
+  bound_testing.assert_sound(fn, box, compiled.lower, compiled.upper)

@@ -132,6 +132,21 @@ def test_patch_bounds_are_sound(case):
   assert np.all(out <= np.asarray(b.upper) + 1e-5)
 
 
+def test_patches_bound_float64_networks_as_the_dense_pass(monkeypatch):
+  # Under x64 Python ints are int64 while the windows' starts are int32: one index dtype.
+  with jax.enable_x64(True):
+    fn32, x = _network(layout="NHWC", stride=1, padding="SAME")
+    fn = lambda v: fn32(v.astype(jnp.float32)).astype(jnp.float64)
+    box = verify.linf_ball(jnp.asarray(x, jnp.float64), 0.05)
+    plans = _spy_on_plans(monkeypatch)
+    got = verify.crown(fn, box)
+    assert any(p is not None for p in plans)
+    _dense_only(monkeypatch)
+    dense = verify.crown(fn, box)
+  np.testing.assert_allclose(got.lower, dense.lower, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got.upper, dense.upper, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("case,expected", [("nchw_valid_stride2", [True]),
                                            ("nhwc_three_convs", [True, False]),
                                            ("nchw_per_pixel_std", [False])])

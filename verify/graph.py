@@ -69,7 +69,7 @@ class Node:
     """Evaluates the operation on ``args`` (one per operand)."""
     if self.primitive is None:
       raise ValueError("an input node has no operation")
-    out = self.primitive.bind(*args, **self.params)
+    out = primitives.bind(self.primitive, *args, **self.params)
     if self.out_index is not None:
       out = out[self.out_index]
     return out
@@ -167,7 +167,7 @@ class _Builder:
     """The results of ``primitive(*invals)``: constants, inlined calls, expansions or nodes."""
     name = primitive.name
     if not any(isinstance(a, Node) for a in invals):
-      out = primitive.bind(*invals, **params)
+      out = primitives.bind(primitive, *invals, **params)
       return list(out) if primitive.multiple_results else [out]
     if name in primitives.CALLS:
       jaxpr, consts = primitives.call_body(primitive, params)
@@ -202,7 +202,7 @@ class _Builder:
       if not any(isinstance(a, Node) for a in invals):
         bind_params = eqn.primitive.get_bind_params(eqn.params)
         with eqn.ctx.manager:
-          out = eqn.primitive.bind(*invals, **bind_params)
+          out = primitives.bind(eqn.primitive, *invals, **bind_params)
         outs = out if eqn.primitive.multiple_results else [out]
       else:
         outs = self.apply(eqn.primitive, eqn.params, invals,

@@ -152,7 +152,8 @@ def _windows(v: jax.Array, start: jax.Array, size: tuple[int, ...]) -> jax.Array
   n, c = v.shape[:2]
 
   def one(st):
-    return lax.dynamic_slice(vp, (0, 0) + tuple(st[i] + size[i] for i in range(len(size))),
+    zero = jnp.zeros((), st.dtype)  # one index dtype (Python ints are int64 under x64)
+    return lax.dynamic_slice(vp, (zero, zero) + tuple(st[i] + size[i] for i in range(len(size))),
                              (n, c) + size)
 
   return jax.vmap(one)(start)[:, :, None]

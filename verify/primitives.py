@@ -335,6 +335,10 @@ class Primitive:
       the IBP variation over the widened operands (sound for every primitive).
     reach: ``reach(node, mags, mag)``, the rounding of its own float result; None
       is none for an exact primitive and one rounding otherwise.
+    fenced: bound between optimization barriers (`bind`): XLA's CPU simplifier
+      (jaxlib 0.10.2) folds a pad into a following windowed sum wrongly when an
+      axis has size 1, as in a slice's transpose feeding a cumulative sum's in a
+      backward pass (bounds of ``cumsum(h)[:, 2:3]`` were those of column 4).
   """
   name: str
   ibp: IbpRule
@@ -349,6 +353,7 @@ class Primitive:
   exact: bool = False
   error: Callable | None = None
   reach: Callable | None = None
+  fenced: bool = False
 
 
 def _const_operand(node):
@@ -526,8 +531,13 @@ _RECORDS = [
               scale_offset=_guard(_single_const, _so_sub),
               flat_order=_guard(_single_const, _IDENTITY_FLAT)),
     Primitive("reduce_sum", _INC, _kind_const("linear"), mixing=True, reach=er.reduction),
-    Primitive("reduce_window_sum", _INC, _kind_const("linear"), mixing=True, reach=er.reduction),
-    Primitive("cumsum", _INC, _kind_const("linear"), mixing=True, reach=er.reduction),
+    Primitive("reduce_window_sum",
+              _INC,
+              _kind_const("linear"),
+              mixing=True,
+              reach=er.reduction,
+              fenced=True),
+    Primitive("cumsum", _INC, _kind_const("linear"), mixing=True, reach=er.reduction, fenced=True),
     # Products: linear in one bounded operand.
     Primitive("mul",
               _mul,
@@ -600,6 +610,16 @@ def lookup(name: str, source: str = "") -> Primitive:
         f"no bound rule for primitive '{name}' (applied to a bounded value{where}); "
         "supported primitives are listed in verify.SUPPORTED_PRIMITIVES")
   return rec
+
+
+def bind(primitive, *args, **params):
+  """``primitive.bind(*args, **params)``, between optimization barriers for a `Primitive.fenced`
+  one (in the program and in every transpose, batch and derivative of it)."""
+  rec = REGISTRY.get(primitive.name)
+  if rec is None or not rec.fenced:
+    return primitive.bind(*args, **params)
+  out = primitive.bind(*lax.optimization_barrier(tuple(args)), **params)
+  return lax.optimization_barrier(out)
 
 
 def record(node) -> Primitive | None:
