@@ -270,3 +270,19 @@ def test_ibp_gradient_wrt_weights_matches_finite_differences(mlp_setup):
     minus[name] = params[name].at[idx].add(-h)
     fd = (obj(plus) - obj(minus)) / (2 * h)
     np.testing.assert_allclose(grad[name][idx], fd, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_known_float64_bounds_round_outward_to_float32_below_the_smallest_normal(jit):
+  # XLA on CPU flushes subnormal float32 results to zero: a bound of 1e-40 rounded "up" to the
+  # next float32 came out 0, below the bound it had to contain.
+  from verify.ibp import _outward  # pylint: disable=import-outside-toplevel,protected-access
+  with jax.enable_x64(True):
+    lower = jnp.asarray([-1e-40, 1e-40, -1e-39, 3e-39, -1.5e-38, -2.0, 0.0], jnp.float64)
+    upper = jnp.asarray([-1e-41, 1e-40, 1e-39, 5e-39, -1.2e-38, 0.1, 0.0], jnp.float64)
+    outward = functools.partial(_outward, dtype=jnp.float32)
+    box = (jax.jit(outward) if jit else outward)(verify.Interval(lower, upper))
+    assert box.lower.dtype == jnp.float32
+    assert np.all(np.asarray(box.lower, np.float64) <= np.asarray(lower))
+    assert np.all(np.asarray(box.upper, np.float64) >= np.asarray(upper))
+    assert np.asarray(box.upper)[5] == np.float32(0.1)  # above 0.1 already: kept

@@ -55,6 +55,8 @@ from verify.alpha_crown import relu_nodes
 from verify.graph import build_graph
 from verify.graph import evaluate
 from verify.interval import Interval
+from verify.interval import round_inward
+from verify.interval import round_outward
 from verify.falsification import falsify_runs
 from verify.falsification import signed_descent
 from verify.milp import milp_verify
@@ -141,29 +143,33 @@ def bab_attack(fn: Callable[[jax.Array], jax.Array],
       raise InputError(f"{name} must be a positive integer, got {value!r}")
   if not free or any(int(f) < 1 for f in free):
     raise InputError(f"free must list positive numbers of neurons, got {free!r}")
-  lo = np.clip(x - eps, *bounds).astype(np.float32)
-  hi = np.clip(x + eps, *bounds).astype(np.float32)
+  ball = np.clip(x.astype(np.float64) - eps, *bounds), np.clip(x.astype(np.float64) + eps, *bounds)
+  lo, hi = round_inward(*ball)  # where the attack's points lie
+  proof_lo, proof_hi = round_outward(*ball)  # what the bounds and the programs cover
   k = int(jax.eval_shape(fn, jax.ShapeDtypeStruct((1,) + x.shape, jnp.float32)).shape[1])
   if not 0 <= y < k:
     raise InputError(f"label {y} is not one of the {k} classes")
   unsafe = UnsafeSet.misclassified(int(y), k)
   done = lambda status, stage, x_adv=None, dives=0: BabAttackResult(status, x_adv, stage, dives,
                                                                     time.monotonic() - start)
-  broken = lambda z: int(np.argmax(np.asarray(fn(jnp.asarray(z)[None]))[0])) != y
+
+  def adversarial(z):  # ``z`` in the ball if ``fn`` misclassifies it there, else None
+    z = np.clip(z, lo, hi)
+    return z if int(np.argmax(np.asarray(fn(jnp.asarray(z)[None]))[0])) != y else None
 
   # 1. Candidates: projected gradient descent from random starts, batched.
   per = max(1, -(-restarts // unsafe.num_polytopes))
   points, safety = falsify_runs(fn, jnp.asarray(lo), jnp.asarray(hi), unsafe, key, pgd_steps, per)
   points, order = np.clip(np.asarray(points), lo, hi), np.argsort(np.asarray(safety))
-  if broken(points[order[0]]):
-    return done("broken", "descent", points[order[0]])
+  if (z := adversarial(points[order[0]])) is not None:
+    return done("broken", "descent", z)
   pool = [(float(np.asarray(safety)[i]), points[i]) for i in order[:candidates]]
 
   # 2. The unstable neurons over the ball.
-  setup = relu_bab.prepare(fn, lo, hi, unsafe, root_steps=20, lr=0.1)
+  setup = relu_bab.prepare(fn, proof_lo, proof_hi, unsafe, root_steps=20, lr=0.1)
   if setup.safety > 0:
     return done("verified", "bounds")
-  graph, _ = build_graph(fn, [Interval(jnp.asarray(lo)[None], jnp.asarray(hi)[None])])
+  graph, _ = build_graph(fn, [Interval(jnp.asarray(proof_lo)[None], jnp.asarray(proof_hi)[None])])
   relus = relu_nodes(graph.outputs[0])
   layer_bounds = []
   for node in relus:
@@ -205,8 +211,8 @@ def bab_attack(fn: Callable[[jax.Array], jax.Array],
       signs = [np.stack([beam[i][1][layer] for i in todo] * 2) for layer in range(len(relus))]
       found, found_safety = _subdomain_descent(fn, starts, signs, layer_bounds, lo, hi, unsafe,
                                                pgd_steps, 2 * beam_size)
-      if found_safety[0] <= 0 and broken(found[0]):
-        return done("broken", "subdomain descent", found[0], dives)
+      if found_safety[0] <= 0 and (z := adversarial(found[0])) is not None:
+        return done("broken", "subdomain descent", z, dives)
     seen.update(b[0] for b in beam)
     outcomes = []
     for i in todo:
@@ -216,16 +222,16 @@ def bab_attack(fn: Callable[[jax.Array], jax.Array],
       # The dive: a program with `width` binaries.
       limit = min(dive_limit, time_limit - (time.monotonic() - start))
       result = milp_verify(fn,
-                           lo,
-                           hi,
+                           proof_lo,
+                           proof_hi,
                            unsafe,
                            time_limit=max(limit, 1e-3),
                            fixed=fixed,
                            allowance=allowance)
       dives += 1
       outcomes.append(result.status)
-      if result.status == "falsified" and broken(result.counterexample):
-        return done("broken", "dive", result.counterexample, dives)
+      if result.status == "falsified" and (z := adversarial(result.counterexample)) is not None:
+        return done("broken", "dive", z, dives)
       if width == total and result.status == "verified":
         return done("verified", "dive", dives=dives)
     # The neighbourhood adapts (Zhang et al.'s large neighbourhood search): wider where the
@@ -237,8 +243,8 @@ def bab_attack(fn: Callable[[jax.Array], jax.Array],
                                      jax.random.fold_in(key, rounds), pgd_steps, per)
     more = np.clip(np.asarray(more), lo, hi)
     best = int(np.argmin(np.asarray(more_safety)))
-    if broken(more[best]):
-      return done("broken", "descent", more[best], dives)
+    if (z := adversarial(more[best])) is not None:
+      return done("broken", "descent", z, dives)
     pool.append((float(np.asarray(more_safety)[best]), more[best]))
     pool = sorted(pool, key=lambda c: c[0])[:candidates]
     logging.info("bab_attack: round %d, %d free neurons, %d bounded, %d dives, %.1f s", rounds,

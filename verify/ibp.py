@@ -44,7 +44,12 @@ def _outward(box: Interval, dtype) -> Interval:
     up = jnp.nextafter(sg(v), jnp.asarray(towards, dtype))
     return jnp.where(jnp.isfinite(v), up + (v - sg(v)), up)
 
-  lo, hi = box.lower.astype(dtype), box.upper.astype(dtype)
+  # XLA on CPU flushes subnormal results to zero (in either direction), so magnitudes below
+  # the smallest normal number are first moved outward to it or to zero, exact in ``dtype``.
+  tiny = jnp.asarray(jnp.finfo(dtype).tiny, box.lower.dtype)
+  lower = jnp.where(jnp.abs(box.lower) < tiny, jnp.where(box.lower < 0, -tiny, 0.0), box.lower)
+  upper = jnp.where(jnp.abs(box.upper) < tiny, jnp.where(box.upper > 0, tiny, 0.0), box.upper)
+  lo, hi = lower.astype(dtype), upper.astype(dtype)
   lo = jnp.where(lo > box.lower, step(lo, -jnp.inf), lo)
   hi = jnp.where(hi < box.upper, step(hi, jnp.inf), hi)
   return Interval(lo, hi)
