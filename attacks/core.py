@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from robustlib import compilation
+from robustlib import backend
 from robustlib import fastgrad
 from robustlib.checks import InputError
 from robustlib.checks import check_images
@@ -228,9 +229,11 @@ def normal(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32, flat: bool
 
 
 def prepare(logits_fn: LogitsFn, x: jax.Array) -> LogitsFn:
-  """``logits_fn`` with fast input-gradients (`robustlib.fastgrad.prepare`), called once
-  before an attack's loop; an EOT view (`attacks.eot`) stays what it is."""
-  if getattr(logits_fn, "expected_gradient", None) is not None:
+  """``logits_fn`` with fast input-gradients (`robustlib.fastgrad.prepare`) where the backend
+  policy takes them (`robustlib.backend`: ``fast_gradients``), called once before an attack's
+  loop; an EOT view (`attacks.eot`) stays what it is."""
+  if (getattr(logits_fn, "expected_gradient", None) is not None or
+      not backend.fast_paths().fast_gradients):
     return logits_fn
   return fastgrad.prepare(logits_fn, x)
 

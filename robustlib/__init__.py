@@ -2,12 +2,13 @@
 
 The core package: data sets, the model zoo, functional pipelines (models as pure
 ``logits_fn(x) -> logits`` functions), batched evaluation, input checks, data
-parallelism, checkpoints and compilation (`jit`: `jax.jit` with the compiler
-options robustlib's own programs use). ``attacks``, ``verify`` and ``training``
+parallelism, checkpoints, compilation (`jit`: `jax.jit` with the compiler
+options robustlib's own programs use) and the backend policy (`backend`: which
+CPU-tuned fast paths are on). ``attacks``, ``verify`` and ``training``
 build on it.
 """
 
-from robustlib import checkpoints, compilation, data, models, parallel, plotting
+from robustlib import backend, checkpoints, compilation, data, models, parallel, plotting
 from robustlib.checks import InputError, check_images, check_labels
 from robustlib.compilation import jit
 from robustlib.evaluation import accuracy, batched_apply
@@ -20,6 +21,7 @@ __all__ = [
     "LogitsFn",
     "accuracy",
     "as_logits_fn",
+    "backend",
     "batched_apply",
     "check_images",
     "check_labels",

@@ -18,8 +18,10 @@ batch 128, MNIST networks of ``benchmarks.nets``):
   CROWN-IBP bounds, small CNN              191 ms    222 ms
   =======================================  ========  =====================
 
-`jit` applies these options on CPU (nothing elsewhere), unless ``XLA_FLAGS``
-already sets the fusion types, or the installed jaxlib does not know the option.
+`jit` applies these options on CPU (nothing elsewhere) where the backend
+policy takes them (`robustlib.backend`: ``ynnpack_dots_only``), unless
+``XLA_FLAGS`` already sets the fusion types, or the installed jaxlib does not
+know the option.
 robustlib's own jitted entry points (attacks called outside ``jit``,
 evaluation, certification, training steps) use it; jit your own programs that
 call robustlib with it to get the same code.
@@ -34,6 +36,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from robustlib import backend
 from robustlib import jax_internals as jint
 
 _OPTION = "xla_cpu_experimental_ynn_fusion_type"
@@ -52,7 +55,8 @@ def _accepted(options: tuple[tuple[str, str], ...]) -> bool:
 
 def compiler_options() -> dict[str, str] | None:
   """The options `jit` compiles with on the default backend; None for XLA's defaults."""
-  if jax.default_backend() != "cpu" or _OPTION in os.environ.get("XLA_FLAGS", ""):
+  if (jax.default_backend() != "cpu" or not backend.fast_paths().ynnpack_dots_only or
+      _OPTION in os.environ.get("XLA_FLAGS", "")):
     return None
   return dict(CPU_OPTIONS) if _accepted(tuple(CPU_OPTIONS.items())) else None
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import bound_testing
+from robustlib import backend
 from robustlib.checks import InputError
 from verify import relu_bab
 from verify.bab import branch_and_bound
@@ -121,13 +122,13 @@ def test_near_the_boundary_subdomains_with_no_split_left_are_decided_exactly():
   assert seen == {"verified", "falsified"}
 
 
-def test_the_batch_size_is_the_cpus_or_fits_the_accelerator_budget(monkeypatch):
+def test_the_batch_size_is_the_backend_policys_or_fits_the_accelerator_budget(monkeypatch):
   fn, _ = bound_testing.relu_mlp(seed=4, sizes=(5, 16, 16, 3))
   lo, hi = np.zeros(5, np.float32), np.full(5, 0.3, np.float32)
   setup = relu_bab.prepare(fn, lo, hi, UnsafeSet.misclassified(0, 3), root_steps=2, lr=0.1)
-  monkeypatch.setattr(relu_bab.jax, "default_backend", lambda: "cpu")
-  assert relu_bab.default_batch_size(setup) == relu_bab.CPU_BATCH_SIZE
-  monkeypatch.setattr(relu_bab.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setenv(backend.ENV, "cpu")
+  assert relu_bab.default_batch_size(setup) == backend.CPU.bab_batch_size
+  monkeypatch.setenv(backend.ENV, "plain")  # the accelerators' policy
   assert relu_bab.default_batch_size(setup) == relu_bab.MAX_BATCH_SIZE  # a tiny network
   per_child = 8 * 2 * 32  # 2 specification rows, 32 ReLU neurons
   monkeypatch.setattr(relu_bab, "ACCELERATOR_BUDGET", 2 * 100 * per_child)

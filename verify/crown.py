@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from robustlib import backend
 from robustlib import fastgrad
 from robustlib.checks import InputError
 from verify.ibp import ibp_node
@@ -46,15 +47,16 @@ from verify.graph import build_graph
 from verify.interval import Interval
 from verify.interval import ordered
 from verify.rows import balanced_chunks
+from verify.rows import map_chunks
 from verify.rows import identity_rows
 
-# Elements of one coefficient array before chunking (32 MB of float32). XLA's CPU runtime takes a
+# The chunk budget (elements of one coefficient array before chunking) is the backend policy's
+# (`robustlib.backend`). On CPU, 2**23 (32 MB of float32): XLA's CPU runtime takes a
 # computation's temporary memory fresh at every call and pays a page fault for each page on first
 # touch (about 17 ms per 64 MB on the 2-core machine these defaults were tuned on), so smaller
 # chunks, reused across the loop over chunks, are faster: CROWN on the benchmark's small CNN at
 # batch 128 took 1.57 s with this budget against 2.20 s with four times it (599 MB of temporary
 # memory against 115 MB), and 1.89 s with half of it (more, smaller passes).
-DEFAULT_BUDGET = 1 << 23
 
 
 def node_kind(node: Node) -> str:
@@ -138,10 +140,11 @@ def _linear_map(node: Node) -> Callable[..., jax.Array]:
 
   A convolution of a bounded input with a fixed kernel is transposed as a
   channels-last convolution with a pre-flipped kernel (``robustlib.fastgrad``):
-  on CPU, XLA's own transpose inside a loop over chunks is several times slower.
+  on CPU, XLA's own transpose inside a loop over chunks is several times slower. The backend
+  policy decides (`robustlib.backend`: ``fast_conv_transpose``).
   """
-  if (primitives.family(node) == "conv" and node.bounded_inputs == [0] and
-      node.params["batch_group_count"] == 1):
+  if (backend.fast_paths().fast_conv_transpose and primitives.family(node) == "conv" and
+      node.bounded_inputs == [0] and node.params["batch_group_count"] == 1):
     return fastgrad.conv_with_fast_transpose(node.inputs[1], node.params)
   return node.apply_bounded
 
@@ -286,7 +289,7 @@ def ibp_exact_nodes(graph: Graph) -> set[int]:
   return {i for i, e in exact.items() if e}
 
 
-def _default_chunk(node: Node, budget: int = DEFAULT_BUDGET) -> int:
+def _default_chunk(node: Node, budget: int) -> int:
   """Rows per backward pass keeping one coefficient array under ``budget`` elements."""
   biggest = max(math.prod(a.shape) for a in ancestors(node))
   return max(1, budget // (2 * max(biggest, 1)))
@@ -318,6 +321,7 @@ def node_bounds_by_backward(node: Node,
   n, rest = node.shape[0], node.shape[1:]
   m = math.prod(rest)
   dtype = node.dtype
+  policy = backend.fast_paths()
   patch_plan = patches.plan(node)
   if patch_plan is not None:
 
@@ -325,12 +329,12 @@ def node_bounds_by_backward(node: Node,
       return _elementwise_relaxation(user, bounds[user.inputs[user.bounded_inputs[0]].index])
 
     lower, upper = patches.bound_node(patch_plan, node, bounds, relaxation, chunk_size,
-                                      DEFAULT_BUDGET)
+                                      policy.chunk_budget)
     if needed is not None:
       lower = jnp.where(needed, lower, fallback.lower)
       upper = jnp.where(needed, upper, fallback.upper)
     return _ordered(lower, upper)
-  chunk, n_chunks = balanced_chunks(m, chunk_size or _default_chunk(node))
+  chunk, n_chunks = balanced_chunks(m, chunk_size or _default_chunk(node, policy.chunk_budget))
   if needed is None:
     order = jnp.broadcast_to(jnp.arange(m), (n, m))
     count = m
@@ -355,7 +359,7 @@ def node_bounds_by_backward(node: Node,
         return run_rows(idx)
       return lax.cond(c * chunk < count, run_rows, lambda _: jnp.zeros((2 * chunk, n), dtype), idx)
 
-    out = lax.map(run, jnp.arange(n_chunks))  # [chunks, 2 chunk, N]
+    out = map_chunks(run, jnp.arange(n_chunks))  # [chunks, 2 chunk, N]
   lower_sorted = out[:, :chunk].reshape(-1, n)[:m].T  # [N, m] in `order`
   upper_sorted = -out[:, chunk:].reshape(-1, n)[:m].T
   inverse = jnp.argsort(order, axis=1)
@@ -541,14 +545,16 @@ def _output_backward(out, A, bounds, chunk_size, stop=frozenset()):
   if not isinstance(out, Node):
     return _sum_rest(A * jnp.asarray(out)[None])
   s = A.shape[0]
-  chunk, n_chunks = balanced_chunks(s, chunk_size or _default_chunk(out))
+  chunk, n_chunks = balanced_chunks(
+      s, chunk_size or _default_chunk(out,
+                                      backend.fast_paths().chunk_budget))
   if n_chunks == 1:
     return backward(out, A, bounds, stop)
   pad = n_chunks * chunk - s
   if pad:
     A = jnp.concatenate([A, jnp.zeros((pad,) + A.shape[1:], A.dtype)])
-  res = lax.map(lambda a: backward(out, a, bounds, stop),
-                A.reshape((n_chunks, chunk) + A.shape[1:]))
+  res = map_chunks(lambda a: backward(out, a, bounds, stop),
+                   A.reshape((n_chunks, chunk) + A.shape[1:]))
   return res.reshape((n_chunks * chunk,) + res.shape[2:])[:s]
 
 
@@ -583,7 +589,8 @@ def crown(fn: Callable,
     interval: the input box ``[N, ...]``.
     spec: ``C`` of shape ``[N, S, K]``; None for bounds on ``fn(x)`` itself.
     chunk_size: specification rows (or neurons) per backward pass; None picks a
-      size keeping one coefficient array under ~32 MB.
+      size keeping one coefficient array under the backend policy's chunk budget
+      (`robustlib.backend`; 32 MB on CPU).
 
   Returns:
     `Interval` ``[N, S]`` on ``C @ fn(x)`` (``[N, K]`` without a spec).

@@ -41,6 +41,7 @@ from verify import primitives
 from verify import relaxations as rx
 from verify.graph import Node
 from verify.rows import balanced_chunks
+from verify.rows import map_chunks
 from verify.rows import fold_affine_tail
 
 # Use patches when their elements per row are at most this fraction of the dense rows'.
@@ -388,12 +389,8 @@ def _static_windows(
   return windows
 
 
-def bound_node(pl: Plan,
-               node: Node,
-               bounds: dict,
-               relaxation: Callable[[Node], rx.Relaxation],
-               chunk_size: int | None = None,
-               budget: int = 1 << 23) -> tuple[jax.Array, jax.Array]:
+def bound_node(pl: Plan, node: Node, bounds: dict, relaxation: Callable[[Node], rx.Relaxation],
+               chunk_size: int | None, budget: int) -> tuple[jax.Array, jax.Array]:
   """CROWN bounds of every element of ``node``, computed in patches.
 
   Args:
@@ -423,8 +420,8 @@ def bound_node(pl: Plan,
     windows = _static_windows(pl, bounds, relaxation)
   else:
     windows = lambda st: _bound_windows(pl, st, bounds, relaxation)
-  out = lax.map(windows,
-                padded.reshape(num, per_pass, -1).astype(jnp.int32))  # [num, per_pass, N, 2 O]
+  out = map_chunks(windows,
+                   padded.reshape(num, per_pass, -1).astype(jnp.int32))  # [num, per_pass, N, 2 O]
   out = out.reshape((-1, n, 2 * o))[:positions.shape[0]]  # [positions, N, 2 O]
   lower, upper = out[..., :o], -out[..., o:]
 

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from robustlib import backend
 from robustlib import compilation
 from robustlib.checks import InputError
 from verify import error_rules as er
@@ -69,11 +70,11 @@ from verify.unsafe import UnsafeSet
 BRANCHING = ("babsr", "fsb")
 # Seconds at most for the exact program of a subdomain with no split left.
 EXACT_SECONDS = 30.0
-# Subdomains split per step on CPU: small batches stay in its caches and keep the search
-# nearer best-first (MNIST MLP 2x256, one core, 5 Adam steps, 45 s: 1261 subdomains bounded
-# per second at 32, 1038 at 64, 972 at 128, and the lowest open bound -0.16, -0.22, -0.23;
-# 294/s at 512 with 10 steps). Elsewhere the memory budget decides.
-CPU_BATCH_SIZE = 32
+# Subdomains split per step: the backend policy's (`robustlib.backend`: ``bab_batch_size``),
+# 32 on CPU: small batches stay in its caches and keep the search nearer best-first (MNIST MLP
+# 2x256, one core, 5 Adam steps, 45 s: 1261 subdomains bounded per second at 32, 1038 at 64,
+# 972 at 128, and the lowest open bound -0.16, -0.22, -0.23; 294/s at 512 with 10 steps).
+# Elsewhere the memory budget decides.
 MAX_BATCH_SIZE = 1024
 # Elements of the parameters, gradients and Adam states of one step, on an accelerator.
 ACCELERATOR_BUDGET = 1 << 28
@@ -519,11 +520,12 @@ def _unstable(relus, bounds) -> jax.Array:
 
 
 def default_batch_size(setup: Setup) -> int:
-  """Subdomains split per step: `CPU_BATCH_SIZE` on CPU; elsewhere the largest power of two
-  up to `MAX_BATCH_SIZE` whose children's slopes, multipliers, gradients and Adam states
-  (about 8 values per specification row and ReLU neuron each) fit `ACCELERATOR_BUDGET`."""
-  if jax.default_backend() == "cpu":
-    return CPU_BATCH_SIZE
+  """Subdomains split per step: the backend policy's ``bab_batch_size`` (32 on CPU); where it
+  is 0, the largest power of two up to `MAX_BATCH_SIZE` whose children's slopes, multipliers,
+  gradients and Adam states (about 8 values per specification row and ReLU neuron each) fit
+  `ACCELERATOR_BUDGET`."""
+  if backend.fast_paths().bab_batch_size:
+    return backend.fast_paths().bab_batch_size
   rows = setup.root.unsafe.C.shape[0]
   neurons = sum(int(np.prod(b.shape[2:])) for b in setup.root.alpha.values())
   per_child = 8 * rows * max(neurons, 1)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from robustlib import backend
 from verify import primitives
 from verify.graph import Node
 
@@ -116,6 +117,13 @@ def balanced_chunks(total: int, most: int) -> tuple[int, int]:
   """``(size, count)``: the fewest chunks of at most ``most`` covering ``total``, evenly sized."""
   count = -(-total // max(1, min(most, total)))
   return -(-total // count), count
+
+
+def map_chunks(fn, chunks: jax.Array) -> jax.Array:
+  """``fn`` over the leading axis of ``chunks``: one chunk after another (``lax.map``), or
+  all together (``vmap``) where the backend policy says so (`robustlib.backend`:
+  ``parallel_chunks``)."""
+  return jax.vmap(fn)(chunks) if backend.fast_paths().parallel_chunks else lax.map(fn, chunks)
 
 
 def fold_affine_tail(node: Node, idx: jax.Array | None) -> tuple[Node, jax.Array | None]:
