@@ -3,11 +3,15 @@
 A run directory holds ``config.json`` (the run's configuration as plain values)
 and ``checkpoints/<step>/`` (orbax writes each step to a temporary directory and
 renames it when complete, so a killed run never leaves a half-written step).
+A checkpoint restores onto any device count: the arrays are read into the
+shardings of the restoring process (a target's, or one local device), not the
+saving run's topology.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -32,7 +36,9 @@ def manager(workdir: str,
                                          create=not read_only,
                                          read_only=read_only,
                                          enable_async_checkpointing=False)
-  return ocp.CheckpointManager(directory, options=options)
+  return ocp.CheckpointManager(directory,
+                               options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
 
 
 def save(mngr: ocp.CheckpointManager, step: int, tree: Any) -> None:
@@ -51,6 +57,22 @@ def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None) -
     return None
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def restore_on(mngr: ocp.CheckpointManager, step: int, sharding: jax.sharding.Sharding) -> Any:
+  """Restores step ``step`` as saved (its own structure, shapes and dtypes), every array
+  placed with ``sharding`` whatever devices the saving run had."""
+  metadata = mngr.item_metadata(step)
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                          metadata)
+  return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def saved_device_count(mngr: ocp.CheckpointManager, step: int) -> int | None:
+  """The number of devices the run that saved step ``step`` had (None if not recorded)."""
+  shardings = [getattr(m, "sharding", None) for m in jax.tree.leaves(mngr.item_metadata(step))]
+  shapes = [getattr(s, "shape", None) for s in shardings if s is not None]
+  return math.prod(shapes[0]) if shapes and shapes[0] is not None else None
 
 
 def write_config(workdir: str, config: dict) -> None:
@@ -100,8 +122,8 @@ def load_run(workdir: str, step: int | None = None):
   mngr = manager(workdir, max_to_keep=None, read_only=True)
   if mngr.latest_step() is None:
     raise CheckpointError(f"no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}")
-  state = mngr.restore(step if step is not None else mngr.latest_step(),
-                       args=ocp.args.StandardRestore())
+  state = restore_on(mngr, step if step is not None else mngr.latest_step(),
+                     jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
   # A run with weight averaging is evaluated with the averaged parameters.
   variables = {"params": state.get("ema_params") or state["params"]}
   if state.get("batch_stats"):

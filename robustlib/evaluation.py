@@ -75,7 +75,7 @@ def batched_apply(
     outputs.append(out)
     bar.update(min(batch_size, n - i * batch_size))
   bar.close()
-  outputs = jax.device_get(outputs)
+  outputs = parallel.to_host(outputs)
   return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0)[:n], *outputs)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -63,3 +66,20 @@ def place_global_batch(array: np.ndarray, sharding: jax.sharding.Sharding) -> ja
     stops.append(stop)
   rows = slice(min(starts), max(stops))
   return jax.make_array_from_process_local_data(sharding, array[rows], array.shape)
+
+
+def to_host(tree: Any) -> Any:
+  """``tree``'s arrays as NumPy arrays on every process, whole.
+
+  An array split across devices of other processes (``jax.distributed``) is
+  gathered with ``multihost_utils.process_allgather``: a collective, so every
+  process calls this at the same point of the same program. Other values are
+  fetched with ``jax.device_get``.
+  """
+
+  def fetch(v):
+    if isinstance(v, jax.Array) and not v.is_fully_addressable and not v.is_fully_replicated:
+      return np.asarray(multihost_utils.process_allgather(v, tiled=True))
+    return np.asarray(jax.device_get(v)) if isinstance(v, jax.Array) else v
+
+  return jax.tree.map(fetch, tree)

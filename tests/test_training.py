@@ -160,6 +160,7 @@ def test_bad_command_line_config_is_a_clear_error(flag, message, tmp_path):
 @pytest.mark.parametrize("field, value, message", [
     ("method", "magic", "unknown method"),
     ("batch_size", 0, "batch_size must be positive"),
+    ("keep_checkpoints", 0, "keep_checkpoints must be positive"),
     ("model", "resnet9000", "resnet9000"),
     ("dataset", "imagenet", "imagenet"),
 ])

@@ -39,7 +39,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise ConfigError(f"config: {e}") from None
   for field in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every",
-                "eval_batch_size"):
+                "eval_batch_size", "keep_checkpoints"):  # keeping 0 checkpoints would delete each
     if int(config[field]) <= 0:
       raise ConfigError(f"config.{field} must be positive, got {config[field]}")
   unknown = set(config.report.verify_methods) - set(verify.METHODS)
@@ -110,9 +110,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         std=info.std,
                         **config.model_kwargs.to_dict())
 
-  mesh = parallel.make_mesh(config.num_devices)
-  parallel.check_divisible(config.batch_size, mesh)
-  parallel.check_divisible(config.eval_batch_size, mesh, "eval_batch_size")
+  try:
+    mesh = parallel.make_mesh(config.num_devices)
+    parallel.check_divisible(config.batch_size, mesh, "config.batch_size")
+    parallel.check_divisible(config.eval_batch_size, mesh, "config.eval_batch_size")
+  except ValueError as e:  # what the config asks of this machine's devices
+    raise ConfigError(str(e)) from None
   replicated, sharded = parallel.replicated(mesh), parallel.data_sharding(mesh)
 
   tx = optim.make_optimizer(config.optimizer, config.num_steps)
@@ -132,6 +135,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if restored is not None:
     state = restored
     logging.info("Resuming from step %d of %s", int(state.step), workdir)
+    saved = checkpoints.saved_device_count(mngr, int(state.step))
+    if saved is not None and saved != mesh.devices.size:
+      logging.warning(
+          "the checkpoint was saved on %d devices and resumes on %d: the global batches and "
+          "their order are unchanged, the sums over devices may round differently", saved,
+          mesh.devices.size)
   start_step = int(state.step)
 
   augment = data.make_augment(config.augment.crop_padding, config.augment.flip)
@@ -225,8 +234,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return report
 
 
-def _robustness(config, eval_apply, state, test, eps: float, workdir: str, plot: bool) -> dict:
-  """The robustness report (`training.robustness`) of the evaluated weights."""
+def _robustness(config, eval_apply, state, test, eps: float, workdir: str,
+                main_process: bool) -> dict:
+  """The robustness report (`training.robustness`) of the evaluated weights (printed and
+  plotted by the main process)."""
   n = config.report.num_examples or len(test)
   variables = state.eval_variables()
   result = robustness.robustness_report(
@@ -241,8 +252,9 @@ def _robustness(config, eval_apply, state, test, eps: float, workdir: str, plot:
       autoattack=config.report.autoattack,
       batch_size=config.eval_batch_size,
       bab_attack_time=config.report.bab_attack_time,
-      plot_path=os.path.join(workdir, ROBUSTNESS_PLOT) if plot else None)
-  print(robustness.format_table(result))
+      plot_path=os.path.join(workdir, ROBUSTNESS_PLOT) if main_process else None)
+  if main_process:
+    print(robustness.format_table(result))
   result["report_seconds"] = result.pop("seconds")  # "seconds" is the training's own time
   return result
 
