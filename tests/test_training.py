@@ -10,6 +10,7 @@ import time
 import urllib.request
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -311,3 +312,36 @@ def test_train_step_compiles_once_across_batches():
     state, metrics = step(state, next(batches))
   assert int(state.step) == 4 and np.isfinite(float(metrics["loss"]))
   assert step._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_mixed_precision_computes_in_bfloat16_and_keeps_float32_parameters_and_gradients():
+  model = models.create("cnn_small", num_classes=10, input_shape=(28, 28, 1))
+  variables = models.init(model, jax.random.PRNGKey(0), (28, 28, 1))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
+  apply = steps.mixed_precision(model.apply, "bfloat16")
+  seen = []
+
+  def spy(v, z):
+    seen.append((jax.tree.leaves(v)[0].dtype, z.dtype))
+    return model.apply(v, z)
+
+  logits = steps.mixed_precision(spy, "bfloat16")(variables, x)
+  assert seen == [(jnp.bfloat16, jnp.bfloat16)] and logits.dtype == jnp.float32
+  grads = jax.grad(lambda p: apply({"params": p}, x).sum())(variables["params"])
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+  np.testing.assert_allclose(logits, model.apply(variables, x), rtol=0.05, atol=0.05)
+  assert steps.mixed_precision(spy, "float32") is spy
+  assert apply.full_precision == model.apply  # what certified losses bound
+  with pytest.raises(ValueError, match="dtype must be one of"):
+    steps.mixed_precision(model.apply, "float16")
+
+
+def test_a_bfloat16_run_trains_ibp_end_to_end(tmp_path):
+  config = _tiny_digits(dtype="bfloat16")
+  config.method, config.robust.eps, config.robust.eval_eps = "ibp", 0.1, 0.1
+  report = trainer.train_and_evaluate(config, str(tmp_path))
+  assert report["steps"] == config.num_steps and np.isfinite(report["test_accuracy"])
+  _, _, variables = checkpoints.load_run(str(tmp_path))
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
+  with pytest.raises(trainer.ConfigError, match="config.dtype must be one of"):
+    trainer.train_and_evaluate(_tiny_digits(dtype="float16"), str(tmp_path / "bad"))

@@ -98,6 +98,12 @@ def _inference_fn(apply_fn, variables) -> Callable[[jax.Array], jax.Array]:
   return lambda z: apply_fn(variables, z, train=False)
 
 
+def _bounded_fn(apply_fn, variables) -> Callable[[jax.Array], jax.Array]:
+  """The network the certified losses bound: in float32 under mixed precision (bounds of the
+  bfloat16 program would carry its rounding allowance at every layer)."""
+  return _inference_fn(getattr(apply_fn, "full_precision", apply_fn), variables)
+
+
 def _clean(apply_fn, variables, x, y, key):
   """Training-mode logits, cross-entropy and the updated batch statistics."""
   logits, updates = apply_fn(variables,
@@ -189,7 +195,7 @@ def make_bound_loss(method: str,
   def loss_fn(apply_fn, variables, x, y, key, step):
     eps, kappa = coef.eps(step), coef.kappa(step)
     logits, ce, batch_stats = _clean(apply_fn, variables, x, y, key)
-    fn = _inference_fn(apply_fn, variables)
+    fn = _bounded_fn(apply_fn, variables)
     margins = verify.margin_bounds(fn, x, y, eps, method="ibp")
     metrics = {}
     if method == "crown_ibp":
@@ -265,7 +271,7 @@ def make_fast_ibp(c: ml_collections.ConfigDict,
     eps = coef.eps(step)
     if auxiliary:
       box = verify.linf_ball(x, eps)
-      pre = verify.relu_input_bounds(_inference_fn(apply_fn, variables), box)
+      pre = verify.relu_input_bounds(_bounded_fn(apply_fn, variables), box)
       reg = warmup_regularizer(pre, box, tol)
     else:
       reg = jnp.zeros(())

@@ -38,6 +38,36 @@ def standard_loss(apply_fn, variables, x, y, key, step):
   return loss, (metrics, updates.get("batch_stats", variables.get("batch_stats", {})))
 
 
+DTYPES = ("float32", "bfloat16")
+
+
+def mixed_precision(apply_fn, dtype: str = "bfloat16"):
+  """``apply_fn`` computing in ``dtype``: floating variables and inputs are cast to it, and
+  floating outputs (logits, updated BatchNorm statistics) back to float32.
+
+  The caller's parameters stay float32 (their gradients come back float32 through the casts),
+  and the loss is computed from float32 logits: bfloat16 has float32's exponent range, so no
+  loss scaling is needed (Micikevicius et al. 2018 need it for float16). The result's
+  ``full_precision`` is ``apply_fn`` itself: what certified losses bound
+  (`training.methods`), since bounds of the bfloat16 program carry its rounding.
+  """
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+  if dtype == "float32":
+    return apply_fn
+  compute = jnp.dtype(dtype)
+
+  def cast(tree, to):
+    return jax.tree.map(
+        lambda v: v.astype(to) if jnp.issubdtype(jnp.result_type(v), jnp.floating) else v, tree)
+
+  def apply(variables, x, *args, **kwargs):
+    return cast(apply_fn(cast(variables, compute), cast(x, compute), *args, **kwargs), jnp.float32)
+
+  apply.full_precision = apply_fn
+  return apply
+
+
 def make_train_step(apply_fn,
                     tx: optax.GradientTransformation,
                     loss_fn: LossFn = standard_loss,

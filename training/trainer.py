@@ -38,6 +38,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     methods.check(config.robust, config.method, config.num_steps)
   except ValueError as e:
     raise ConfigError(f"config: {e}") from None
+  if config.dtype not in steps.DTYPES:
+    raise ConfigError(f"config.dtype must be one of {steps.DTYPES}, got {config.dtype!r}")
   for field in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every",
                 "eval_batch_size", "keep_checkpoints"):  # keeping 0 checkpoints would delete each
     if int(config[field]) <= 0:
@@ -147,7 +149,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def jitted_step(with_auxiliary: bool):
     loss = methods.make_loss(config.method, config.robust, with_auxiliary)
-    step = steps.make_train_step(model.apply, tx, loss, config.robust.ema_decay, augment)
+    step = steps.make_train_step(steps.mixed_precision(model.apply, config.dtype), tx, loss,
+                                 config.robust.ema_decay, augment)
     return compilation.jit(step,
                            in_shardings=(replicated, sharded),
                            out_shardings=(replicated, replicated),

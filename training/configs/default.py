@@ -22,6 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 128  # global batch, split over the devices
   config.num_steps = 1000
   config.num_devices = 0  # 0: every local device
+  # The training step's compute dtype: float32, or bfloat16 mixed precision (parameters,
+  # optimizer state, BatchNorm statistics and the loss stay float32; evaluation is float32).
+  config.dtype = "float32"
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adam"  # sgd | adam | adamw
