@@ -21,6 +21,10 @@ A network from elsewhere: ``--onnx=model.onnx --dataset=mnist`` instead of
 ``--workdir`` (inputs NCHW, NHWC or flattened, values in [0, 1]; results go beside
 the file unless ``--output_dir`` says otherwise).
 
+Each batch is split over every device; ``--distributed`` (with
+``--coordinator_address``, ``--num_processes``, ``--process_id`` where the cluster does
+not say them) spreads it over several processes, which all get the same results.
+
 ``--config=FILE.py[:VARIANT]`` (a training config) is optional and only picks the
 data (its ``dataset`` and ``data_dir``); the weights always come from the
 checkpoint in ``--workdir``, and the config must name the run's model. An
@@ -30,6 +34,7 @@ untrained model is never evaluated.
 import sys
 
 from absl import app, flags
+import jax
 from ml_collections import config_flags
 
 from attacks import evaluation
@@ -55,12 +60,14 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory (default: the 
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the attacks' PRNG key.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results go (default: --workdir).")
 _RESUME = flags.DEFINE_bool("resume", True, "Keep resumable state and resume from it.")
+_DISTRIBUTED = scripts.define_distributed_flags("an evaluation")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   scripts.setup_logging()
+  _DISTRIBUTED.initialize()
   eps = scripts.parse_radii(_EPS.value)
   try:
     dataset, data_dir = scripts.data_of_flags(_WORKDIR.value, _ONNX.value, _CONFIG.value,
@@ -79,6 +86,8 @@ def main(argv):
                                      resume=_RESUME.value)
   except scripts.USER_ERRORS as e:
     raise app.UsageError(f"{type(e).__name__}: {e}") from None
+  if jax.process_index() > 0:
+    return  # process 0 prints
   print(f"{report.suite} ({report.norm}) on {report.num_examples} examples, "
         f"{report.seconds:.1f} s")
   print(report.table())

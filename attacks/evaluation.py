@@ -45,6 +45,7 @@ from attacks import core
 from attacks import diagnostics
 from attacks.autoattack import cascade, flatten, run_stages
 from robustlib import compilation
+from robustlib import parallel
 from robustlib import plotting
 from robustlib.checks import InputError, check_images, check_labels
 from robustlib.evaluation import pad_to_multiple
@@ -326,7 +327,8 @@ def evaluate(logits_fn: core.LogitsFn,
              progress: bool = True,
              run_diagnostics: bool = True,
              minimum_norm: bool | None = None,
-             callback: Callable[[int, int], None] | None = None) -> Report:
+             callback: Callable[[int, int], None] | None = None,
+             mesh: jax.sharding.Mesh | None = None) -> Report:
   """Robust accuracy of ``logits_fn`` on ``(x, y)`` under ``suite``.
 
   Each run of each attack of a cascade runs on the points still robust,
@@ -363,6 +365,12 @@ def evaluate(logits_fn: core.LogitsFn,
       `attacks.fab`). False runs it at each epsilon instead.
     callback: ``callback(batches_done, num_batches)`` after each computed batch
       (after its state is saved).
+    mesh: split each batch over this mesh's devices (`robustlib.parallel.make_mesh`;
+      with ``jax.distributed``, those of every process). Every process then calls
+      ``evaluate`` with the same arguments and gets the whole report; per-example keys
+      make the results those of one device. ``batch_size`` must split evenly over
+      the mesh. With several processes only process 0 writes the plot, and each
+      keeps its own resumable state.
 
   Returns:
     A :class:`Report`.
@@ -386,6 +394,11 @@ def evaluate(logits_fn: core.LogitsFn,
   if x.shape[0] == 0:
     raise InputError("evaluate needs at least one example")
   batch_size = min(core.check_positive_int(batch_size, "batch_size"), x.shape[0])
+  if mesh is not None:
+    try:
+      parallel.check_divisible(batch_size, mesh)
+    except ValueError as e:
+      raise InputError(str(e)) from None
   core.check_positive_int(state_every, "state_every")
   chunk = default_chunk_size(batch_size) if chunk_size is None else min(
       core.check_positive_int(chunk_size, "chunk_size"), batch_size)
@@ -415,7 +428,8 @@ def evaluate(logits_fn: core.LogitsFn,
     first_logits = compilation.jit(lambda v: logits_fn(v))(xp[:batch_size])  # pylint: disable=unnecessary-lambda
     fingerprint = _fingerprint(stages, (eps_list, distance_mode), key, batch_size, x, y,
                                first_logits)
-    state_path = os.path.join(state_dir, f"evaluate-{fingerprint[:16]}.npz")
+    process = f"-process{jax.process_index()}" if jax.process_count() > 1 else ""
+    state_path = os.path.join(state_dir, f"evaluate-{fingerprint[:16]}{process}.npz")
     loaded = _load_state(state_path, fingerprint)
     if loaded is not None:
       done, clean, robust, saved_distances = loaded
@@ -432,22 +446,25 @@ def evaluate(logits_fn: core.LogitsFn,
              unit="ex",
              leave=False,
              disable=not progress)
+  place = (lambda a: a) if mesh is None else functools.partial(
+      parallel.place_global_batch, sharding=parallel.data_sharding(mesh))
   loop_start = time.time()
   for b in range(done, num_batches):
     rows = slice(b * batch_size, (b + 1) * batch_size)
-    index = np.arange(rows.start, rows.stop, dtype=np.int32)
+    batch = [
+        place(a)
+        for a in (xp[rows], yp[rows], valid[rows], np.arange(rows.start, rows.stop, dtype=np.int32))
+    ]
     if distance_mode:
-      correct, dist = jax.device_get(
-          distance_batch(stages[0], logits_fn, xp[rows], yp[rows], valid[rows], index, key))
+      correct, dist = parallel.to_host(distance_batch(stages[0], logits_fn, *batch, key))
       clean[rows], distances[rows] = correct, dist
       for j, e in enumerate(eps_list):
         robust[j, 0, rows] = correct & (dist > e)
     else:
-      outputs = [
-          evaluate_batch(stages, logits_fn, chunk, xp[rows], yp[rows], valid[rows], index,
-                         jax.random.fold_in(key, j), e) for j, e in enumerate(eps_arrays)
-      ]
-      outputs = jax.device_get(outputs)
+      outputs = parallel.to_host([
+          evaluate_batch(stages, logits_fn, chunk, *batch, jax.random.fold_in(key, j), e)
+          for j, e in enumerate(eps_arrays)
+      ])
       clean[rows] = outputs[0][0]
       for j, (_, flags) in enumerate(outputs):
         robust[j, :, rows] = flags
@@ -490,7 +507,7 @@ def evaluate(logits_fn: core.LogitsFn,
                   resumed_from_batch=resumed,
                   warnings=messages,
                   distances=None if distances is None else distances[:n].copy())
-  if plot_path is not None:
+  if plot_path is not None and jax.process_index() == 0:
     save_plot(report, plot_path)
   return report
 
@@ -633,6 +650,9 @@ def evaluate_run(workdir: str | None = None,
     resume: keep and reuse the resumable state.
     progress: show a progress bar.
 
+  With several devices (or processes, ``jax.distributed``) each batch is split over
+  all of them (`evaluate`'s ``mesh``); only process 0 writes the files.
+
   Returns:
     The :class:`Report`; ``attacks.json`` holds it with the run's details.
   """
@@ -655,12 +675,15 @@ def evaluate_run(workdir: str | None = None,
                     norm=norm,
                     plot_path=os.path.join(output_dir, "attacks.png"),
                     state_dir=os.path.join(output_dir, "attacks_state") if resume else None,
-                    progress=progress)
+                    progress=progress,
+                    mesh=parallel.make_mesh() if jax.device_count() > 1 else None)
   content = report.to_dict()
   content.update(workdir=test.source,
                  dataset=test.dataset,
                  model=test.model,
                  seed=seed,
-                 batch_size=batch_size)
-  _write_json(os.path.join(output_dir, "attacks.json"), content)
+                 batch_size=batch_size,
+                 num_devices=jax.device_count())
+  if jax.process_index() == 0:
+    _write_json(os.path.join(output_dir, "attacks.json"), content)
   return report

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging as std_logging
 import sys
 from typing import Any, Callable
 
 from absl import app, flags, logging
+import jax
 
 from robustlib import checkpoints, checks, data, models
 
@@ -54,6 +56,46 @@ def run(main: Callable[[list[str]], Any],
       raise
 
   app.run(checked, flags_parser=flags_parser)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedFlags:
+  """``--distributed`` and the coordinator flags of a script that runs over several processes
+  (`define_distributed_flags`)."""
+  distributed: Any
+  coordinator_address: Any
+  num_processes: Any
+  process_id: Any
+
+  def initialize(self) -> None:
+    """Calls ``jax.distributed.initialize`` with the flags given, when ``--distributed``;
+    a coordinator flag without ``--distributed`` is a usage error."""
+    given = {
+        "coordinator_address": self.coordinator_address.value,
+        "num_processes": self.num_processes.value,
+        "process_id": self.process_id.value
+    }
+    if any(v is not None for v in given.values()) and not self.distributed.value:
+      raise app.UsageError("--coordinator_address, --num_processes and --process_id need "
+                           "--distributed")
+    if self.distributed.value:
+      jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
+
+
+def define_distributed_flags(work: str) -> DistributedFlags:
+  """Defines ``--distributed``, ``--coordinator_address``, ``--num_processes`` and
+  ``--process_id`` for a script whose ``work`` (say "training") can span several hosts."""
+  return DistributedFlags(
+      flags.DEFINE_bool(
+          "distributed", False, f"Call jax.distributed.initialize() first, for {work} over "
+          "several hosts (coordinator and process ids come from the flags below where given, "
+          "else from the cluster environment: TPU pods, SLURM, Open MPI)."),
+      flags.DEFINE_string(
+          "coordinator_address", None, "With --distributed: host:port of process 0's "
+          "coordinator, e.g. 127.0.0.1:12345 (default: $JAX_COORDINATOR_ADDRESS or the "
+          "cluster's)."),
+      flags.DEFINE_integer("num_processes", None, "With --distributed: the number of processes."),
+      flags.DEFINE_integer("process_id", None, "With --distributed: this process's index, from 0."))
 
 
 def parse_radii(values: list[str], flag: str = "--eps") -> list[float]:

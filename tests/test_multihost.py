@@ -45,6 +45,24 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _two_processes_beside_one(two_args, one_args, tmp_path: pathlib.Path, one_devices: int):
+  """Runs ``two_args`` as 2 processes x 2 CPU devices (``--distributed`` on 127.0.0.1,
+  logs ``process{i}.log``) and ``one_args`` as 1 process with ``one_devices``, at once."""
+  port = _free_port()
+  procs = [
+      _start([
+          *two_args, "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+          "--num_processes=2", f"--process_id={i}"
+      ],
+             tmp_path / f"process{i}.log",
+             devices=2) for i in range(2)
+  ]
+  one = _start(one_args, tmp_path / "one.log", devices=one_devices)
+  for i, proc in enumerate(procs):
+    _finish(proc, tmp_path / f"process{i}.log")
+  _finish(one, tmp_path / "one.log")
+
+
 def _results(workdir: pathlib.Path) -> dict:
   report = json.loads((workdir / "report.json").read_text())
   return {k: v for k, v in report.items() if k not in TIMINGS}
@@ -55,19 +73,10 @@ def _params(workdir: pathlib.Path):
 
 
 def test_two_processes_train_and_report_as_one_process_with_as_many_devices(tmp_path):
-  port = _free_port()
-  procs = [
-      _start([
-          *TINY, f"--workdir={tmp_path / 'two'}", "--distributed",
-          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"
-      ],
-             tmp_path / f"process{i}.log",
-             devices=2) for i in range(2)
-  ]
-  one = _start([*TINY, f"--workdir={tmp_path / 'one'}"], tmp_path / "one.log", devices=4)
-  for i, proc in enumerate(procs):
-    _finish(proc, tmp_path / f"process{i}.log")
-  _finish(one, tmp_path / "one.log")
+  _two_processes_beside_one([*TINY, f"--workdir={tmp_path / 'two'}"],
+                            [*TINY, f"--workdir={tmp_path / 'one'}"],
+                            tmp_path,
+                            one_devices=4)
   two_processes, one_process = _results(tmp_path / "two"), _results(tmp_path / "one")
   assert two_processes["num_devices"] == 4 and "pgd_accuracy" in two_processes
   assert two_processes == one_process
@@ -119,3 +128,38 @@ def test_a_run_trained_on_eight_devices_is_attacked_and_certified_on_one(
   assert attacked["num_examples"] == certified["num_examples"] == 32
   assert attacked["clean_accuracy"] == pytest.approx(certified["clean_accuracy"])
   assert attacked["robust_accuracy"][0] == attacked["clean_accuracy"]
+
+
+def test_attacks_evaluate_over_two_processes_equals_one_device(eight_device_run, tmp_path):
+  """Each batch split over 2 processes x 2 devices (outputs span devices of the other
+  process) gives the 1-device run's per-example results, and only process 0 writes."""
+  args = [
+      "-m", "attacks.evaluate", f"--workdir={eight_device_run}", "--suite=fgsm,pgd",
+      "--eps=0.05,0.1", "--num_examples=40", "--batch_size=16"
+  ]
+  _two_processes_beside_one([*args, f"--output_dir={tmp_path / 'two'}"],
+                            [*args, f"--output_dir={tmp_path / 'one'}"],
+                            tmp_path,
+                            one_devices=1)
+  two_processes, one_device = (
+      json.loads((tmp_path / d / "attacks.json").read_text()) for d in ("two", "one"))
+  assert (two_processes["num_devices"], one_device["num_devices"]) == (4, 1)
+  for field in ("clean_flags", "stage_flags", "robust_accuracy"):
+    assert two_processes[field] == one_device[field], field
+  assert 0 < two_processes["robust_accuracy"][1] < two_processes["clean_accuracy"]
+  assert "after fgsm" in (tmp_path / "process0.log").read_text()  # the table
+  assert "after fgsm" not in (tmp_path / "process1.log").read_text()
+  states = sorted(p.name for p in (tmp_path / "two" / "attacks_state").iterdir())
+  assert len(states) == 2 and states[0].endswith("-process0.npz"), states
+
+
+@pytest.mark.parametrize("args", [TINY[1:], ["attacks.evaluate"]])
+def test_coordinator_flags_without_distributed_are_a_usage_error(args, tmp_path):
+  proc = subprocess.run([sys.executable, "-m", *args, f"--workdir={tmp_path}", "--num_processes=2"],
+                        cwd=REPO,
+                        env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"),
+                        capture_output=True,
+                        text=True,
+                        timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "need --distributed" in proc.stderr

@@ -8,7 +8,6 @@ command after an interruption resumes from the last checkpoint.
 
 import sys
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -25,17 +24,7 @@ _WORKDIR = flags.DEFINE_string("workdir",
                                "and the report.",
                                required=True)
 
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() first, for training "
-    "over several hosts (coordinator and process ids come from the flags below where given, "
-    "else from the cluster environment: TPU pods, SLURM, Open MPI).")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "With --distributed: host:port of process 0's coordinator, "
-    "e.g. 127.0.0.1:12345 (default: $JAX_COORDINATOR_ADDRESS or the cluster's).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
-                                      "With --distributed: the number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None,
-                                   "With --distributed: this process's index, from 0.")
+_DISTRIBUTED = scripts.define_distributed_flags("training")
 
 # Errors about what the user asked for: shown as one line, without a stack trace.
 USER_ERRORS = (trainer.ConfigError,) + scripts.USER_ERRORS
@@ -58,16 +47,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   scripts.setup_logging()
-  given = {
-      "coordinator_address": _COORDINATOR.value,
-      "num_processes": _NUM_PROCESSES.value,
-      "process_id": _PROCESS_ID.value
-  }
-  if any(v is not None for v in given.values()) and not _DISTRIBUTED.value:
-    raise app.UsageError("--coordinator_address, --num_processes and --process_id need "
-                         "--distributed")
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
+  _DISTRIBUTED.initialize()
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except USER_ERRORS as e:
