@@ -5,7 +5,10 @@ and ``checkpoints/<step>/`` (orbax writes each step to a temporary directory and
 renames it when complete, so a killed run never leaves a half-written step).
 A checkpoint restores onto any device count: the arrays are read into the
 shardings of the restoring process (a target's, or one local device), not the
-saving run's topology.
+saving run's topology. A step that does not restore (a truncated file) or holds
+non-finite values is skipped with a warning naming it and why, and the newest usable
+one is taken; a resuming run moves such a step to ``checkpoints_unusable/`` (never
+deletes it), so that it saves that step anew.
 """
 
 from __future__ import annotations
@@ -13,12 +16,17 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Callable
 
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from robustlib import checks
+
 CHECKPOINT_DIR = "checkpoints"
+UNUSABLE_DIR = "checkpoints_unusable"
 CONFIG_FILE = "config.json"
 
 
@@ -50,13 +58,22 @@ def save(mngr: ocp.CheckpointManager, step: int, tree: Any) -> None:
 
 
 def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None) -> Any:
-  """Restores step ``step`` (default: the latest) into the structure, shapes and
-  shardings of ``target``; returns None when there is no checkpoint."""
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    return None
+  """Restores step ``step`` into the structure, shapes and shardings of ``target``;
+  returns None when there is no checkpoint.
+
+  Without ``step``, the newest usable step: newer ones that fail to restore or hold
+  non-finite values are moved to ``checkpoints_unusable/`` with a warning (see
+  `newest_usable`).
+  """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def restore_step(s):
+    return mngr.restore(s, args=ocp.args.StandardRestore(abstract))
+
+  if step is not None:
+    return restore_step(step)
+  found = newest_usable(mngr, restore_step, set_aside=True)
+  return None if found is None else found[1]
 
 
 def restore_on(mngr: ocp.CheckpointManager, step: int, sharding: jax.sharding.Sharding) -> Any:
@@ -68,11 +85,68 @@ def restore_on(mngr: ocp.CheckpointManager, step: int, sharding: jax.sharding.Sh
   return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
+def _problem(restore_step: Callable[[int], Any], step: int) -> tuple[Any, str | None]:
+  """``(tree, None)``, or ``(None, why step is unusable)``."""
+  try:
+    tree = restore_step(step)
+  except Exception as e:  # pylint: disable=broad-except  # orbax/TensorStore raise bare Exception
+    while e.__cause__ is not None:  # the innermost error says what is wrong with which file
+      e = e.__cause__
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    return None, f"it does not restore ({lines[0][:300]})"
+  if not bool(jax.jit(checks.all_finite)(tree)):
+    return None, "it holds non-finite values"
+  return tree, None
+
+
+def newest_usable(mngr: ocp.CheckpointManager,
+                  restore_step: Callable[[int], Any],
+                  set_aside: bool = False) -> tuple[int, Any] | None:
+  """``(step, restore_step(step))`` for the newest step that restores and is finite, or
+  None when no step is.
+
+  Each newer step is skipped with a warning saying why; with ``set_aside`` (a resuming
+  run) it is moved to ``checkpoints_unusable/STEP`` beside ``checkpoints/`` (by process
+  0), so the run can save that step again and nothing is deleted.
+  """
+  for step in sorted(mngr.all_steps(), reverse=True):
+    tree, problem = _problem(restore_step, step)
+    if problem is None:
+      return step, tree
+    logging.warning("checkpoint step %d in %s is skipped: %s", step, mngr.directory, problem)
+    if set_aside:
+      _set_aside(mngr, step)
+  return None
+
+
+def _set_aside(mngr: ocp.CheckpointManager, step: int) -> None:
+  if jax.process_index() == 0:
+    directory = os.fspath(mngr.directory)
+    aside = os.path.join(os.path.dirname(directory), UNUSABLE_DIR)
+    os.makedirs(aside, exist_ok=True)
+    target, n = os.path.join(aside, str(step)), 1
+    while os.path.exists(target):
+      target, n = os.path.join(aside, f"{step}.{n}"), n + 1
+    os.replace(os.path.join(directory, str(step)), target)
+    logging.warning("moved the unusable step %d to %s", step, target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+  mngr.reload()
+
+
 def saved_device_count(mngr: ocp.CheckpointManager, step: int) -> int | None:
   """The number of devices the run that saved step ``step`` had (None if not recorded)."""
   shardings = [getattr(m, "sharding", None) for m in jax.tree.leaves(mngr.item_metadata(step))]
   shapes = [getattr(s, "shape", None) for s in shardings if s is not None]
   return math.prod(shapes[0]) if shapes and shapes[0] is not None else None
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """The steps ``workdir/checkpoints`` holds (committed or not), without opening them."""
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
 def write_config(workdir: str, config: dict) -> None:
@@ -99,7 +173,8 @@ def load_run(workdir: str, step: int | None = None):
 
   Args:
     workdir: the directory a training run wrote.
-    step: the checkpoint step; default the latest.
+    step: the checkpoint step; default the newest usable one (newer steps that fail
+      to restore or are not finite are skipped with a warning).
 
   Returns:
     ``(config, model, variables)``: the configuration dict, the Flax module
@@ -122,8 +197,15 @@ def load_run(workdir: str, step: int | None = None):
   mngr = manager(workdir, max_to_keep=None, read_only=True)
   if mngr.latest_step() is None:
     raise CheckpointError(f"no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}")
-  state = restore_on(mngr, step if step is not None else mngr.latest_step(),
-                     jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  on_one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  if step is not None:
+    state = restore_on(mngr, step, on_one)
+  else:
+    found = newest_usable(mngr, lambda s: restore_on(mngr, s, on_one))
+    if found is None:
+      raise CheckpointError(f"no usable checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}: "
+                            f"steps {sorted(mngr.all_steps())} fail to restore or are not finite")
+    state = found[1]
   # A run with weight averaging is evaluated with the averaged parameters.
   variables = {"params": state.get("ema_params") or state["params"]}
   if state.get("batch_stats"):

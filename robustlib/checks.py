@@ -24,6 +24,12 @@ def is_traced(*values: Any) -> bool:
   return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(values))
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every floating value of ``tree`` is finite: a boolean scalar (traceable)."""
+  leaves = [v for v in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(v), jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.isfinite(v).all() for v in leaves])) if leaves else jnp.array(True)
+
+
 def _shape_dtype(x) -> tuple[tuple[int, ...], np.dtype]:
   """``x``'s shape and dtype without reading its values (tracers included)."""
   if hasattr(x, "shape") and hasattr(x, "dtype"):

@@ -64,7 +64,7 @@ def _config(method, **robust):
 @pytest.mark.parametrize("method, robust, message", [
     ("ibp", {
         "eps": -0.1
-    }, "eps must be >= 0"),
+    }, r"eps must lie in \[0, 1\)"),
     ("ibp", {
         "eps": 0.0
     }, "needs robust.eps > 0"),

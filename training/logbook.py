@@ -21,7 +21,8 @@ class Logbook:
 
   Only an enabled logbook (the main process's) writes files. On resume from
   step ``s`` the records after ``s`` (written by the killed run
-  after its last checkpoint) are dropped, so the file never holds a step twice.
+  after its last checkpoint) are dropped, so the file never holds a step twice; so is,
+  with a warning, a line that is not a whole record (a run killed mid-write).
   """
 
   def __init__(self, workdir: str, resume_step: int, enabled: bool = True):
@@ -30,7 +31,7 @@ class Logbook:
     records = []
     if os.path.exists(self.path):
       with open(self.path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        records = [r for r in (_record(self.path, i, line) for i, line in enumerate(f, 1)) if r]
     self.records = [r for r in records if r["step"] <= resume_step]
     if not enabled:
       return
@@ -57,6 +58,23 @@ class Logbook:
     return plotting.save_line_plots(os.path.join(self.workdir, CURVES_FILE),
                                     dict(panels),
                                     title=title)
+
+
+def _record(path: str, number: int, line: str) -> dict | None:
+  """Line ``number`` of the metrics file as a record; None, with a warning, where it is not
+  one."""
+  if not line.strip():
+    return None
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError:
+    record = None
+  if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+    logging.warning(
+        "%s: line %d is not a whole record (a run killed while writing it?) and is "
+        "dropped: %.80r", path, number, line)
+    return None
+  return record
 
 
 class Progress:

@@ -54,8 +54,10 @@ def check(c: ml_collections.ConfigDict, method: str, num_steps: int | None = Non
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
   for field in ("eps", "eval_eps"):
-    if not float(c[field]) >= 0:
-      raise ValueError(f"robust.{field} must be >= 0, got {c[field]}")
+    if not 0 <= float(c[field]) < 1:
+      raise ValueError(f"robust.{field} must lie in [0, 1): an L-inf radius in pixel units of "
+                       f"images in [0, 1] (1 covers the whole box; e.g. 0.3 on MNIST, 8/255 "
+                       f"on CIFAR-10), got {c[field]}")
   if method != "standard" and not float(c.eps) > 0:
     raise ValueError(f"method {method!r} needs robust.eps > 0, got {c.eps}")
   for field in ("warmup_steps", "ramp_steps"):

@@ -16,6 +16,10 @@ def make_schedule(cfg, num_steps: int) -> optax.Schedule:
     num_steps: total training steps.
   """
   lr, warmup = float(cfg.learning_rate), int(cfg.warmup_steps)
+  if not 0 < lr < float("inf"):
+    raise ValueError(f"learning_rate must be a positive number, got {cfg.learning_rate}")
+  if not float(cfg.decay_factor) > 0:
+    raise ValueError(f"decay_factor must be > 0, got {cfg.decay_factor}")
   if cfg.schedule not in SCHEDULES:
     raise ValueError(f"unknown schedule {cfg.schedule!r}; choose one of {SCHEDULES}")
   if not 0 <= warmup < max(num_steps, 1):
@@ -41,6 +45,11 @@ def make_optimizer(cfg, num_steps: int) -> optax.GradientTransformation:
   """
   if cfg.name not in OPTIMIZERS:
     raise ValueError(f"unknown optimizer {cfg.name!r}; choose one of {OPTIMIZERS}")
+  for field in ("weight_decay", "grad_clip_norm"):
+    if not float(cfg[field]) >= 0:
+      raise ValueError(f"{field} must be >= 0 (0: none), got {cfg[field]}")
+  if not 0 <= float(cfg.momentum) < 1:
+    raise ValueError(f"momentum must lie in [0, 1), got {cfg.momentum}")
   schedule = make_schedule(cfg, num_steps)
   parts = []
   if cfg.grad_clip_norm > 0:

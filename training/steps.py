@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from robustlib import checks
 from robustlib.data import Augment
 from training.state import TrainState
 
@@ -87,7 +88,11 @@ def make_train_step(apply_fn,
   Returns:
     ``train_step(state, (x [B, ...], y [B])) -> (state, metrics)``, with
     metrics ``loss``, ``accuracy``, ``grad_norm`` and ``learning_rate``-free
-    scalars averaged over the batch.
+    scalars averaged over the batch, and ``nonfinite``: 1.0 where the loss, a
+    gradient, the new parameters or BatchNorm statistics were not finite. Such a
+    step changes nothing but the step counter (as ``optax.apply_if_finite`` skips
+    an update, here with the optimizer state, the average and the statistics too),
+    so the data order stays that of the step.
   """
 
   def train_step(state: TrainState, batch):
@@ -101,18 +106,22 @@ def make_train_step(apply_fn,
       variables = state.variables() | {"params": params}
       return loss_fn(apply_fn, variables, x, y, key, state.step)
 
-    grads, (metrics, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
+    (loss, (metrics, batch_stats)), grads = jax.value_and_grad(objective,
+                                                               has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     ema_params = state.ema_params
     if ema_params:
       ema_params = optax.incremental_update(params, ema_params, 1.0 - ema_decay)
-    new_state = state.replace(step=state.step + 1,
-                              params=params,
+    new_state = state.replace(params=params,
                               batch_stats=batch_stats,
                               opt_state=opt_state,
                               ema_params=ema_params)
-    return new_state, metrics
+    finite = checks.all_finite((loss, grads, params, batch_stats))
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    metrics = dict(metrics,
+                   grad_norm=optax.tree.norm(grads),
+                   nonfinite=1.0 - finite.astype(jnp.float32))
+    return new_state.replace(step=state.step + 1), metrics
 
   return train_step

@@ -52,6 +52,9 @@ def main(argv):
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except USER_ERRORS as e:
     raise app.UsageError(f"{type(e).__name__}: {e}") from None
+  except trainer.TrainingDiverged as e:  # not a usage error: status 1, one line
+    sys.stderr.write(f"FATAL TrainingDiverged: {e}\n")
+    sys.exit(1)
 
 
 flags.mark_flag_as_required("config")

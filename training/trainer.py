@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +27,18 @@ from training.logbook import Logbook, Progress
 REPORT_FILE = "report.json"
 ROBUSTNESS_PLOT = "robustness.png"
 
+# Fields a resumed run may change freely: they do not change the parameters it computes.
+RESUME_NEUTRAL = ("data_dir", "num_devices", "log_every", "eval_every", "checkpoint_every",
+                  "keep_checkpoints", "eval_batch_size", "num_eval_examples", "report",
+                  "max_nonfinite_steps", "allow_config_change")
+
 
 class ConfigError(ValueError):
   """A training config has an unknown field or an invalid value."""
+
+
+class TrainingDiverged(RuntimeError):
+  """``config.max_nonfinite_steps`` steps in a row were not finite; the run stopped."""
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -41,7 +51,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.dtype not in steps.DTYPES:
     raise ConfigError(f"config.dtype must be one of {steps.DTYPES}, got {config.dtype!r}")
   for field in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every",
-                "eval_batch_size", "keep_checkpoints"):  # keeping 0 checkpoints would delete each
+                "eval_batch_size", "keep_checkpoints",
+                "max_nonfinite_steps"):  # keeping 0 checkpoints would delete each
     if int(config[field]) <= 0:
       raise ConfigError(f"config.{field} must be positive, got {config[field]}")
   unknown = set(config.report.verify_methods) - set(verify.METHODS)
@@ -75,6 +86,58 @@ def _check_fields(given: dict, known: dict, prefix: str) -> None:
       _check_fields(value, known[key], f"{prefix}{key}.")
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+  """``{"optimizer.learning_rate": (old, new), ...}``: the fields in which two configs (as
+  plain values, tuples and lists alike) differ; ``history`` is not compared."""
+  old, new = (_flat(json.loads(json.dumps({
+      k: v for k, v in c.items() if k != "history"
+  }))) for c in (old, new))
+  return {
+      k: (old.get(k), new.get(k))
+      for k in sorted(old.keys() | new.keys())
+      if old.get(k) != new.get(k)
+  }
+
+
+def _record_config(config: ml_collections.ConfigDict, workdir: str, main_process: bool) -> None:
+  """Writes ``config.json``; on resume (the run has checkpoints) a change of any field
+  outside `RESUME_NEUTRAL` is a ConfigError unless ``config.allow_config_change``, and
+  every change is appended to the file's ``history``."""
+  new = config.to_dict()
+  steps_saved = checkpoints.saved_steps(workdir)
+  if steps_saved and os.path.exists(os.path.join(workdir, checkpoints.CONFIG_FILE)):
+    old = checkpoints.read_config(workdir)
+    changes = config_changes(old, new)
+    training = [k for k in changes if k.split(".")[0] not in RESUME_NEUTRAL]
+    if training and not config.allow_config_change:
+      listed = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in training)
+      raise ConfigError(f"{workdir} holds a run with another config ({listed}); resuming would "
+                        "mix the two. Use a new --workdir, or pass "
+                        "--config.allow_config_change=True to resume with the changes")
+    new["history"] = list(old.get("history", []))
+    if changes:
+      logging.warning("resuming with config changes: %s",
+                      ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+      new["history"].append({
+          "after_step": max(steps_saved),
+          "changes": {
+              k: list(v) for k, v in changes.items()
+          }
+      })
+  if main_process:
+    checkpoints.write_config(workdir, new)
+
+
 def _load_data(config):
   data_dir = config.data_dir or None
   train = data.load(config.dataset, "train", data_dir=data_dir)
@@ -101,8 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   validate_config(config)
   main_process = jax.process_index() == 0  # only one process writes files
-  if main_process:
-    checkpoints.write_config(workdir, config.to_dict())
+  _record_config(config, workdir, main_process)
   train, test = _load_data(config)
   info = train.info
   model = models.create(config.model,
@@ -182,24 +244,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          seed=config.seed,
                          start_step=start_step,
                          sharding=sharded)
-  pending, test_acc = [], None
+  pending, window, test_acc = [], [], None
+  streak, deferred = 0, False  # consecutive non-finite steps seen
+  saved_step = start_step if restored is not None else None
   start_time = time.perf_counter()
   for step in range(start_step + 1, config.num_steps + 1):
     train_step = train_steps[auxiliary is None or bool(auxiliary[step - 1])]
     state, metrics = train_step(state, next(batches))
     pending.append(metrics)
-    if step % config.log_every == 0 or step == config.num_steps:
-      host = jax.device_get(pending)  # metrics leave the device only here
-      mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-      pending = []
+    last = step == config.num_steps
+    log_now = step % config.log_every == 0 or last
+    eval_now = step % config.eval_every == 0 or last
+    save_now = step % config.checkpoint_every == 0 or last or deferred
+    if not (log_now or eval_now or save_now):
+      continue
+    host = jax.device_get(pending)  # metrics leave the device only here
+    pending = []
+    window += host
+    for m in host:
+      streak = streak + 1 if m["nonfinite"] else 0
+    diverged = streak >= config.max_nonfinite_steps
+    if log_now or diverged:  # the skipped steps are logged before the run stops
+      mean = _window_metrics(window)
+      window = []
       logbook.write(step, "train", mean)
       progress.line(step, mean)
-    if step % config.eval_every == 0 or step == config.num_steps:
+    if diverged:
+      raise TrainingDiverged(
+          f"steps {step - streak + 1}-{step} ({streak} in a row, config.max_nonfinite_steps="
+          f"{config.max_nonfinite_steps}) had a non-finite loss, gradient or parameters and "
+          "were skipped; the run stops. " +
+          (f"The last checkpoint is step {saved_step} (none was written during the non-finite "
+           "steps). " if saved_step is not None else "No checkpoint was written. ") +
+          "Lower config.optimizer.learning_rate or "
+          "set config.optimizer.grad_clip_norm, then resume with "
+          "--config.allow_config_change=True")
+    if eval_now:
       test_acc = evaluate(state)
       logbook.write(step, "test", {"accuracy": test_acc})
       logging.info("step %d: test accuracy %.4f", step, test_acc)
-    if step % config.checkpoint_every == 0 or step == config.num_steps:
-      checkpoints.save(mngr, step, state)
+    if save_now:
+      # Never right after a non-finite step (unless it is the last): the next finite one is
+      # saved instead, so a diverging run keeps its checkpoints from before.
+      deferred = bool(streak) and not last
+      if not deferred:
+        checkpoints.save(mngr, step, state)
+        saved_step = step
   jax.block_until_ready(state)
   seconds = time.perf_counter() - start_time
   if test_acc is None:  # nothing left to train: the run had already finished
@@ -235,6 +325,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _write_report(workdir, report)
     print(format_report(report))
   return report
+
+
+def _window_metrics(window: list[dict]) -> dict:
+  """Means of the logged steps' metrics over the finite ones (NaN if none was), and
+  ``nonfinite``: how many steps were skipped."""
+  finite = [m for m in window if not m["nonfinite"]]
+  mean = {
+      k: float(np.mean([m[k] for m in finite])) if finite else float("nan")
+      for k in window[0]
+      if k != "nonfinite"
+  }
+  return mean | {"nonfinite": float(sum(m["nonfinite"] for m in window))}
 
 
 def _robustness(config, eval_apply, state, test, eps: float, workdir: str,

@@ -76,6 +76,14 @@ def get_config() -> ml_collections.ConfigDict:
   # Seconds of verify.bab_attack per example left neither broken nor verified (0: not run).
   config.report.bab_attack_time = 0.0
 
+  # A step whose loss, gradients or new parameters are not finite is skipped (the state is
+  # kept, the step counted); this many in a row stop the run before any checkpoint of them.
+  config.max_nonfinite_steps = 10
+  # Resuming with a config that changes the training (anything but the fields of
+  # training.trainer.RESUME_NEUTRAL) is refused unless this is True; config.json keeps a
+  # history of the changes.
+  config.allow_config_change = False
+
   config.log_every = 100
   config.eval_every = 500
   config.checkpoint_every = 500
