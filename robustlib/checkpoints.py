@@ -102,20 +102,32 @@ def _problem(restore_step: Callable[[int], Any], step: int) -> tuple[Any, str | 
 def newest_usable(mngr: ocp.CheckpointManager,
                   restore_step: Callable[[int], Any],
                   set_aside: bool = False) -> tuple[int, Any] | None:
-  """``(step, restore_step(step))`` for the newest step that restores and is finite, or
-  None when no step is.
+  """``(step, restore_step(step))`` for the newest step that restores and is finite; None
+  when there is no checkpoint.
 
   Each newer step is skipped with a warning saying why; with ``set_aside`` (a resuming
-  run) it is moved to ``checkpoints_unusable/STEP`` beside ``checkpoints/`` (by process
-  0), so the run can save that step again and nothing is deleted.
+  run) it is then moved to ``checkpoints_unusable/STEP`` beside ``checkpoints/`` (by
+  process 0), so the run can save that step again and nothing is deleted.
+
+  Raises:
+    CheckpointError: when no step is usable (a run of another model or code version, or
+      every step damaged): nothing is moved, and the message lists each step's problem.
   """
+  skipped = []
   for step in sorted(mngr.all_steps(), reverse=True):
     tree, problem = _problem(restore_step, step)
     if problem is None:
+      for bad, why in skipped:
+        logging.warning("checkpoint step %d in %s is skipped: %s", bad, mngr.directory, why)
+        if set_aside:
+          _set_aside(mngr, bad)
       return step, tree
-    logging.warning("checkpoint step %d in %s is skipped: %s", step, mngr.directory, problem)
-    if set_aside:
-      _set_aside(mngr, step)
+    skipped.append((step, problem))
+  if skipped:
+    raise CheckpointError(f"no usable checkpoint in {mngr.directory}: " +
+                          "; ".join(f"step {s}: {why}" for s, why in skipped) +
+                          " (a run of another model or code version? use another workdir, "
+                          "or move the steps away to start afresh)")
   return None
 
 
@@ -201,11 +213,7 @@ def load_run(workdir: str, step: int | None = None):
   if step is not None:
     state = restore_on(mngr, step, on_one)
   else:
-    found = newest_usable(mngr, lambda s: restore_on(mngr, s, on_one))
-    if found is None:
-      raise CheckpointError(f"no usable checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}: "
-                            f"steps {sorted(mngr.all_steps())} fail to restore or are not finite")
-    state = found[1]
+    state = newest_usable(mngr, lambda s: restore_on(mngr, s, on_one))[1]
   # A run with weight averaging is evaluated with the averaged parameters.
   variables = {"params": state.get("ema_params") or state["params"]}
   if state.get("batch_stats"):

@@ -166,6 +166,17 @@ def test_a_checkpoint_of_non_finite_values_is_skipped(tmp_path):
     checkpoints.load_run(str(tmp_path))
 
 
+def test_checkpoints_of_another_model_are_an_error_and_are_left_in_place(tmp_path):
+  trainer.train_and_evaluate(_tiny(), str(tmp_path))
+  other = _tiny(allow_config_change=True)
+  other.model_kwargs.hidden = (24,)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"no usable checkpoint.*step 20: it does not restore.*step 10"):
+    trainer.train_and_evaluate(other, str(tmp_path))
+  assert checkpoints.saved_steps(str(tmp_path)) == [10, 20]
+  assert not (tmp_path / checkpoints.UNUSABLE_DIR).exists()
+
+
 def test_a_metrics_file_torn_mid_line_is_repaired_on_resume(tmp_path):
   trainer.train_and_evaluate(_tiny(num_steps=10), str(tmp_path))
   path = tmp_path / "metrics.jsonl"
