@@ -214,10 +214,12 @@ def load_run(workdir: str, step: int | None = None):
     state = restore_on(mngr, step, on_one)
   else:
     state = newest_usable(mngr, lambda s: restore_on(mngr, s, on_one))[1]
-  # A run with weight averaging is evaluated with the averaged parameters.
-  variables = {"params": state.get("ema_params") or state["params"]}
-  if state.get("batch_stats"):
-    variables["batch_stats"] = state["batch_stats"]
+  # A run with weight averaging is evaluated with the averaged parameters and statistics.
+  averaged = bool(state.get("ema_params"))
+  variables = {"params": state["ema_params"] if averaged else state["params"]}
+  stats = (averaged and state.get("ema_batch_stats")) or state.get("batch_stats")
+  if stats:
+    variables["batch_stats"] = stats
   jax.tree.map(_check_same_shape, template, variables)
   return config, model, variables
 

@@ -281,7 +281,8 @@ def test_weight_averaging_tracks_the_parameters(digits):
   for _ in range(20):
     previous = state
     state, _ = step(state, next(batches))
-  expected = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, previous.ema_params, state.params)
+  keep = min(0.9, (1 + 19) / (10 + 19))  # the warm-up of the decay at step 19
+  expected = jax.tree.map(lambda e, p: keep * e + (1 - keep) * p, previous.ema_params, state.params)
   for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   moved = max(

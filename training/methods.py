@@ -5,8 +5,10 @@ training config (``training/configs/default.py`` lists its fields), with the
 signature of `training.steps.LossFn`:
 ``loss_fn(apply_fn, variables, x, y, key, step) -> (loss, (metrics, batch_stats))``.
 Attacks and bounds run inside the same jitted train step (no host round trip).
-The attack and the bounds see the model in inference mode (BatchNorm with its
-running statistics); the clean forward pass is the model in training mode.
+The clean forward pass is the model in training mode; the bounds see the model as it
+trains, BatchNorm normalizing with the clean batch's statistics (Shi et al. 2021, as
+auto_LiRPA; `training.batch_statistics`); the attacks see it in inference mode
+(BatchNorm with its running statistics).
 
 Methods:
   * ``standard``: cross-entropy.
@@ -37,7 +39,7 @@ import optax
 
 import attacks
 import verify
-from training import schedules
+from training import batch_statistics, schedules
 from training.steps import LossFn, standard_loss
 
 METHODS = ("standard", "pgd", "trades", "ibp", "crown_ibp", "fast_ibp")
@@ -100,21 +102,22 @@ def _inference_fn(apply_fn, variables) -> Callable[[jax.Array], jax.Array]:
   return lambda z: apply_fn(variables, z, train=False)
 
 
-def _bounded_fn(apply_fn, variables) -> Callable[[jax.Array], jax.Array]:
-  """The network the certified losses bound: in float32 under mixed precision (bounds of the
-  bfloat16 program would carry its rounding allowance at every layer)."""
-  return _inference_fn(getattr(apply_fn, "full_precision", apply_fn), variables)
+def _bounded_fn(apply_fn, variables,
+                stats: batch_statistics.Statistics) -> Callable[[jax.Array], jax.Array]:
+  """The network the certified losses bound: BatchNorm with the clean batch's statistics
+  ``stats`` (from `_clean`), and in float32 under mixed precision (bounds of the bfloat16
+  program would carry its rounding allowance at every layer)."""
+  return batch_statistics.replay(
+      _inference_fn(getattr(apply_fn, "full_precision", apply_fn), variables), stats)
 
 
 def _clean(apply_fn, variables, x, y, key):
-  """Training-mode logits, cross-entropy and the updated batch statistics."""
-  logits, updates = apply_fn(variables,
-                             x,
-                             train=True,
-                             mutable=["batch_stats"],
-                             rngs={"dropout": key})
+  """Training-mode logits, cross-entropy, the updated running statistics and each
+  BatchNorm layer's batch statistics (`training.batch_statistics.record`)."""
+  (logits, updates), stats = batch_statistics.record(
+      lambda: apply_fn(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key}))
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-  return logits, ce, updates.get("batch_stats", variables.get("batch_stats", {}))
+  return logits, ce, updates.get("batch_stats", variables.get("batch_stats", {})), stats
 
 
 def _accuracy(logits, y):
@@ -140,7 +143,7 @@ def make_pgd(c: ml_collections.ConfigDict, coef: Coefficients) -> LossFn:
     k_attack, k_model = jax.random.split(key)
     frozen = jax.lax.stop_gradient(variables)
     x_adv = jax.lax.stop_gradient(attack(_inference_fn(apply_fn, frozen), x, y, k_attack, eps=eps))
-    logits, loss, batch_stats = _clean(apply_fn, variables, x_adv, y, k_model)
+    logits, loss, batch_stats, _ = _clean(apply_fn, variables, x_adv, y, k_model)
     metrics = {"loss": loss, "adv_accuracy": _accuracy(logits, y), "eps": eps}
     return loss, (metrics, batch_stats)
 
@@ -155,7 +158,7 @@ def make_trades(c: ml_collections.ConfigDict, coef: Coefficients) -> LossFn:
     eps = coef.eps(step)
     k_attack, k_model = jax.random.split(key)
     frozen = jax.lax.stop_gradient(variables)
-    logits, ce, batch_stats = _clean(apply_fn, variables, x, y, k_model)
+    logits, ce, batch_stats, _ = _clean(apply_fn, variables, x, y, k_model)
     p_clean = jax.lax.stop_gradient(jax.nn.softmax(logits))
 
     def kl_to_clean(adv_logits, labels, target=None):
@@ -167,7 +170,10 @@ def make_trades(c: ml_collections.ConfigDict, coef: Coefficients) -> LossFn:
                          step_size=step_size,
                          loss=kl_to_clean)
     x_adv = jax.lax.stop_gradient(attack(_inference_fn(apply_fn, frozen), x, y, k_attack, eps=eps))
-    adv_logits = apply_fn(variables, x_adv, train=False)
+    # In training mode, as the clean pass (Zhang et al.'s code: model.train() for both): one
+    # BatchNorm mode on both sides of the KL, so x' = x gives 0.
+    updated = variables | ({"batch_stats": batch_stats} if batch_stats else {})
+    adv_logits, _, batch_stats, _ = _clean(apply_fn, updated, x_adv, y, k_model)
     kl = jnp.sum(
         jax.nn.softmax(logits) * (jax.nn.log_softmax(logits) - jax.nn.log_softmax(adv_logits)),
         -1).mean()
@@ -187,17 +193,19 @@ def make_trades(c: ml_collections.ConfigDict, coef: Coefficients) -> LossFn:
 def make_bound_loss(method: str,
                     c: ml_collections.ConfigDict,
                     coef: Coefficients,
-                    auxiliary: bool = True) -> LossFn:
+                    auxiliary: bool = True,
+                    regularizer: Callable | None = None) -> LossFn:
   """IBP (``method="ibp"``) or CROWN-IBP (``"crown_ibp"``) certified training.
 
   ``auxiliary=False`` leaves CROWN-IBP's own bounds out (exact where ``beta`` or
-  ``eps`` is 0, see `auxiliary_steps`).
+  ``eps`` is 0, see `auxiliary_steps`). ``regularizer(fn, x, step) -> (weight, term)``
+  adds ``weight * term`` to the loss, ``fn`` being the bounded network.
   """
 
   def loss_fn(apply_fn, variables, x, y, key, step):
     eps, kappa = coef.eps(step), coef.kappa(step)
-    logits, ce, batch_stats = _clean(apply_fn, variables, x, y, key)
-    fn = _bounded_fn(apply_fn, variables)
+    logits, ce, batch_stats, stats = _clean(apply_fn, variables, x, y, key)
+    fn = _bounded_fn(apply_fn, variables, stats)
     margins = verify.margin_bounds(fn, x, y, eps, method="ibp")
     metrics = {}
     if method == "crown_ibp":
@@ -208,6 +216,10 @@ def make_bound_loss(method: str,
       metrics["beta"] = beta
     robust = worst_case_cross_entropy(margins).mean()
     loss = kappa * ce + (1.0 - kappa) * robust
+    if regularizer is not None:
+      weight, term = regularizer(fn, x, step)
+      loss = loss + weight * term
+      metrics["regularizer"] = term
     metrics.update(loss=loss,
                    accuracy=_accuracy(logits, y),
                    robust_loss=robust,
@@ -219,8 +231,10 @@ def make_bound_loss(method: str,
   return loss_fn
 
 
-def warmup_regularizer(pre_activations: list[verify.Interval], input_box: verify.Interval,
-                       tol: float) -> jax.Array:
+def warmup_regularizer(pre_activations: list[verify.Interval],
+                       input_box: verify.Interval,
+                       tol: float,
+                       input_std: float | tuple[float, ...] = 1.0) -> jax.Array:
   """Shi et al. 2021's warm-up regularizer ``L_tightness + L_relu`` (a scalar).
 
   For each ReLU layer with pre-activation bounds ``[l, u]`` (centre ``c``, radius
@@ -232,12 +246,16 @@ def warmup_regularizer(pre_activations: list[verify.Interval], input_box: verify
 
   Args:
     pre_activations: bounds of each ReLU's input (`verify.relu_input_bounds`).
-    input_box: the input box.
+    input_box: the input box, in pixels.
     tol: the tolerance ``tau``.
+    input_std: the per-channel (last axis) standard deviation by which the model
+      normalizes its input: the tightness compares the ReLUs' radii with the input's
+      radius at the normalized input, where Shi et al. measure it (at IBP
+      initialization the ratio is then about 1 and the term about 0).
   """
   if not pre_activations:
     return jnp.zeros(())
-  tight_0 = jnp.mean(input_box.radius)
+  tight_0 = jnp.mean(input_box.radius / jnp.asarray(input_std, input_box.radius.dtype))
   total = jnp.zeros(())
   for b in pre_activations:
     c, r = b.center, b.radius
@@ -262,26 +280,21 @@ def _regularizer_weight(c: ml_collections.ConfigDict, coef: Coefficients, step) 
 
 def make_fast_ibp(c: ml_collections.ConfigDict,
                   coef: Coefficients,
-                  auxiliary: bool = True) -> LossFn:
+                  auxiliary: bool = True,
+                  input_std: float | tuple[float, ...] = 1.0) -> LossFn:
   """Fast certified training; ``auxiliary=False`` leaves the warm-up regularizer out (exact
-  where its weight is 0, see `auxiliary_steps`)."""
-  ibp_loss = make_bound_loss("ibp", c, coef)
+  where its weight is 0, see `auxiliary_steps`); ``input_std`` as in
+  `warmup_regularizer`."""
   tol = float(c.reg_tol)
 
-  def loss_fn(apply_fn, variables, x, y, key, step):
-    loss, (metrics, batch_stats) = ibp_loss(apply_fn, variables, x, y, key, step)
-    eps = coef.eps(step)
-    if auxiliary:
-      box = verify.linf_ball(x, eps)
-      pre = verify.relu_input_bounds(_bounded_fn(apply_fn, variables), box)
-      reg = warmup_regularizer(pre, box, tol)
-    else:
-      reg = jnp.zeros(())
-    loss = loss + _regularizer_weight(c, coef, step) * reg
-    metrics = dict(metrics, loss=loss, regularizer=reg)
-    return loss, (metrics, batch_stats)
+  def regularizer(fn, x, step):
+    if not auxiliary:
+      return 0.0, jnp.zeros(())
+    box = verify.linf_ball(x, coef.eps(step))
+    pre = verify.relu_input_bounds(fn, box)
+    return _regularizer_weight(c, coef, step), warmup_regularizer(pre, box, tol, input_std)
 
-  return loss_fn
+  return make_bound_loss("ibp", c, coef, regularizer=regularizer)
 
 
 def ibp_init(params: dict, key: jax.Array) -> dict:
@@ -317,7 +330,10 @@ def ibp_init(params: dict, key: jax.Array) -> dict:
   return params
 
 
-def make_loss(method: str, robust: ml_collections.ConfigDict, auxiliary: bool = True) -> LossFn:
+def make_loss(method: str,
+              robust: ml_collections.ConfigDict,
+              auxiliary: bool = True,
+              input_std: float | tuple[float, ...] = 1.0) -> LossFn:
   """The loss of ``method`` with the hyper-parameters of the ``robust`` config section.
 
   Args:
@@ -330,6 +346,8 @@ def make_loss(method: str, robust: ml_collections.ConfigDict, auxiliary: bool = 
       the two jitted steps from the host rather than branching with ``lax.cond``
       inside one (on XLA's CPU backend, differentiating a bound computation inside a
       conditional ran about 7 times slower).
+    input_std: the data set's per-channel standard deviation, by which the model
+      normalizes its input (`warmup_regularizer`; ``fast_ibp`` only).
   """
   check(robust, method)
   coef = Coefficients(robust)
@@ -340,7 +358,7 @@ def make_loss(method: str, robust: ml_collections.ConfigDict, auxiliary: bool = 
   if method == "trades":
     return make_trades(robust, coef)
   if method == "fast_ibp":
-    return make_fast_ibp(robust, coef, auxiliary)
+    return make_fast_ibp(robust, coef, auxiliary, input_std)
   return make_bound_loss(method, robust, coef, auxiliary)
 
 

@@ -24,6 +24,8 @@ class TrainState:
     key: the run's PRNG key (raw uint32[2]); step ``s`` uses ``fold_in(key, s)``.
     ema_params: an exponential moving average of ``params`` (an empty dict when
       weight averaging is off); evaluation uses it when present.
+    ema_batch_stats: the same average of ``batch_stats`` (empty without weight
+      averaging or BatchNorm): the statistics the averaged weights are evaluated with.
   """
   step: jax.Array
   params: Any
@@ -31,6 +33,7 @@ class TrainState:
   opt_state: Any
   key: jax.Array
   ema_params: Any = flax.struct.field(default_factory=dict)
+  ema_batch_stats: Any = flax.struct.field(default_factory=dict)
 
   def variables(self) -> dict:
     """The model variables for ``model.apply``."""
@@ -39,8 +42,15 @@ class TrainState:
     return {"params": self.params}
 
   def eval_variables(self) -> dict:
-    """The variables to evaluate: the averaged parameters when there are any."""
-    return self.variables() | ({"params": self.ema_params} if self.ema_params else {})
+    """The variables to evaluate: the averaged parameters (and BatchNorm statistics) when
+    there are any."""
+    if not self.ema_params:
+      return self.variables()
+    return self.variables() | {
+        "params": self.ema_params
+    } | ({
+        "batch_stats": self.ema_batch_stats
+    } if self.ema_batch_stats else {})
 
 
 def create(model,
@@ -50,15 +60,16 @@ def create(model,
            ema: bool = False) -> TrainState:
   """Initializes the model and optimizer from ``key`` (a raw ``PRNGKey``).
 
-  With ``ema``, the state also carries a moving average of the parameters,
-  starting at the initial parameters.
+  With ``ema``, the state also carries a moving average of the parameters and of the
+  BatchNorm statistics, starting at their initial values.
   """
   init_key, state_key = jax.random.split(key)
   variables = models.init(model, init_key, input_shape)
-  params = variables["params"]
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
   return TrainState(step=jnp.zeros((), jnp.int32),
                     params=params,
-                    batch_stats=variables.get("batch_stats", {}),
+                    batch_stats=batch_stats,
                     opt_state=tx.init(params),
                     key=state_key,
-                    ema_params=jax.tree.map(jnp.copy, params) if ema else {})
+                    ema_params=jax.tree.map(jnp.copy, params) if ema else {},
+                    ema_batch_stats=jax.tree.map(jnp.copy, batch_stats) if ema else {})

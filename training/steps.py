@@ -80,8 +80,10 @@ def make_train_step(apply_fn,
     apply_fn: ``model.apply``.
     tx: the optimizer.
     loss_fn: the training objective (see ``LossFn``).
-    ema_decay: with a state that has ``ema_params``, each step sets them to
-      ``ema_decay * ema_params + (1 - ema_decay) * params`` (Gowal et al. 2020).
+    ema_decay: with a state that has ``ema_params``, each step ``t`` (counted from 0)
+      sets them to ``d * ema_params + (1 - d) * params`` with the warm-up
+      ``d = min(ema_decay, (1 + t) / (10 + t))`` (Gowal et al. 2020), and averages the
+      BatchNorm statistics the same way (``ema_batch_stats``).
     augment: ``augment(key, x) -> x`` applied to each batch inside the step, with
       a key of its own (``robustlib.data.make_augment``); None: none.
 
@@ -110,13 +112,18 @@ def make_train_step(apply_fn,
                                                                has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema_params = state.ema_params
+    ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
     if ema_params:
-      ema_params = optax.incremental_update(params, ema_params, 1.0 - ema_decay)
+      t = state.step.astype(jnp.float32)
+      keep = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+      ema_params = optax.incremental_update(params, ema_params, 1.0 - keep)
+      if ema_batch_stats:
+        ema_batch_stats = optax.incremental_update(batch_stats, ema_batch_stats, 1.0 - keep)
     new_state = state.replace(params=params,
                               batch_stats=batch_stats,
                               opt_state=opt_state,
-                              ema_params=ema_params)
+                              ema_params=ema_params,
+                              ema_batch_stats=ema_batch_stats)
     finite = checks.all_finite((loss, grads, params, batch_stats))
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     metrics = dict(metrics,

@@ -210,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   augment = data.make_augment(config.augment.crop_padding, config.augment.flip)
 
   def jitted_step(with_auxiliary: bool):
-    loss = methods.make_loss(config.method, config.robust, with_auxiliary)
+    loss = methods.make_loss(config.method, config.robust, with_auxiliary, input_std=info.std)
     step = steps.make_train_step(steps.mixed_precision(model.apply, config.dtype), tx, loss,
                                  config.robust.ema_decay, augment)
     return compilation.jit(step,
