@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from robustlib import checks
 
 CHECKPOINT_DIR = "checkpoints"
+BEST_DIR = "checkpoints_best"  # the step of best validation accuracy (training.validation)
 UNUSABLE_DIR = "checkpoints_unusable"
 CONFIG_FILE = "config.json"
 
@@ -37,9 +38,11 @@ class CheckpointError(ValueError):
 def manager(workdir: str,
             *,
             max_to_keep: int | None = 2,
-            read_only: bool = False) -> ocp.CheckpointManager:
-  """The orbax manager of ``workdir/checkpoints`` (saves are synchronous)."""
-  directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+            read_only: bool = False,
+            subdir: str = CHECKPOINT_DIR) -> ocp.CheckpointManager:
+  """The orbax manager of ``workdir/checkpoints`` (or ``workdir/subdir``; saves are
+  synchronous)."""
+  directory = os.path.abspath(os.path.join(workdir, subdir))
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                          create=not read_only,
                                          read_only=read_only,
@@ -180,11 +183,13 @@ def read_config(workdir: str) -> dict:
     return json.load(f)
 
 
-def load_run(workdir: str, step: int | None = None):
+def load_run(workdir: str, step: int | None = None, best: bool = False):
   """Loads a training run's model in eval mode.
 
   Args:
     workdir: the directory a training run wrote.
+    best: load the checkpoint of best validation accuracy (``checkpoints_best/``, kept
+      by a run with ``config.validation``) instead of the latest.
     step: the checkpoint step; default the newest usable one (newer steps that fail
       to restore or are not finite are skipped with a warning).
 
@@ -206,9 +211,12 @@ def load_run(workdir: str, step: int | None = None):
                         std=info.std,
                         **config.get("model_kwargs", {}))
   template = models.init(model, jax.random.PRNGKey(0), info.input_shape)
-  mngr = manager(workdir, max_to_keep=None, read_only=True)
+  subdir = BEST_DIR if best else CHECKPOINT_DIR
+  mngr = manager(workdir, max_to_keep=None, read_only=True, subdir=subdir)
   if mngr.latest_step() is None:
-    raise CheckpointError(f"no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}")
+    hint = (" (the run kept no best checkpoint: train with config.validation.num_examples > 0)"
+            if best else "")
+    raise CheckpointError(f"no checkpoint in {os.path.join(workdir, subdir)}{hint}")
   on_one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if step is not None:
     state = restore_on(mngr, step, on_one)

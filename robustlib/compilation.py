@@ -98,4 +98,6 @@ def jit(fun: Callable | None = None, **kwargs) -> Callable:
   """
   if fun is None:
     return lambda f: _Jit(f, kwargs)
+  if isinstance(fun, _Jit) and not kwargs:  # already compiled-once: keep its caches
+    return fun
   return _Jit(fun, kwargs)

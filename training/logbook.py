@@ -48,13 +48,18 @@ class Logbook:
       f.write(json.dumps(record) + "\n")
 
   def plot(self, title: str) -> str:
-    """Saves loss and accuracy curves of every split to ``workdir/curves.png``."""
+    """Saves loss and accuracy curves of every split to ``workdir/curves.png``, and the
+    validation split's robust accuracies (PGD, IBP) where it has them."""
     panels = collections.defaultdict(dict)
-    for metric in ("loss", "accuracy"):
-      for split in ("train", "test"):
+    for panel, metric, splits in (("loss", "loss", ("train", "test")),
+                                  ("accuracy", "accuracy", ("train", "test", "validation")),
+                                  ("robust accuracy", "pgd_accuracy", ("validation",)),
+                                  ("robust accuracy", "ibp_accuracy", ("validation",))):
+      for split in splits:
         pts = [(r["step"], r[metric]) for r in self.records if r["split"] == split and metric in r]
         if pts:
-          panels[metric][split] = tuple(zip(*pts))
+          label = split if panel != "robust accuracy" else f"{split} {metric.split('_')[0]}"
+          panels[panel][label] = tuple(zip(*pts))
     return plotting.save_line_plots(os.path.join(self.workdir, CURVES_FILE),
                                     dict(panels),
                                     title=title)

@@ -20,7 +20,7 @@ from absl import logging
 import verify
 from robustlib import checkpoints, data, evaluation, models, parallel
 from robustlib import compilation
-from training import methods, optim, robustness, state as state_lib, steps
+from training import methods, optim, robustness, state as state_lib, steps, validation
 from training.configs import default
 from training.logbook import Logbook, Progress
 
@@ -166,6 +166,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   main_process = jax.process_index() == 0  # only one process writes files
   _record_config(config, workdir, main_process)
   train, test = _load_data(config)
+  try:
+    train, held_out = validation.split(train, int(config.validation.num_examples))
+  except ValueError as e:
+    raise ConfigError(f"config: {e}") from None
   info = train.info
   model = models.create(config.model,
                         num_classes=info.num_classes,
@@ -230,14 +234,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def eval_apply(variables, x):
     return model.apply(variables, x, train=False)
 
+  test_accuracy = evaluation.accuracy_fn(eval_apply,
+                                         batch_size=config.eval_batch_size,
+                                         sharding=sharded)  # compiled once per run
+
   def evaluate(st) -> float:
-    return evaluation.accuracy(eval_apply,
-                               test.images,
-                               test.labels,
-                               params=st.eval_variables(),
-                               batch_size=config.eval_batch_size,
-                               sharding=sharded,
-                               progress=False)
+    return test_accuracy(test.images, test.labels, params=st.eval_variables())
+
+  eval_eps = float(config.robust.eval_eps or config.robust.eps)
+  validate = best = None
+  if held_out is not None:
+    validate = validation.make_validate(eval_apply,
+                                        held_out,
+                                        method=config.method,
+                                        eps=eval_eps,
+                                        pgd_steps=int(config.validation.pgd_steps),
+                                        batch_size=config.eval_batch_size,
+                                        key=jax.random.PRNGKey(config.seed + 3),
+                                        sharding=sharded)
+    selection = validation.selection_metric(config.method, eval_eps)
+    if config.validation.keep_best:
+      best = checkpoints.manager(workdir, max_to_keep=1, subdir=checkpoints.BEST_DIR)
+    # The best so far of the steps this run keeps (the logbook holds those up to start_step).
+    seen = [r for r in logbook.records if r["split"] == "validation"]
+    best_value = max((r[selection] for r in seen), default=-1.0)
 
   batches = data.batches(train,
                          config.batch_size,
@@ -283,6 +303,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       test_acc = evaluate(state)
       logbook.write(step, "test", {"accuracy": test_acc})
       logging.info("step %d: test accuracy %.4f", step, test_acc)
+      if validate is not None:
+        scores = validate(state.eval_variables())
+        logbook.write(step, "validation", scores)
+        logging.info("step %d: validation %s", step,
+                     ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        if scores[selection] > best_value:
+          best_value = scores[selection]
+          if best is not None:
+            checkpoints.save(best, step, state)
     if save_now:
       # Never right after a non-finite step (unless it is the last): the next finite one is
       # saved instead, so a diverging run keeps its checkpoints from before.
@@ -317,7 +346,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "num_test_examples":
           len(test),
   }
-  eval_eps = float(config.robust.eval_eps or config.robust.eps)
+  if validate is not None:
+    chosen = [r for r in logbook.records if r["split"] == "validation"]
+    top = max(chosen, key=lambda r: r[selection])  # the first of the best
+    report.update(best_validation_step=top["step"], best_validation={selection: top[selection]})
   if eval_eps > 0 and config.report.enabled:
     report.update(_robustness(config, eval_apply, state, test, eval_eps, workdir, main_process))
   if main_process:

@@ -76,6 +76,15 @@ def get_config() -> ml_collections.ConfigDict:
   # Seconds of verify.bab_attack per example left neither broken nor verified (0: not run).
   config.report.bab_attack_time = 0.0
 
+  # Validation (training.validation): every eval_every steps, clean, PGD and (certified
+  # methods) IBP accuracy at the test radius on the last num_examples of the training split,
+  # held out of training (0: none); with keep_best, the checkpoint of the best robust
+  # validation accuracy is kept in checkpoints_best/ beside the latest (Rice et al. 2020).
+  config.validation = ml_collections.ConfigDict()
+  config.validation.num_examples = 0
+  config.validation.pgd_steps = 10
+  config.validation.keep_best = True
+
   # A step whose loss, gradients or new parameters are not finite is skipped (the state is
   # kept, the step counted); this many in a row stop the run before any checkpoint of them.
   config.max_nonfinite_steps = 10
