@@ -25,6 +25,10 @@ Methods:
     the ramp, regularizers of bound tightness and of the balance of active and
     inactive ReLUs, weighted ``reg_lambda (1 - eps(t) / eps)``; use it with
     ``ibp_init`` (`ibp_init`), the smooth schedule and gradient clipping.
+  * ``cure``: CURE (Moosavi-Dezfooli et al. 2019): cross-entropy plus ``cure_lambda``
+    times the curvature regularizer ``||grad l(x + h z) - grad l(x)||^2``, ``z`` the
+    sign of the input gradient scaled to unit L2 length and ``h`` ramped from 0 to
+    ``cure_h`` (`curvature`); no radius is needed to train.
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ import verify
 from training import batch_statistics, schedules
 from training.steps import LossFn, standard_loss
 
-METHODS = ("standard", "pgd", "trades", "ibp", "crown_ibp", "fast_ibp")
+METHODS = ("standard", "pgd", "trades", "ibp", "crown_ibp", "fast_ibp", "cure")
+# Methods that train without a radius (robust.eps may be 0).
+RADIUS_FREE = ("standard", "cure")
 
 
 def check(c: ml_collections.ConfigDict, method: str, num_steps: int | None = None) -> None:
@@ -60,8 +66,11 @@ def check(c: ml_collections.ConfigDict, method: str, num_steps: int | None = Non
       raise ValueError(f"robust.{field} must lie in [0, 1): an L-inf radius in pixel units of "
                        f"images in [0, 1] (1 covers the whole box; e.g. 0.3 on MNIST, 8/255 "
                        f"on CIFAR-10), got {c[field]}")
-  if method != "standard" and not float(c.eps) > 0:
+  if method not in RADIUS_FREE and not float(c.eps) > 0:
     raise ValueError(f"method {method!r} needs robust.eps > 0, got {c.eps}")
+  if method == "cure" and not (float(c.cure_h) > 0 and float(c.cure_lambda) >= 0):
+    raise ValueError(f"robust.cure_h must be > 0 and cure_lambda >= 0, got {c.cure_h} and "
+                     f"{c.cure_lambda}")
   for field in ("warmup_steps", "ramp_steps"):
     if int(c[field]) < 0:
       raise ValueError(f"robust.{field} must be >= 0, got {c[field]}")
@@ -297,6 +306,45 @@ def make_fast_ibp(c: ml_collections.ConfigDict,
   return make_bound_loss("ibp", c, coef, regularizer=regularizer)
 
 
+def curvature(fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
+              h: jax.Array) -> jax.Array:
+  """CURE's curvature regularizer (Moosavi-Dezfooli et al. 2019, Eq. 7): per example
+  ``||grad l(x + h z) - grad l(x)||^2`` ``[N]``, ``l`` the cross-entropy, ``z`` the sign of
+  ``grad l(x)`` scaled to unit L2 length (held constant): a finite difference of the
+  gradient along the direction of steepest L-inf ascent, which is large where the loss
+  surface is curved. Differentiable in ``fn``'s parameters (double back-propagation)."""
+
+  def input_gradient(z):
+    return jax.grad(lambda v: optax.softmax_cross_entropy_with_integer_labels(fn(v), y).sum())(z)
+
+  g = input_gradient(x)
+  direction = jax.lax.stop_gradient(jnp.sign(g))
+  flat = direction.reshape(direction.shape[0], -1)
+  norms = jnp.linalg.norm(flat, axis=1).reshape((-1,) + (1,) * (x.ndim - 1))
+  z = direction / jnp.maximum(norms, 1e-12)
+  diff = (input_gradient(x + h * z) - g).reshape(x.shape[0], -1)
+  return jnp.sum(jnp.square(diff), axis=1)
+
+
+def make_cure(c: ml_collections.ConfigDict) -> LossFn:
+  """CURE: training-mode cross-entropy plus ``cure_lambda`` times the mean `curvature` of the
+  inference-mode model (as the authors' code), ``h`` ramped over the robust schedule's
+  warm-up and ramp from 0 to ``cure_h`` (an L2 length in pixels)."""
+  h_of = schedules.ramp(0.0, float(c.cure_h), int(c.warmup_steps),
+                        int(c.warmup_steps) + int(c.ramp_steps))
+  weight = float(c.cure_lambda)
+
+  def loss_fn(apply_fn, variables, x, y, key, step):
+    logits, ce, batch_stats, _ = _clean(apply_fn, variables, x, y, key)
+    h = h_of(step)
+    reg = jnp.mean(curvature(_inference_fn(apply_fn, variables), x, y, h))
+    loss = ce + weight * reg
+    metrics = {"loss": loss, "accuracy": _accuracy(logits, y), "curvature": reg, "h": h}
+    return loss, (metrics, batch_stats)
+
+  return loss_fn
+
+
 def ibp_init(params: dict, key: jax.Array) -> dict:
   """Shi et al. 2021's IBP initialization of a Flax parameter tree.
 
@@ -359,6 +407,8 @@ def make_loss(method: str,
     return make_trades(robust, coef)
   if method == "fast_ibp":
     return make_fast_ibp(robust, coef, auxiliary, input_std)
+  if method == "cure":
+    return make_cure(robust)
   return make_bound_loss(method, robust, coef, auxiliary)
 
 

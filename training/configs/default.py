@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment.flip = False  # random horizontal flips
 
   # Robust training (training.methods): method is standard | pgd | trades | ibp | crown_ibp |
-  # fast_ibp.
+  # fast_ibp | cure.
   config.robust = ml_collections.ConfigDict()
   config.robust.eps = 0.0  # training radius (L-inf, pixels in [0, 1]); e.g. 1.1x the test radius
   config.robust.eval_eps = 0.0  # test radius of the robustness report (0: same as eps)
@@ -63,6 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.robust.ibp_init = False  # re-draw hidden weights with std sqrt(2 pi) / fan_in
   config.robust.reg_lambda = 0.5  # weight of the regularizers, times (1 - eps(t) / eps)
   config.robust.reg_tol = 0.5  # their tolerance tau
+  # cure (Moosavi-Dezfooli et al. 2019): the regularizer's weight and its finite-difference
+  # length h (L2, pixels), ramped from 0 over warmup_steps + ramp_steps.
+  config.robust.cure_lambda = 4.0
+  config.robust.cure_h = 1.0
 
   # The robustness report at the end of a run (when robust.eps or robust.eval_eps is set).
   config.report = ml_collections.ConfigDict()
