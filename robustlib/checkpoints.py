@@ -205,6 +205,7 @@ def load_run(workdir: str, step: int | None = None, best: bool = False):
   config = read_config(workdir)
   info = data.info(config["dataset"])
   model = models.create(config["model"],
+                        ensemble=config.get("ensemble", 1),
                         num_classes=info.num_classes,
                         input_shape=info.input_shape,
                         mean=info.mean,

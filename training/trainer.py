@@ -48,6 +48,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     methods.check(config.robust, config.method, config.num_steps)
   except ValueError as e:
     raise ConfigError(f"config: {e}") from None
+  if not (isinstance(config.ensemble, int) and config.ensemble >= 1):
+    raise ConfigError(f"config.ensemble must be a number of members >= 1 (1: one model), got "
+                      f"{config.ensemble!r}")
   if config.dtype not in steps.DTYPES:
     raise ConfigError(f"config.dtype must be one of {steps.DTYPES}, got {config.dtype!r}")
   for field in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every",
@@ -172,6 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError(f"config: {e}") from None
   info = train.info
   model = models.create(config.model,
+                        ensemble=config.ensemble,
                         num_classes=info.num_classes,
                         input_shape=info.input_shape,
                         mean=info.mean,

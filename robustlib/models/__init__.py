@@ -1,4 +1,4 @@
-"""Classifiers in Flax: IBP CNNs, PreActResNet-18, WideResNets, an MLP.
+"""Classifiers in Flax: IBP CNNs, PreActResNet-18, WideResNets, an MLP, and ensembles of them.
 
 Every model maps float images ``[N, H, W, C]`` in [0, 1] to logits
 ``[N, num_classes]`` and normalizes its input with ``mean``/``std`` as its
@@ -6,6 +6,7 @@ first operation, so data is never normalized beforehand.
 """
 
 from robustlib.models.activations import ACTIVATIONS, activation
+from robustlib.models.ensemble import Ensemble
 from robustlib.models.geometry import SpatialLayer, min_input_size, output_size
 from robustlib.models.ibp_cnns import CNN7, CNNLarge, CNNMedium, CNNSmall
 from robustlib.models.inputs import ModelInputError, check_input, check_stats
@@ -22,6 +23,7 @@ __all__ = [
     "CNNLarge",
     "CNNMedium",
     "CNNSmall",
+    "Ensemble",
     "MLP",
     "MODELS",
     "ModelInputError",

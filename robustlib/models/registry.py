@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from robustlib.models.ensemble import Ensemble
 from robustlib.models.geometry import min_input_size, output_size
 from robustlib.models.ibp_cnns import CNN7, CNNLarge, CNNMedium, CNNSmall
 from robustlib.models.inputs import ModelInputError, check_stats
@@ -99,6 +100,7 @@ def create(
     input_shape: tuple[int, int, int],
     mean: tuple[float, ...] = (0.0,),
     std: tuple[float, ...] = (1.0,),
+    ensemble: int = 1,
     **kwargs: Any,
 ) -> nn.Module:
   """Builds the model called ``name`` and checks that it can take ``input_shape``.
@@ -109,6 +111,8 @@ def create(
     input_shape: ``(H, W, C)`` of one image.
     mean: per-channel input mean (one value or ``C`` values).
     std: per-channel input standard deviation (nonzero).
+    ensemble: more than 1: an `Ensemble` of that many independently initialized
+      models, whose output is the mean of their logits.
     **kwargs: the model's other fields, e.g. ``hidden`` for ``mlp`` or
       ``depth``, ``width`` and ``activation`` for ``wide_resnet``.
 
@@ -133,9 +137,11 @@ def create(
                     f"besides {list(_SET_BY_CREATE)}")
   # Lists (from JSON or YAML configs) become tuples: module attributes must be hashable.
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  if not isinstance(ensemble, numbers.Integral) or isinstance(ensemble, bool) or ensemble < 1:
+    raise ValueError(f"ensemble must be a number of members >= 1, got {ensemble!r}")
   model = cls(num_classes=num_classes, mean=tuple(mean), std=tuple(std), **preset, **kwargs)
   check_input_shape(model, input_shape, name)
-  return model
+  return Ensemble(model, int(ensemble)) if ensemble > 1 else model
 
 
 def _init_fn(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> Any:

@@ -18,6 +18,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Model: a name in robustlib.models.MODELS and its keyword arguments.
   config.model = "mlp"
   config.model_kwargs = ml_collections.ConfigDict()
+  # More than 1: an ensemble of that many models trained jointly (robustlib.models.Ensemble,
+  # Grefenstette et al. 2018): one logits_fn, the mean of the members' logits, for the loss,
+  # the attacks and the bounds.
+  config.ensemble = 1
   config.method = "standard"
   config.batch_size = 128  # global batch, split over the devices
   config.num_steps = 1000
