@@ -20,7 +20,7 @@ from absl import logging
 import verify
 from robustlib import checkpoints, data, evaluation, models, parallel
 from robustlib import compilation
-from training import methods, optim, robustness, state as state_lib, steps, validation
+from training import extra_data, methods, optim, robustness, state as state_lib, steps, validation
 from training.configs import default
 from training.logbook import Logbook, Progress
 
@@ -171,6 +171,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train, test = _load_data(config)
   try:
     train, held_out = validation.split(train, int(config.validation.num_examples))
+    train, extra = extra_data.prepare(config.extra,
+                                      train,
+                                      data_dir=config.data_dir or None,
+                                      batch_size=config.eval_batch_size)
   except ValueError as e:
     raise ConfigError(f"config: {e}") from None
   info = train.info
@@ -263,11 +267,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     seen = [r for r in logbook.records if r["split"] == "validation"]
     best_value = max((r[selection] for r in seen), default=-1.0)
 
-  batches = data.batches(train,
-                         config.batch_size,
-                         seed=config.seed,
-                         start_step=start_step,
-                         sharding=sharded)
+  if extra is None:
+    batches = data.batches(train,
+                           config.batch_size,
+                           seed=config.seed,
+                           start_step=start_step,
+                           sharding=sharded)
+  else:
+    batches = data.mixed_batches(train,
+                                 extra,
+                                 config.batch_size,
+                                 extra_data.extra_per_batch(config.extra, config.batch_size),
+                                 seed=config.seed,
+                                 start_step=start_step,
+                                 sharding=sharded)
   pending, window, test_acc = [], [], None
   streak, deferred = 0, False  # consecutive non-finite steps seen
   saved_step = start_step if restored is not None else None
@@ -350,6 +363,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "num_test_examples":
           len(test),
   }
+  if extra is not None:
+    report.update(num_labeled_examples=len(train), num_extra_examples=len(extra))
   if validate is not None:
     chosen = [r for r in logbook.records if r["split"] == "validation"]
     top = max(chosen, key=lambda r: r[selection])  # the first of the best

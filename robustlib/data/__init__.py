@@ -13,7 +13,7 @@ from robustlib.data.errors import DataError
 from robustlib.data.files import resolve_cache_dir, resolve_data_dir
 from robustlib.data.idx import read_idx
 from robustlib.data.info import DatasetInfo, info
-from robustlib.data.iterate import batches, epoch_permutation
+from robustlib.data.iterate import batches, epoch_permutation, mixed_batches
 from robustlib.data.loaders import load
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "DatasetInfo",
     "batches",
     "epoch_permutation",
+    "mixed_batches",
     "info",
     "load",
     "make_augment",

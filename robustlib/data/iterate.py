@@ -96,12 +96,23 @@ def batches(
                     f"got {batch_size}.")
   if start_step < 0:
     raise DataError(f"start_step must be >= 0; got {start_step}.")
+  _check_shards(sharding, batch_size, dataset.images.shape[1:])
+  return _generate(dataset, batch_size, seed, start_step, sharding)
+
+
+def _check_shards(sharding, batch_size: int, image_shape) -> None:
   if sharding is not None:
-    shards = _batch_axis_size(sharding, (batch_size, *dataset.images.shape[1:]))
+    shards = _batch_axis_size(sharding, (batch_size, *image_shape))
     if batch_size % shards:
       raise DataError(f"batch_size {batch_size} is not divisible by the {shards} devices the batch "
                       f"axis is sharded over; use a multiple of {shards}.")
-  return _generate(dataset, batch_size, seed, start_step, sharding)
+
+
+def _placed(images: np.ndarray, labels: np.ndarray, sharding):
+  if sharding is None:
+    return images, labels
+  return (parallel.place_global_batch(images,
+                                      sharding), parallel.place_global_batch(labels, sharding))
 
 
 def _generate(
@@ -119,10 +130,33 @@ def _generate(
     order = epoch_permutation(n, seed, epoch)
     for b in range(position, steps_per_epoch):
       chosen = order[b * batch_size:(b + 1) * batch_size]
-      images, labels = dataset.images[chosen], dataset.labels[chosen]
-      if sharding is None:
-        yield images, labels
-      else:
-        yield (parallel.place_global_batch(images,
-                                           sharding), parallel.place_global_batch(labels, sharding))
+      yield _placed(dataset.images[chosen], dataset.labels[chosen], sharding)
     epoch, position = epoch + 1, 0
+
+
+def mixed_batches(
+    first: Dataset,
+    second: Dataset,
+    batch_size: int,
+    second_size: int,
+    *,
+    seed: int,
+    start_step: int = 0,
+    sharding: jax.sharding.Sharding | None = None,
+) -> Iterator[tuple[jax.Array | np.ndarray, jax.Array | np.ndarray]]:
+  """Batches of ``batch_size - second_size`` rows of ``first`` then ``second_size`` rows of
+  ``second``, each drawn as `batches` draws (``seed`` and ``seed + 1``; each its own epochs),
+  so step ``s`` of a resumed run is step ``s`` of an uninterrupted one.
+
+  Raises:
+    DataError: unless both parts have at least one row and fit their data sets, and
+      ``batch_size`` splits over ``sharding``'s devices.
+  """
+  if not 0 < second_size < batch_size:
+    raise DataError(f"the second source's share of a batch must be in [1, {batch_size - 1}] "
+                    f"rows; got {second_size}.")
+  _check_shards(sharding, batch_size, first.images.shape[1:])
+  parts = (batches(first, batch_size - second_size, seed=seed, start_step=start_step),
+           batches(second, second_size, seed=seed + 1, start_step=start_step))
+  return (_placed(np.concatenate([xa, xb]), np.concatenate([ya, yb]), sharding)
+          for (xa, ya), (xb, yb) in zip(*parts))

@@ -84,6 +84,16 @@ def get_config() -> ml_collections.ConfigDict:
   # Seconds of verify.bab_attack per example left neither broken nor verified (0: not run).
   config.report.bab_attack_time = 0.0
 
+  # Unlabeled or extra data in every batch (training.extra_data; UAT, Uesato et al. 2019;
+  # Gowal et al. 2020): source is '' (none), 'rest' (the training split beyond
+  # labeled_examples, its labels dropped) or a data set's name; teacher_workdir is a run
+  # whose predictions label it; ratio is its share of each batch.
+  config.extra = ml_collections.ConfigDict()
+  config.extra.source = ""
+  config.extra.labeled_examples = 0  # > 0: only the first this many keep their labels
+  config.extra.teacher_workdir = ""
+  config.extra.ratio = 0.5
+
   # Validation (training.validation): every eval_every steps, clean, PGD and (certified
   # methods) IBP accuracy at the test radius on the last num_examples of the training split,
   # held out of training (0: none); with keep_best, the checkpoint of the best robust
@@ -113,11 +123,11 @@ def get_config() -> ml_collections.ConfigDict:
 VARIANTS = ("", "tiny")
 
 
-def check_variant(variant: str) -> None:
-  """Raises ValueError for a config variant (``--config=FILE.py:VARIANT``) that no
-  config offers."""
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown config variant {variant!r}; choose one of {VARIANTS}")
+def check_variant(variant: str, own: tuple[str, ...] = ()) -> None:
+  """Raises ValueError for a config variant (``--config=FILE.py:VARIANT``) that neither every
+  config (`VARIANTS`) nor this one (``own``) offers."""
+  if variant not in VARIANTS + own:
+    raise ValueError(f"unknown config variant {variant!r}; choose one of {VARIANTS + own}")
 
 
 def shrink_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
