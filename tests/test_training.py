@@ -18,7 +18,7 @@ import robustlib
 from robustlib import checkpoints, data
 from robustlib import models
 from training import optim, state as state_lib, steps, trainer
-from training.configs import default, digits_mlp
+from training.configs import default, digits_mlp, mnist_pgd_cnn_small
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(
@@ -345,3 +345,12 @@ def test_a_bfloat16_run_trains_ibp_end_to_end(tmp_path):
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
   with pytest.raises(trainer.ConfigError, match="config.dtype must be one of"):
     trainer.train_and_evaluate(_tiny_digits(dtype="float16"), str(tmp_path / "bad"))
+
+
+def test_a_bfloat16_run_trains_a_small_cnn_with_pgd_end_to_end(tmp_path):
+  config = mnist_pgd_cnn_small.get_config("tiny")  # synthetic MNIST-shaped images
+  config.dtype = "bfloat16"
+  report = trainer.train_and_evaluate(config, str(tmp_path))
+  assert report["steps"] == config.num_steps and np.isfinite(report["test_accuracy"])
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert all(r["nonfinite"] == 0 for r in records if r["split"] == "train")
