@@ -13,6 +13,11 @@ CNN at L-inf 0.3 (PGD-10 inside the step, the radius ramped over 500 steps, 2000
       --config.extra.teacher_workdir=runs/uat_teacher --workdir=runs/uat
 
 Needs MNIST (``--config.data_dir=DIR`` or ``ROBUSTLIB_DATA_DIR``).
+
+Measured on a 2-core CPU (the report's first 1,000 test images, PGD-40 at L-inf 0.3):
+the teacher reaches 91.2 % test accuracy (1,000 steps, 28 s); PGD training on the 1,000
+labeled images alone leaves 47.0 % robust (95.2 % clean, 335 s); with the 59,000
+pseudo-labeled images in every batch, 78.0 % robust (95.0 % clean, 311 s).
 """
 
 from training.configs import default
