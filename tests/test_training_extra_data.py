@@ -84,7 +84,6 @@ def test_bad_extra_data_configs_are_named_at_start_up(extra, message, tmp_path):
 def test_a_teacher_of_other_images_is_refused(tmp_path):
   teacher = tmp_path / "teacher"
   config = mnist_uat_cnn_small.get_config("tiny")  # synthetic MNIST-shaped images
-  config.extra.source = ""
   config.method, config.robust.eps = "standard", 0.0
   trainer.train_and_evaluate(config, str(teacher))
   with pytest.raises(trainer.ConfigError, match="holds a synthetic:mnist model"):
@@ -97,9 +96,9 @@ def test_the_uat_config_runs_its_three_variants(tmp_path):
                                                                                     1000)
   assert mnist_uat_cnn_small.get_config("labeled_only").extra.source == ""
   tiny = mnist_uat_cnn_small.get_config("tiny")
-  tiny.extra.source = ""
+  assert tiny.extra.source == ""  # runs alone, as every config's tiny variant
   trainer.train_and_evaluate(tiny, str(tmp_path / "t"))
   uat = mnist_uat_cnn_small.get_config("tiny")
-  uat.extra.teacher_workdir = str(tmp_path / "t")
+  uat.extra.source, uat.extra.teacher_workdir = "rest", str(tmp_path / "t")
   report = trainer.train_and_evaluate(uat, str(tmp_path / "uat"))
   assert report["num_labeled_examples"] == 100

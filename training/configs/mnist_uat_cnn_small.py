@@ -54,8 +54,9 @@ def get_config(variant: str = ""):
     config.method, config.robust.eps, config.robust.ramp_steps = "standard", 0.0, 0
     config.num_steps = 1000
     config.report.enabled = False
-  if variant == "tiny":
+  if variant == "tiny":  # runs alone: labeled-only; a test gives it a teacher and source 'rest'
     default.shrink_to_tiny(config)
+    config.extra.source = ""
     config.extra.labeled_examples = 100
     config.robust.ramp_steps = 2
     config.robust.attack_steps = 3
