@@ -37,20 +37,8 @@ __all__ += ["AttackWarning", "Cascade", "Report", "autoattack", "cascade", "diag
 
 # An attack's module is also its factory: ``attacks.square(eps=...)`` builds the attack and
 # ``attacks.square.p_selection`` is the module's function; the name never hides the module.
-import sys as _sys
-import types as _types
+from robustlib import modules as _modules
 
-
-class _FactoryModule(_types.ModuleType):
-  """A module called like the factory of its own name."""
-
-  def __call__(self, *args, **kwargs):
-    return getattr(self, self.__name__.rsplit(".", 1)[1])(*args, **kwargs)
-
-
-for _name in ("apgd", "autoattack", "eot", "fab", "fgsm", "fmn", "multitargeted", "pgd", "spsa",
-              "square"):
-  _module = _sys.modules[f"{__name__}.{_name}"]
-  _module.__class__ = _FactoryModule
-  globals()[_name] = _module
-del _module, _name
+globals().update(
+    _modules.callable_modules(__name__, ("apgd", "autoattack", "eot", "fab", "fgsm", "fmn",
+                                         "multitargeted", "pgd", "spsa", "square")))

@@ -31,6 +31,7 @@ wrong answer), jits ``run`` once per ``logits_fn`` and input shape, and calls
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import jax
@@ -41,7 +42,9 @@ from robustlib import compilation
 from robustlib import backend
 from robustlib import fastgrad
 from robustlib.checks import InputError
+from robustlib.checks import as_key
 from robustlib.checks import check_images
+from robustlib.checks import check_logits_shape
 from robustlib.checks import check_labels
 
 NORMS = ("linf", "l2", "l1", "l0")  # every norm some attack supports
@@ -117,18 +120,22 @@ def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
   return int(value)
 
 
-def check_logits_shape(logits: jax.Array, num_examples: int, min_classes: int = 2) -> int:
-  """Trace-time check of ``logits_fn``'s output; returns the number of classes K."""
-  if logits.ndim != 2 or logits.shape[0] != num_examples:
-    raise InputError(f"logits_fn must map [N, ...] to logits [N, K]; for N={num_examples} "
-                     f"it returned shape {tuple(logits.shape)}")
-  if not jnp.issubdtype(logits.dtype, jnp.floating):
-    raise InputError(f"logits_fn must return floating logits, got dtype {logits.dtype}")
-  num_classes = logits.shape[1]
-  if num_classes < min_classes:
-    raise InputError(f"this attack needs at least {min_classes} classes, "
-                     f"logits_fn returns {num_classes}")
-  return num_classes
+def check_probabilities(logits: jax.Array, tolerance: float = 1e-5) -> list[str]:
+  """Flags outputs that look like probabilities: in [0, 1] with rows summing to 1.
+
+  Args:
+    logits: the model's outputs ``[N, K]``.
+    tolerance: slack on the range and the sums.
+  """
+  out = np.asarray(logits, np.float64)
+  if (out.min() > -tolerance and out.max() < 1 + tolerance and
+      np.abs(out.sum(-1) - 1).max() < tolerance):
+    return [
+        "the model's outputs look like probabilities (in [0, 1], rows sum to 1): pass logits "
+        "(drop the final softmax); on probabilities the cross-entropy and DLR losses lose "
+        "their gradient and attacks become ineffective"
+    ]
+  return []
 
 
 def per_example_eps(eps: Any, num_examples: int, dtype=jnp.float32) -> jax.Array:
@@ -160,6 +167,8 @@ def _check_static_inputs(x, y, target, targeted: bool) -> None:
   if jnp.ndim(x) < 1 or jnp.ndim(y) != 1 or jnp.shape(y)[0] != jnp.shape(x)[0]:
     raise InputError(f"x must be [N, ...] and y int labels [N]; got shapes "
                      f"{jnp.shape(x)} and {jnp.shape(y)}")
+  if jnp.shape(x)[0] == 0:
+    raise InputError(f"x holds no examples (shape {jnp.shape(x)}); an attack needs at least one")
   if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
     raise InputError(f"y must hold integer class labels, got dtype {jnp.result_type(y)}")
   if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
@@ -353,7 +362,7 @@ class AttackFn:
     clean_logits = logits_fn(x)
     check_logits_shape(clean_logits, x.shape[0], self.min_classes)
     x_adv = _run_wide(self.run, logits_fn, x, y, key, eps, target, x_init)
-    return x_adv, jnp.isfinite(clean_logits).all(), clean_logits.shape[1]
+    return x_adv, clean_logits
 
   def run_part(self, logits_fn, x, y, key, eps, r, live) -> jax.Array:
     """Run ``r`` of this untargeted attack on a cascade's chunk (traced): ``run_one``
@@ -368,6 +377,7 @@ class AttackFn:
 
   def __call__(self, logits_fn, x, y, key, *, eps=None, target=None, x_init=None):
     eps = self.eps if eps is None else eps
+    key = as_key(key)
     _check_static_inputs(x, y, target, self.targeted)
     _check_x_init(x_init, x, self.name, self.warm_start)
     if is_traced(x, y, key, eps, target, x_init):
@@ -377,12 +387,16 @@ class AttackFn:
                        target, x_init)
     _check_concrete_inputs(x, y, eps, target, self.bounds, self.targeted, self.minimum_norm)
     x = jnp.asarray(x)
-    x_adv, finite, num_classes = self._jitted(logits_fn, x, jnp.asarray(y), key,
-                                              per_example_eps(eps, x.shape[0], x.dtype),
-                                              None if target is None else jnp.asarray(target),
-                                              None if x_init is None else jnp.asarray(x_init))
-    if not bool(finite):
+    x_adv, clean_logits = self._jitted(logits_fn, x, jnp.asarray(y), key,
+                                       per_example_eps(eps, x.shape[0], x.dtype),
+                                       None if target is None else jnp.asarray(target),
+                                       None if x_init is None else jnp.asarray(x_init))
+    clean_logits = np.asarray(clean_logits, np.float32)
+    if not np.isfinite(clean_logits).all():
       raise InputError("logits_fn returned NaN or infinite logits on the clean inputs x")
+    for message in check_probabilities(clean_logits):
+      warnings.warn(message, stacklevel=2)
+    num_classes = clean_logits.shape[1]
     check_labels(y, num_classes=int(num_classes), name="y")
     if target is not None:
       check_labels(target, num_classes=int(num_classes), name="target")

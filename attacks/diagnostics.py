@@ -158,24 +158,6 @@ def check_dynamic(logits_fn: core.LogitsFn, x: jax.Array, tolerance: float = 1e-
   ]
 
 
-def check_probabilities(logits: jax.Array, tolerance: float = 1e-5) -> list[str]:
-  """Flags outputs that look like probabilities: in [0, 1] with rows summing to 1.
-
-  Args:
-    logits: the model's outputs ``[N, K]``.
-    tolerance: slack on the range and the sums.
-  """
-  out = np.asarray(logits, np.float64)
-  if (out.min() > -tolerance and out.max() < 1 + tolerance and
-      np.abs(out.sum(-1) - 1).max() < tolerance):
-    return [
-        "the model's outputs look like probabilities (in [0, 1], rows sum to 1): pass logits "
-        "(drop the final softmax); on probabilities the cross-entropy and DLR losses lose "
-        "their gradient and attacks become ineffective"
-    ]
-  return []
-
-
 def check_gradient_masking(stage_names: Sequence[str],
                            stage_accuracy: Sequence[float],
                            clean_accuracy: float,
@@ -234,7 +216,7 @@ def diagnose(logits_fn: core.LogitsFn,
   core.check_logits_shape(logits, np.shape(x)[0])
   check_num_classes(logits.shape[1], stages)
   randomized = any("eot" in s.name.lower() for s in stages)
-  messages = check_probabilities(logits)
+  messages = core.check_probabilities(logits)
   messages += check_zero_gradients(logits_fn, x, y)
   if not randomized:
     messages += check_randomized(logits_fn, x)

@@ -38,7 +38,10 @@ import jax
 from ml_collections import config_flags
 
 from attacks import evaluation
-from robustlib import scripts
+from robustlib import modules, scripts
+
+evaluate = evaluation.evaluate  # what attacks.evaluate(...) calls once this is imported
+modules.make_callable(__name__)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (with a checkpoint).")
 _ONNX = flags.DEFINE_string(
@@ -60,6 +63,7 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory (default: the 
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the attacks' PRNG key.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results go (default: --workdir).")
 _RESUME = flags.DEFINE_bool("resume", True, "Keep resumable state and resume from it.")
+_CHECKPOINT = scripts.define_checkpoint_flag()
 _DISTRIBUTED = scripts.define_distributed_flags("an evaluation")
 
 
@@ -83,7 +87,8 @@ def main(argv):
                                      dataset=dataset,
                                      seed=_SEED.value,
                                      output_dir=_OUTPUT_DIR.value,
-                                     resume=_RESUME.value)
+                                     resume=_RESUME.value,
+                                     checkpoint=_CHECKPOINT.value)
   except scripts.USER_ERRORS as e:
     raise app.UsageError(f"{type(e).__name__}: {e}") from None
   if jax.process_index() > 0:

@@ -47,8 +47,8 @@ from attacks.autoattack import cascade, flatten, run_stages
 from robustlib import compilation
 from robustlib import parallel
 from robustlib import plotting
-from robustlib.checks import InputError, check_images, check_labels
-from robustlib.evaluation import pad_to_multiple
+from robustlib.checks import InputError, as_key, check_images, check_labels
+from robustlib.batching import pad_to_multiple
 from robustlib.pipelines import check_logits_fn
 
 _LOG = logging.getLogger(__name__)
@@ -301,16 +301,6 @@ def _unique_names(stages: Sequence[core.AttackFn]) -> tuple[str, ...]:
   return tuple(names)
 
 
-def _key(key: Any) -> jax.Array:
-  if isinstance(key, (int, np.integer)):
-    return jax.random.key(int(key))
-  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-  if not (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or
-          (key.dtype == jnp.uint32 and key.shape == (2,))):
-    raise InputError(f"key must be a PRNG key (jax.random.key(seed)), got {key.dtype}{key.shape}")
-  return key
-
-
 def evaluate(logits_fn: core.LogitsFn,
              x,
              y,
@@ -402,7 +392,7 @@ def evaluate(logits_fn: core.LogitsFn,
   core.check_positive_int(state_every, "state_every")
   chunk = default_chunk_size(batch_size) if chunk_size is None else min(
       core.check_positive_int(chunk_size, "chunk_size"), batch_size)
-  key = _key(key)
+  key = as_key(key)
   num_classes = check_logits_fn(logits_fn, (batch_size,) + x.shape[1:], x.dtype)
   diagnostics.check_num_classes(num_classes, stages)
   check_labels(y, num_classes=num_classes, name="y")
@@ -627,7 +617,8 @@ def evaluate_run(workdir: str | None = None,
                  seed: int = 0,
                  output_dir: str | None = None,
                  resume: bool = True,
-                 progress: bool = True) -> Report:
+                 progress: bool = True,
+                 checkpoint: str = "latest") -> Report:
   """Evaluates a training run's latest checkpoint, or an ONNX network, on a test split.
 
   Args:
@@ -649,6 +640,7 @@ def evaluate_run(workdir: str | None = None,
       (``attacks_state/``) go; default ``workdir``, or the ONNX file's folder.
     resume: keep and reuse the resumable state.
     progress: show a progress bar.
+    checkpoint: the run's ``"latest"`` or ``"best"`` checkpoint (`robustlib.sources`).
 
   With several devices (or processes, ``jax.distributed``) each batch is split over
   all of them (`evaluate`'s ``mesh``); only process 0 writes the files.
@@ -661,7 +653,8 @@ def evaluate_run(workdir: str | None = None,
                                onnx=onnx,
                                dataset=dataset,
                                data_dir=data_dir,
-                               num_examples=num_examples)
+                               num_examples=num_examples,
+                               checkpoint=checkpoint)
   attacks_list = build_suite(suite, eps=max(eps), norm=norm)
   output_dir = output_dir or workdir or os.path.dirname(test.source)
   os.makedirs(output_dir, exist_ok=True)
@@ -683,6 +676,7 @@ def evaluate_run(workdir: str | None = None,
                  model=test.model,
                  seed=seed,
                  batch_size=batch_size,
+                 checkpoint=checkpoint if onnx is None else None,
                  num_devices=jax.device_count())
   if jax.process_index() == 0:
     _write_json(os.path.join(output_dir, "attacks.json"), content)

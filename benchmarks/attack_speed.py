@@ -33,7 +33,8 @@ from robustlib import compilation
 from robustlib import fastgrad
 from robustlib import scripts
 
-_MODELS = flags.DEFINE_list("models", ["mlp", "cnn_small"], "Networks in benchmarks.nets.")
+_MODELS = scripts.define_names("models", ["mlp", "cnn_small"], nets.ARCHITECTURES,
+                               "Networks in benchmarks.nets.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per attack call.")
 _EPS = flags.DEFINE_float("eps", 0.1, "L-inf radius.")
 _STEPS = flags.DEFINE_integer("steps", 40, "PGD steps.")
@@ -109,6 +110,7 @@ def linear_floor(linear_fn, x: jax.Array, steps: int) -> jax.Array:
 
 def main(argv):
   del argv
+  scripts.require("torch", "torchattacks")
   print(f"L-inf PGD-{_STEPS.value}, eps {_EPS.value}, step {_ALPHA.value}, batch "
         f"{_BATCH.value}, no random start; {jax.devices()[0].platform}, median of "
         f"{_REPEATS.value} interleaved runs")

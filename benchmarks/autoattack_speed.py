@@ -42,7 +42,8 @@ from robustlib import compilation
 from robustlib import fastgrad
 from robustlib import scripts
 
-_MODELS = flags.DEFINE_list("models", ["cnn_small", "mlp"], "Networks in benchmarks.nets.")
+_MODELS = scripts.define_names("models", ["cnn_small", "mlp"], nets.ARCHITECTURES,
+                               "Networks in benchmarks.nets.")
 _POINTS = flags.DEFINE_list("num_points", ["200"], "First test points, one run per value.")
 _EPS = flags.DEFINE_float("eps", 0.1, "L-inf radius (also the training radius).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Our evaluation's batch size.")
@@ -166,6 +167,8 @@ def run_model(name: str, sizes: list[int]) -> list[dict]:
 
 def main(argv):
   del argv
+  if _THEIRS.value:
+    scripts.require("torch", "torchattacks")
   sizes = [int(v) for v in _POINTS.value]
   print(f"AutoAttack standard, L-inf eps {_EPS.value}, MNIST, {jax.devices()[0].platform}; "
         f"ours: attacks.evaluate, batch {_BATCH.value}, compilation included")

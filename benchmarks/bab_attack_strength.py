@@ -25,7 +25,8 @@ import verify
 from benchmarks import nets
 from robustlib import scripts
 
-_MODEL = flags.DEFINE_string("model", "cnn_small", "A benchmarks.nets network.")
+_MODEL = flags.DEFINE_enum("model", "cnn_small", list(nets.ARCHITECTURES),
+                           "A benchmarks.nets network.")
 _TRAIN_EPS = flags.DEFINE_float("train_eps", 0.3, "PGD training radius.")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 6000, "Training steps.")
 _RAMP_STEPS = flags.DEFINE_integer("ramp_steps", 2000,

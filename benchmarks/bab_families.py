@@ -57,13 +57,14 @@ FAMILIES = {
 METHODS = ("input", "relu", "milp")
 
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where networks, instances and results go.")
-_FAMILIES = flags.DEFINE_list("families", list(FAMILIES), "Families to run.")
-_METHODS = flags.DEFINE_list("methods", list(METHODS), "Complete searches to compare.")
+_FAMILIES = scripts.define_names("families", list(FAMILIES), FAMILIES, "Families to run.")
+_METHODS = scripts.define_names("methods", list(METHODS), METHODS, "Complete searches to compare.")
 _POINTS = flags.DEFINE_integer("points", 5, "Test points per family and radius.")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 3000, "Training steps per network.")
 _TRUTH_LIMIT = flags.DEFINE_float("truth_limit", 900.0, "MILP seconds for the ground truth.")
 _TIME_SCALE = flags.DEFINE_float("time_scale", 1.0, "Multiplies every family's time limit.")
-_STAGES = flags.DEFINE_list("stages", ["build", "truth", "compare"], "What to run.")
+_STAGES = scripts.define_names("stages", ["build", "truth", "compare"],
+                               ["build", "truth", "compare"], "What to run.")
 _PRECISION = flags.DEFINE_enum(
     "precision", "float64", list(PRECISIONS),
     "Bound passes' dtype for every method and the ground truth: float64 decides the "

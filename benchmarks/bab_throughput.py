@@ -27,7 +27,8 @@ from robustlib import scripts
 from verify import relu_bab
 from verify.unsafe import UnsafeSet
 
-_MODEL = flags.DEFINE_string("model", "mlp_4x256", "A benchmarks.nets MLP or CNN.")
+_MODEL = flags.DEFINE_enum("model", "mlp_4x256", list(nets.ARCHITECTURES),
+                           "A benchmarks.nets MLP or CNN.")
 _BATCH = flags.DEFINE_integer("batch_size", 512, "Subdomains split per step (children: twice).")
 _EPS = flags.DEFINE_float("eps", 0.02, "L-inf radius.")
 _STEPS = flags.DEFINE_integer("steps", 10, "beta-CROWN's Adam steps per batch.")

@@ -34,8 +34,8 @@ from robustlib import compilation
 from robustlib import scripts
 from verify.crown import lower_bounds
 
-_MODELS = flags.DEFINE_list("models", ["mlp", "cnn_small", "cnn_large"], "benchmarks.nets names.")
-_METHODS = flags.DEFINE_list("methods", ["ibp", "crown_ibp", "crown"], "Bound methods.")
+_MODELS = scripts.define_names("models", ["mlp", "cnn_small", "cnn_large"], nets.ARCHITECTURES,
+                               "benchmarks.nets names.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per call.")
 _EPS = flags.DEFINE_float("eps", 0.03, "L-inf radius.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats; the median is reported.")
@@ -51,6 +51,7 @@ BOUNDS = {
     "crown": lambda fn, box, spec: verify.crown(fn, box, spec=spec),
     "alpha_crown": lambda fn, box, spec: verify.alpha_crown(fn, box, spec=spec),
 }
+_METHODS = scripts.define_names("methods", ["ibp", "crown_ibp", "crown"], BOUNDS, "Bound methods.")
 
 
 def spec_logits(fn, x, spec):

@@ -23,13 +23,15 @@ from robustlib import data, models, parallel, scripts
 from training import methods, optim, state as state_lib, steps
 from training.configs import default
 
-_MODEL = flags.DEFINE_string("model", "cnn_small", "Model name in robustlib.models.")
+_MODEL = flags.DEFINE_enum("model", "cnn_small", sorted(models.MODELS),
+                           "Model name in robustlib.models.")
 _DATASET = flags.DEFINE_string("dataset", "synthetic:mnist", "Data set (shape source).")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["32", "128", "256"], "Global batch sizes.")
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Repeats; the median is reported.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time PyTorch when it is installed.")
-_METHODS = flags.DEFINE_list("methods", ["standard"], "Training methods (training.methods).")
+_METHODS = scripts.define_names("methods", ["standard"], methods.METHODS,
+                                "Training methods (training.methods).")
 _EPS = flags.DEFINE_float("eps", 0.1, "Training radius of the robust methods.")
 _ATTACK_STEPS = flags.DEFINE_integer("attack_steps", 10, "PGD steps of pgd/trades training.")
 

@@ -11,7 +11,7 @@ build on it.
 from robustlib import backend, checkpoints, compilation, data, models, parallel, plotting
 from robustlib.checks import InputError, check_images, check_labels
 from robustlib.compilation import jit
-from robustlib.evaluation import accuracy, batched_apply
+from robustlib.batching import accuracy, batched_apply
 from robustlib.pipelines import LogitsFn, as_logits_fn, check_logits_fn, compose, normalize
 
 __version__ = "0.1.0"

@@ -1,8 +1,15 @@
 """Atomic, resumable checkpoints of pytrees (orbax), and loading a training run.
 
-A run directory holds ``config.json`` (the run's configuration as plain values)
-and ``checkpoints/<step>/`` (orbax writes each step to a temporary directory and
-renames it when complete, so a killed run never leaves a half-written step).
+A run directory holds ``config.json`` (the run's configuration as plain values:
+``model``, ``model_kwargs``, ``dataset``, ``ensemble``, ...) and
+``checkpoints/<step>/`` (orbax writes each step to a temporary directory and renames
+it when complete, so a killed run never leaves a half-written step); with validation,
+also ``checkpoints_best/<step>/``. Each step holds a tree of named fields (a train
+state) and, in its metadata, ``checksum`` (see `checksum`) and ``variables``: which
+field holds each of the model's variable collections to evaluate (a run that averages
+its weights maps ``params`` and ``batch_stats`` to the fields of the averages; a step
+without the map is read by the collections' own names). `load_run`
+reads exactly this, so it knows nothing of the training code's fields.
 A checkpoint restores onto any device count: the arrays are read into the
 shardings of the restoring process (a target's, or one local device), not the
 saving run's topology. A step that does not restore (a truncated file) or holds
@@ -20,6 +27,7 @@ from typing import Any, Callable
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
@@ -29,6 +37,8 @@ CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "checkpoints_best"  # the step of best validation accuracy (training.validation)
 UNUSABLE_DIR = "checkpoints_unusable"
 CONFIG_FILE = "config.json"
+CHECKSUM_KEY = "checksum"  # in each step's custom metadata (`save`)
+VARIABLES_KEY = "variables"  # the same: {collection: field of the saved state}
 
 
 class CheckpointError(ValueError):
@@ -52,12 +62,58 @@ def manager(workdir: str,
                                item_handlers=ocp.StandardCheckpointHandler())
 
 
-def save(mngr: ocp.CheckpointManager, step: int, tree: Any) -> None:
-  """Saves ``tree`` as step ``step`` (an existing step is left as it is)."""
+def _bits(leaf: jax.Array) -> jax.Array:
+  """The leaf's bit patterns as uint32 (64-bit values folded to their two halves)."""
+  if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    leaf = jax.random.key_data(leaf)
+  leaf = jnp.asarray(leaf)
+  if leaf.dtype == jnp.bool_:
+    return leaf.astype(jnp.uint32).ravel()
+  width = leaf.dtype.itemsize * 8
+  bits = jax.lax.bitcast_convert_type(leaf, jnp.dtype(f"uint{width}")).ravel()
+  if width == 64:
+    return jnp.concatenate([(bits & 0xFFFFFFFF).astype(jnp.uint32),
+                            (bits >> 32).astype(jnp.uint32)])
+  return bits.astype(jnp.uint32)
+
+
+@jax.jit
+def checksum(tree: Any) -> jax.Array:
+  """A uint32 digest of every bit of the arrays in ``tree``: each leaf's bit patterns
+  summed with odd position weights (mod 2**32), so any one flipped bit changes it; a
+  jitted reduction, so it works on arrays sharded over any devices. Leaves are summed
+  in any order (a saved and a restored tree may flatten differently)."""
+  total = jnp.uint32(0)
+  for leaf in jax.tree.leaves(tree):
+    bits = _bits(leaf)
+    weights = (2 * jnp.arange(bits.size, dtype=jnp.uint32) + 1) * jnp.uint32(2654435761)
+    mixed = bits * weights
+    total = total + jnp.sum(mixed ^ (mixed >> 15), dtype=jnp.uint32) * jnp.uint32(2 * bits.size + 1)
+  return total
+
+
+def save(mngr: ocp.CheckpointManager,
+         step: int,
+         tree: Any,
+         variables: dict[str, str] | None = None) -> None:
+  """Saves ``tree`` as step ``step`` (an existing step is left as it is), with its
+  `checksum` in the step's metadata (a restore that reads other bits is refused) and,
+  for a train state, ``variables``: which of its fields holds each variable collection
+  of the model to evaluate (``{"params": FIELD, ...}``; see the module doc)."""
   if mngr.latest_step() == step:
     return
-  mngr.save(step, args=ocp.args.StandardSave(tree))
+  metadata = {CHECKSUM_KEY: int(checksum(tree))}
+  if variables is not None:
+    metadata[VARIABLES_KEY] = dict(variables)
+  mngr.save(step, args=ocp.args.StandardSave(tree), custom_metadata=metadata)
   mngr.wait_until_finished()
+
+
+def _custom_metadata(mngr: ocp.CheckpointManager, step: int) -> dict:
+  try:
+    return dict(mngr.metadata(step).custom_metadata or {})
+  except Exception:  # pylint: disable=broad-except  # a damaged metadata file: restore says why
+    return {}
 
 
 def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None) -> Any:
@@ -71,7 +127,7 @@ def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None) -
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
 
   def restore_step(s):
-    return mngr.restore(s, args=ocp.args.StandardRestore(abstract))
+    return verified(mngr, s, mngr.restore(s, args=ocp.args.StandardRestore(abstract)))
 
   if step is not None:
     return restore_step(step)
@@ -85,7 +141,22 @@ def restore_on(mngr: ocp.CheckpointManager, step: int, sharding: jax.sharding.Sh
   metadata = mngr.item_metadata(step)
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
                           metadata)
-  return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  return verified(mngr, step, mngr.restore(step, args=ocp.args.StandardRestore(abstract)))
+
+
+def verified(mngr: ocp.CheckpointManager, step: int, tree: Any) -> Any:
+  """``tree``, restored from step ``step``, after its `checksum` matched the one saved
+  with it (steps saved without one are taken as they are).
+
+  Raises:
+    CheckpointError: when the bits differ from those saved (a damaged file).
+  """
+  expected = _custom_metadata(mngr, step).get(CHECKSUM_KEY)
+  if expected is not None and int(checksum(tree)) != expected:
+    raise CheckpointError(f"step {step} in {mngr.directory} is damaged: its arrays' checksum "
+                          f"differs from the one saved with them (files under "
+                          f"{os.path.join(os.fspath(mngr.directory), str(step))} changed)")
+  return tree
 
 
 def _problem(restore_step: Callable[[int], Any], step: int) -> tuple[Any, str | None]:
@@ -129,8 +200,9 @@ def newest_usable(mngr: ocp.CheckpointManager,
   if skipped:
     raise CheckpointError(f"no usable checkpoint in {mngr.directory}: " +
                           "; ".join(f"step {s}: {why}" for s, why in skipped) +
-                          " (a run of another model or code version? use another workdir, "
-                          "or move the steps away to start afresh)")
+                          " (damaged files, or a run of another model or code version: "
+                          "restore the steps from a copy, use another workdir, or move the "
+                          "steps away to start afresh)")
   return None
 
 
@@ -179,8 +251,16 @@ def read_config(workdir: str) -> dict:
   if not os.path.exists(path):
     raise CheckpointError(f"{workdir!r} is not a training run directory: {CONFIG_FILE} is missing "
                           "(train with `python -m training.train --workdir=DIR` first)")
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      config = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path} is damaged ({e}): restore it from a copy, or train in a new "
+                          "workdir") from None
+  if not isinstance(config, dict) or "model" not in config or "dataset" not in config:
+    raise CheckpointError(f"{path} is not a training run's config (no 'model' and 'dataset'): "
+                          "restore it from a copy, or train in a new workdir")
+  return config
 
 
 def load_run(workdir: str, step: int | None = None, best: bool = False):
@@ -222,13 +302,16 @@ def load_run(workdir: str, step: int | None = None, best: bool = False):
   if step is not None:
     state = restore_on(mngr, step, on_one)
   else:
-    state = newest_usable(mngr, lambda s: restore_on(mngr, s, on_one))[1]
-  # A run with weight averaging is evaluated with the averaged parameters and statistics.
-  averaged = bool(state.get("ema_params"))
-  variables = {"params": state["ema_params"] if averaged else state["params"]}
-  stats = (averaged and state.get("ema_batch_stats")) or state.get("batch_stats")
-  if stats:
-    variables["batch_stats"] = stats
+    step, state = newest_usable(mngr, lambda s: restore_on(mngr, s, on_one))
+  fields = _custom_metadata(mngr, step).get(VARIABLES_KEY) or {
+      name: name for name in template if name in state
+  }
+  missing = sorted(set(template) - set(fields))
+  if missing or any(field not in state for field in fields.values()):
+    raise CheckpointError(f"step {step} in {mngr.directory} does not hold the model's variables "
+                          f"{sorted(template)} (its metadata maps {fields}; its fields are "
+                          f"{sorted(state)})")
+  variables = {name: state[fields[name]] for name in template}
   jax.tree.map(_check_same_shape, template, variables)
   return config, model, variables
 

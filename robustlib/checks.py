@@ -115,12 +115,23 @@ def check_labels(y,
                      f"[{int(arr.min())}, {int(arr.max())}]")
 
 
-def check_shape(shape: Sequence[int], expected: Sequence[int], name: str) -> None:
-  """Raises InputError unless ``shape == expected`` (``-1`` matches any size)."""
-  shape, expected = tuple(shape), tuple(expected)
-  if len(shape) != len(expected) or any(e != -1 and s != e for s, e in zip(shape, expected)):
-    want = tuple("N" if e == -1 else e for e in expected)
-    raise InputError(f"{name} must have shape {want}, got {shape}")
+def as_key(key: Any, name: str = "key") -> jax.Array:
+  """A PRNG key from what every public function takes as one: a key
+  (``jax.random.key(seed)``, or keys ``[N]``, one per example), a raw ``PRNGKey``
+  (uint32 ``[2]``) or an int seed.
+
+  Raises:
+    InputError: for anything else (None, a float, an array of another dtype or shape).
+  """
+  if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+    return jax.random.key(int(key))
+  if isinstance(key, (jax.Array, np.ndarray)):
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim <= 1:
+      return key
+    if key.dtype == jnp.uint32 and key.shape == (2,):
+      return jnp.asarray(key)
+  got = f"{key.dtype}{list(key.shape)}" if hasattr(key, "dtype") else repr(key)[:60]
+  raise InputError(f"{name} must be a PRNG key (jax.random.key(seed)) or an int seed, got {got}")
 
 
 def check_eps(eps: Any, *, num_examples: int | None = None, name: str = "eps") -> None:
@@ -167,6 +178,9 @@ def check_logits_shape(logits: Any,
   Raises:
     InputError: unless the logits are floating ``[N, K]`` with ``K >= min_classes``.
   """
+  if not (hasattr(logits, "shape") and hasattr(logits, "dtype")):
+    got = "None" if logits is None else f"a {type(logits).__name__}"
+    raise InputError(f"logits_fn must return one array of logits [N, K], it returned {got}")
   shape = tuple(logits.shape)
   if len(shape) != 2 or shape[0] != num_examples:
     raise InputError(f"logits_fn must map [N, ...] to logits [N, K]; for N={num_examples} "

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from robustlib.checks import InputError
+from robustlib.checks import InputError, check_logits_shape
 from robustlib.models import check_input
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -38,19 +40,28 @@ def as_logits_fn(model, variables: Any, input_shape: Sequence[int] | None = None
       or a non-float dtype raise a clear error at trace time.
 
   Returns:
-    ``logits_fn(x: [N, *input_shape]) -> [N, K]``.
+    ``logits_fn(x: [N, *input_shape]) -> [N, K]``; a call with variables that do not
+    fit the model (another model's, a missing collection) raises InputError.
   """
 
   def logits_fn(x: jax.Array) -> jax.Array:
     if input_shape is not None:
       check_input(x, tuple(input_shape))
-    return model.apply(variables, x, train=False)
+    try:
+      return model.apply(variables, x, train=False)
+    except flax.errors.FlaxError as e:
+      first = str(e).splitlines()[0].split(" (https://")[0]
+      raise InputError(f"the variables do not fit the {type(model).__name__} model: "
+                       f"{first}") from None
 
   return logits_fn
 
 
 def compose(*fns: Callable[[Any], Any]) -> Callable[[Any], Any]:
   """``compose(f, g, h)(x) == f(g(h(x)))``; with no functions, the identity."""
+  for i, fn in enumerate(fns):
+    if not callable(fn):
+      raise InputError(f"compose takes functions; argument {i} is a {type(fn).__name__}")
 
   def composed(x):
     for fn in reversed(fns):
@@ -67,13 +78,22 @@ def normalize(mean: Sequence[float], std: Sequence[float]) -> Callable[[jax.Arra
   input space that attacks and bounds work in:
   ``compose(raw_logits_fn, normalize(mean, std))``.
   """
-  mean_arr = jnp.asarray(mean, jnp.float32)
-  std_arr = jnp.asarray(std, jnp.float32)
-  if mean_arr.ndim != 1 or std_arr.shape != mean_arr.shape:
-    raise InputError(f"mean and std must be vectors of equal length, got {mean_arr.shape} "
-                     f"and {std_arr.shape}")
-  if bool((std_arr <= 0).any()):
-    raise InputError(f"std must be positive, got {list(map(float, std))}")
+  try:
+    mean_arr = jnp.atleast_1d(jnp.asarray(mean, jnp.float32))
+    std_arr = jnp.atleast_1d(jnp.asarray(std, jnp.float32))
+  except (TypeError, ValueError):
+    raise InputError(f"mean and std must be numbers or vectors of numbers, got {mean!r} and "
+                     f"{std!r}") from None
+  vectors = np.ndim(mean) == 1 and np.ndim(std) == 1  # a scalar stands for every channel
+  if mean_arr.ndim != 1 or std_arr.ndim != 1 or (mean_arr.shape != std_arr.shape and
+                                                 (vectors or
+                                                  1 not in (mean_arr.size, std_arr.size))):
+    raise InputError(f"mean and std must be numbers or vectors of equal length (one per "
+                     f"channel), got shapes {np.shape(mean)} and {np.shape(std)}")
+  mean_arr, std_arr = jnp.broadcast_arrays(mean_arr, std_arr)
+  if not bool(jnp.isfinite(mean_arr).all()) or bool((~(std_arr > 0)).any()):
+    raise InputError(f"std must be positive and mean and std finite, got mean {mean!r} and "
+                     f"std {std!r}")
 
   def fn(x: jax.Array) -> jax.Array:
     if x.shape[-1] != mean_arr.shape[0] and mean_arr.shape[0] != 1:
@@ -95,9 +115,4 @@ def check_logits_fn(logits_fn: LogitsFn, x_shape: Sequence[int], dtype=jnp.float
       of the input.
   """
   out = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(tuple(x_shape), dtype))
-  if not hasattr(out, "shape") or len(out.shape) != 2 or out.shape[0] != x_shape[0]:
-    raise InputError(f"logits_fn must map inputs {tuple(x_shape)} to logits [N={x_shape[0]}, K], "
-                     f"got {getattr(out, 'shape', type(out).__name__)}")
-  if not jnp.issubdtype(out.dtype, jnp.floating):
-    raise InputError(f"logits_fn must return floating logits, got {out.dtype}")
-  return int(out.shape[1])
+  return check_logits_shape(out, x_shape[0], min_classes=1, what="logits_fn")

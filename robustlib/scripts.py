@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging as std_logging
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn, Sequence
 
 from absl import app, flags, logging
 import jax
@@ -18,15 +19,27 @@ USER_ERRORS = (checks.InputError, checkpoints.CheckpointError, data.DataError,
 
 
 def setup_logging() -> None:
-  """INFO logging with checkpointing's own INFO lines dropped, so progress lines stay readable."""
+  """INFO logging with checkpointing's and JAX's start-up INFO lines dropped, so progress
+  lines stay readable."""
   logging.set_verbosity(logging.INFO)
+  # JAX's start-up notes (no TPU library on a CPU machine...) are not the script's progress.
+  std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
   logging.get_absl_handler().addFilter(
       lambda record: record.levelno >= std_logging.WARNING or "orbax" not in record.pathname)
 
 
+def usage_error(message: str) -> NoReturn:
+  """Exits with status 2 after one line on stderr: ``error: MESSAGE; see --help``."""
+  message = "; ".join(
+      line.strip().rstrip(".") for line in str(message).splitlines() if line.strip())
+  sys.stderr.write(f"error: {message}; see --help\n")
+  sys.stderr.flush()
+  sys.exit(2)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with status 0 for ``--help`` (absl exits with 1) and 2 for a bad
-  flag."""
+  """absl's flag parsing, with status 0 for ``--help`` (absl exits with 1) and a one-line
+  error with status 2 for a bad flag."""
   wants_help = any(
       a.split("=")[0] in ("--help", "-help", "--helpshort", "--helpfull", "-?") for a in argv[1:])
   try:
@@ -36,24 +49,22 @@ def parse_flags(argv: list[str]) -> list[str]:
       sys.exit(0)
     raise
   except flags.Error as e:
-    sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --help for usage.\n")
-    sys.exit(2)
+    usage_error(str(e))
 
 
 def run(main: Callable[[list[str]], Any],
         flags_parser: Callable[[list[str]], list[str]] = parse_flags) -> None:
-  """``absl.app.run(main)`` with :func:`parse_flags`, a usage error (``app.UsageError``, or
-  one of `USER_ERRORS` escaping ``main``) exiting with status 2: what every script's
-  ``__main__`` calls."""
+  """``absl.app.run(main)`` with :func:`parse_flags`: a usage error (``app.UsageError``, or
+  one of `USER_ERRORS` escaping ``main``) is one line on stderr and exit status 2 (absl
+  would print the whole usage first); what every script's ``__main__`` calls."""
 
   def checked(argv):
     try:
       return main(argv)
     except USER_ERRORS as e:
-      raise app.UsageError(f"{type(e).__name__}: {e}", exitcode=2) from None
+      usage_error(f"{type(e).__name__}: {e}")
     except app.UsageError as e:
-      e.exitcode = 2
-      raise
+      usage_error(str(e))
 
   app.run(checked, flags_parser=flags_parser)
 
@@ -96,6 +107,36 @@ def define_distributed_flags(work: str) -> DistributedFlags:
           "cluster's)."),
       flags.DEFINE_integer("num_processes", None, "With --distributed: the number of processes."),
       flags.DEFINE_integer("process_id", None, "With --distributed: this process's index, from 0."))
+
+
+def define_names(name: str, default: Sequence[str], known: Sequence[str], help_text: str):
+  """A comma-separated list flag whose values must be among ``known``: anything else is a
+  one-line usage error naming the valid names."""
+  known = list(known)
+  flag = flags.DEFINE_list(name, list(default), f"{help_text} Of: {', '.join(known)}.")
+  flags.register_validator(name,
+                           lambda values: set(values) <= set(known),
+                           message=f"--{name} takes names among {', '.join(known)}")
+  return flag
+
+
+def require(*modules: str, extra: str = "bench") -> None:
+  """Imports optional dependencies; a missing one is a usage error naming the extra that
+  installs it (``pip install "robustlib[bench]"``)."""
+  for module in modules:
+    try:
+      importlib.import_module(module)
+    except ImportError:
+      raise app.UsageError(f"this needs {module}, which is not installed: pip install "
+                           f"\"robustlib[{extra}]\" (or pip install {module})") from None
+
+
+def define_checkpoint_flag():
+  """``--checkpoint=latest|best``: which checkpoint of ``--workdir`` an evaluation reads."""
+  return flags.DEFINE_enum(
+      "checkpoint", "latest", ["latest", "best"], "Which checkpoint of --workdir: the latest, "
+      "or the one of best validation accuracy (checkpoints_best/, kept by a run with "
+      "config.validation).")
 
 
 def parse_radii(values: list[str], flag: str = "--eps") -> list[float]:

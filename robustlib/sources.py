@@ -22,6 +22,8 @@ from robustlib import checkpoints, data
 from robustlib.checks import InputError
 from robustlib.pipelines import LogitsFn, as_logits_fn
 
+CHECKPOINTS = ("latest", "best")  # which checkpoint of a run `load_test_set` evaluates
+
 
 @dataclasses.dataclass(frozen=True)
 class TestSet:
@@ -78,7 +80,8 @@ def load_test_set(workdir: str | None = None,
                   onnx: str | None = None,
                   dataset: str | None = None,
                   data_dir: str | None = None,
-                  num_examples: int = 0) -> TestSet:
+                  num_examples: int = 0,
+                  checkpoint: str = "latest") -> TestSet:
   """The classifier of ``workdir`` (its latest checkpoint) or of ``onnx``, with test data.
 
   Args:
@@ -89,10 +92,14 @@ def load_test_set(workdir: str | None = None,
     data_dir: where the data files are (default: the run's, then
       ``ROBUSTLIB_DATA_DIR``).
     num_examples: the first this many test examples (0: all).
+    checkpoint: a run's ``"latest"`` checkpoint, or its ``"best"`` (of best validation
+      accuracy, ``checkpoints_best/``).
 
   Returns:
     A `TestSet`.
   """
+  if checkpoint not in CHECKPOINTS:
+    raise InputError(f"checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
   if (workdir is None) == (onnx is None):
     raise InputError("give either a training run's workdir or an ONNX file, not both or neither")
   if num_examples < 0:
@@ -104,7 +111,7 @@ def load_test_set(workdir: str | None = None,
     logits_fn, model = _onnx_logits_fn(onnx, info)
     source = os.path.abspath(onnx)
   else:
-    config, flax_model, variables = checkpoints.load_run(workdir)
+    config, flax_model, variables = checkpoints.load_run(workdir, best=checkpoint == "best")
     info = data.info(config["dataset"])
     dataset = dataset or config["dataset"]
     if dataset != config["dataset"]:

@@ -20,7 +20,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from robustlib import data
 from robustlib.data import digits as digits_module
-from robustlib.data import files, loaders, sources
+from robustlib.data import catalog, files, loaders
 from robustlib.data.dataset import from_uint8
 from robustlib.data.idx import read_idx_pair
 from robustlib.data.cifar import parse_cifar_batch, read_cifar_dir
@@ -442,7 +442,7 @@ def test_download_failure_names_files_directory_and_network(no_env, tmp_path, mo
   assert "t10k-images-idx3-ubyte.gz" in message and "t10k-labels-idx1-ubyte.gz" in message
   assert str(tmp_path / "data" / "mnist") in message and "ROBUSTLIB_DATA_DIR" in message
   assert "network unreachable" in message and "Name or service not known" in message
-  assert tried[:3] == [m + "t10k-images-idx3-ubyte.gz" for m in sources.SOURCES["mnist"].mirrors]
+  assert tried[:3] == [m + "t10k-images-idx3-ubyte.gz" for m in catalog.SOURCES["mnist"].mirrors]
   cache = tmp_path / "cache" / "mnist"
   assert not cache.exists() or list(cache.iterdir()) == []  # No partial files left.
 
@@ -454,10 +454,10 @@ def test_cifar_missing_message_mentions_archive_and_extracted_batches(no_env, tm
   assert "cifar-10-batches-py" in str(e.value) and "test_batch" in str(e.value)
 
 
-def fake_source(content: bytes, name: str = "blob.gz") -> sources.Source:
-  return sources.Source(subdir="fake",
+def fake_source(content: bytes, name: str = "blob.gz") -> catalog.Source:
+  return catalog.Source(subdir="fake",
                         mirrors=("https://a.invalid/", "https://b.invalid/"),
-                        files=(sources.FileSpec(name,
+                        files=(catalog.FileSpec(name,
                                                 len(content),
                                                 sha256=hashlib.sha256(content).hexdigest()),))
 
@@ -504,7 +504,7 @@ def test_download_with_wrong_checksum_is_rejected_and_not_kept(tmp_path, monkeyp
 
 
 def test_file_in_data_dir_with_wrong_checksum_is_rejected(no_env, tmp_path):
-  spec = sources.SOURCES["mnist"].file("t10k-labels-idx1-ubyte.gz")
+  spec = catalog.SOURCES["mnist"].file("t10k-labels-idx1-ubyte.gz")
   content = bytes(spec.size)  # Right size, wrong content.
   path = write(tmp_path / "mnist" / spec.name, content, compress=False)
   with pytest.raises(data.DataError) as e:
@@ -526,10 +526,10 @@ def test_load_verifies_then_parses_then_checks_the_split_size(no_env, tmp_path, 
   write(tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz", images)
   write(tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz", labels)
   specs = tuple(
-      sources.FileSpec(p.name, p.stat().st_size, sha256=hashlib.sha256(p.read_bytes()).hexdigest())
+      catalog.FileSpec(p.name, p.stat().st_size, sha256=hashlib.sha256(p.read_bytes()).hexdigest())
       for p in sorted((tmp_path / "mnist").iterdir()))
-  monkeypatch.setitem(sources.SOURCES, "mnist",
-                      sources.Source("mnist", sources.SOURCES["mnist"].mirrors, specs))
+  monkeypatch.setitem(catalog.SOURCES, "mnist",
+                      catalog.Source("mnist", catalog.SOURCES["mnist"].mirrors, specs))
   with pytest.raises(data.DataError, match="holds 5 examples.*test split of mnist has 10000"):
     data.load("mnist", "test", data_dir=str(tmp_path), download=False)
 
@@ -540,7 +540,7 @@ def test_load_cifar_from_extracted_batches_checks_their_md5(no_env, tmp_path, mo
   with pytest.raises(data.DataError, match="checksum mismatch: expected md5"):
     data.load("cifar10", "test", data_dir=str(tmp_path), download=False)
   md5 = hashlib.md5((batches_dir / "test_batch").read_bytes()).hexdigest()
-  monkeypatch.setattr(loaders, "CIFAR10_BATCH_FILES", (sources.FileSpec("test_batch", md5=md5),))
+  monkeypatch.setattr(loaders, "CIFAR10_BATCH_FILES", (catalog.FileSpec("test_batch", md5=md5),))
   with pytest.raises(data.DataError, match="holds 3 examples.*has 10000"):
     data.load("cifar10", "test", data_dir=str(tmp_path), download=False)
 

@@ -110,9 +110,12 @@ def test_a_property_whose_input_box_is_empty_is_an_error_not_unsat(tmp_path):
     run(tmp_path, "empty", RELU_HALF, text)
 
 
-def test_a_zero_timeout_times_out(tmp_path):
+def test_a_timeout_of_no_time_is_refused_and_a_tiny_one_times_out(tmp_path):
   text = box_text([-1.0], [1.0], 1) + "(assert (<= Y_0 -1))\n"
-  assert run(tmp_path, "relu_half", RELU_HALF, text, timeout=0.0).result == "timeout"
+  for timeout in (0.0, -1.0, float("nan"), float("inf")):
+    with pytest.raises(instances.InputError, match="timeout must be a number of seconds > 0"):
+      run(tmp_path, "relu_half", RELU_HALF, text, timeout=timeout)
+  assert run(tmp_path, "relu_half", RELU_HALF, text, timeout=1e-9).result == "timeout"
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -361,7 +361,7 @@ def test_registry_names_and_is_read_only():
 def test_wrn28_10_fixes_depth_and_width():
   model = models.create("wrn28_10", num_classes=10, input_shape=CIFAR, activation="swish")
   assert (model.depth, model.width, model.activation) == (28, 10, "swish")
-  with pytest.raises(TypeError, match="depth"):
+  with pytest.raises(models.ModelInputError, match="depth"):
     models.create("wrn28_10", num_classes=10, input_shape=CIFAR, depth=34)
 
 
@@ -431,7 +431,7 @@ def test_unknown_model_name_lists_valid_names():
 
 
 def test_unknown_option_is_rejected_naming_accepted_ones():
-  with pytest.raises(TypeError, match=r"\['dropout'\].*hidden"):
+  with pytest.raises(models.ModelInputError, match=r"\['dropout'\].*hidden"):
     models.create("mlp", num_classes=10, input_shape=MNIST, dropout=0.5)
 
 

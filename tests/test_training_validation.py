@@ -9,8 +9,10 @@ import jax
 import numpy as np
 import pytest
 
+from attacks import evaluation
 from robustlib import checkpoints, data
 from training import trainer, validation
+from verify import runs
 from training.configs import digits_mlp
 
 
@@ -83,6 +85,32 @@ def test_the_checkpoint_of_best_robust_validation_accuracy_is_kept(validated_run
   latest = checkpoints.load_run(str(workdir))[2]
   assert best_step == 20 or not np.array_equal(latest["params"]["Dense_0"]["kernel"],
                                                variables["params"]["Dense_0"]["kernel"])
+
+
+def test_evaluations_read_the_best_checkpoint_when_asked(validated_run, tmp_path):
+  workdir, _ = validated_run
+  _, model, best = checkpoints.load_run(str(workdir), best=True)
+  test = data.load("digits", "test")
+  expected = float(
+      np.mean(
+          np.asarray(model.apply(best, test.images[:60], train=False)).argmax(1) ==
+          test.labels[:60]))
+  reports = {}
+  for which in ("latest", "best"):
+    out = tmp_path / which
+    evaluation.evaluate_run(str(workdir),
+                            suite="fgsm",
+                            eps=[0.1],
+                            num_examples=60,
+                            output_dir=str(out),
+                            progress=False,
+                            checkpoint=which)
+    reports[which] = json.loads((out / "attacks.json").read_text())
+  assert reports["best"]["checkpoint"] == "best" and reports["latest"]["checkpoint"] == "latest"
+  assert reports["best"]["clean_accuracy"] == pytest.approx(expected, abs=1e-9)
+  # verify's PGD column is taken only from an attacks.json of the same checkpoint.
+  column = runs.read_pgd(str(tmp_path / "best" / "attacks.json"), [0.1], 60, "digits", "latest")
+  assert column.accuracy is None and "best checkpoint, not its latest" in column.note
 
 
 def test_a_resumed_run_keeps_the_same_best_checkpoint(validated_run, tmp_path):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from robustlib import checkpoints, data, evaluation
+from robustlib import batching, checkpoints, data
 
 
 def check(c, train_size: int) -> None:
@@ -58,12 +58,12 @@ def pseudo_labels(teacher_workdir: str, images: np.ndarray, info: data.DatasetIn
   def predict(v, x):
     return jnp.argmax(model.apply(v, x, train=False), axis=-1).astype(jnp.int32)
 
-  return evaluation.batched_apply(predict,
-                                  images,
-                                  batch_size=batch_size,
-                                  params=variables,
-                                  desc="pseudo-labels",
-                                  progress=False)
+  return batching.batched_apply(predict,
+                                images,
+                                batch_size=batch_size,
+                                params=variables,
+                                desc="pseudo-labels",
+                                progress=False)
 
 
 def prepare(c, train: data.Dataset, *, data_dir: str | None,
@@ -73,7 +73,8 @@ def prepare(c, train: data.Dataset, *, data_dir: str | None,
   """
   check(c, len(train))
   n = int(c.labeled_examples) or len(train)
-  labeled = data.Dataset(train.images[:n], train.labels[:n], train.info) if n < len(train) else train
+  labeled = data.Dataset(train.images[:n], train.labels[:n],
+                         train.info) if n < len(train) else train
   if not c.source:
     return labeled, None
   if c.source == "rest":

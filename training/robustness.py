@@ -17,7 +17,7 @@ import numpy as np
 
 import attacks
 import verify
-from robustlib import evaluation, plotting
+from robustlib import batching, plotting
 
 # AutoAttack's batches in the report: each logs a line, so a long report shows progress.
 AUTOATTACK_BATCH = 100
@@ -31,8 +31,8 @@ def verified_flags(logits_fn: Callable[[jax.Array], jax.Array],
                    batch_size: int = 256) -> np.ndarray:
   """Which of ``(x, y)`` ``verify.certify`` proves robust (bool ``[N]``), in fixed-size batches."""
   n = x.shape[0]
-  xs = evaluation.pad_to_multiple(np.asarray(x), batch_size)
-  ys = evaluation.pad_to_multiple(np.asarray(y), batch_size)
+  xs = batching.pad_to_multiple(np.asarray(x), batch_size)
+  ys = batching.pad_to_multiple(np.asarray(y), batch_size)
   flags = []
   for start in range(0, xs.shape[0], batch_size):
     stop = start + batch_size

@@ -41,16 +41,18 @@ class TrainState:
       return {"params": self.params, "batch_stats": self.batch_stats}
     return {"params": self.params}
 
+  def eval_fields(self) -> dict[str, str]:
+    """Which field holds each variable collection to evaluate: the averaged parameters
+    (and BatchNorm statistics) when there are any. Saved with every checkpoint (the
+    run format of `robustlib.checkpoints`), so a loader needs no field names."""
+    fields = {"params": "ema_params" if self.ema_params else "params"}
+    if self.batch_stats:
+      fields["batch_stats"] = "ema_batch_stats" if self.ema_batch_stats else "batch_stats"
+    return fields
+
   def eval_variables(self) -> dict:
-    """The variables to evaluate: the averaged parameters (and BatchNorm statistics) when
-    there are any."""
-    if not self.ema_params:
-      return self.variables()
-    return self.variables() | {
-        "params": self.ema_params
-    } | ({
-        "batch_stats": self.ema_batch_stats
-    } if self.ema_batch_stats else {})
+    """The variables to evaluate (see `eval_fields`)."""
+    return {name: getattr(self, field) for name, field in self.eval_fields().items()}
 
 
 def create(model,

@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 
 import verify
-from robustlib import checkpoints, data, evaluation, models, parallel
+from robustlib import batching, checkpoints, data, models, parallel
 from robustlib import compilation
 from training import extra_data, methods, optim, robustness, state as state_lib, steps, validation
 from training.configs import default
@@ -166,6 +166,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     The report dict also written to ``workdir/report.json``.
   """
   validate_config(config)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"workdir {workdir!r} is a file, not a directory: give a new or a run's "
+                      "directory")
   main_process = jax.process_index() == 0  # only one process writes files
   _record_config(config, workdir, main_process)
   train, test = _load_data(config)
@@ -242,9 +245,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def eval_apply(variables, x):
     return model.apply(variables, x, train=False)
 
-  test_accuracy = evaluation.accuracy_fn(eval_apply,
-                                         batch_size=config.eval_batch_size,
-                                         sharding=sharded)  # compiled once per run
+  test_accuracy = batching.accuracy_fn(eval_apply,
+                                       batch_size=config.eval_batch_size,
+                                       sharding=sharded)  # compiled once per run
 
   def evaluate(st) -> float:
     return test_accuracy(test.images, test.labels, params=st.eval_variables())
@@ -328,13 +331,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if scores[selection] > best_value:
           best_value = scores[selection]
           if best is not None:
-            checkpoints.save(best, step, state)
+            checkpoints.save(best, step, state, state.eval_fields())
     if save_now:
       # Never right after a non-finite step (unless it is the last): the next finite one is
       # saved instead, so a diverging run keeps its checkpoints from before.
       deferred = bool(streak) and not last
       if not deferred:
-        checkpoints.save(mngr, step, state)
+        checkpoints.save(mngr, step, state, state.eval_fields())
         saved_step = step
   jax.block_until_ready(state)
   seconds = time.perf_counter() - start_time

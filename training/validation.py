@@ -18,7 +18,7 @@ import numpy as np
 
 import attacks
 import verify
-from robustlib import compilation, data, evaluation
+from robustlib import batching, compilation, data
 
 # Methods whose selection metric is IBP accuracy (what they train for); others use PGD.
 CERTIFIED = ("ibp", "crown_ibp", "fast_ibp")
@@ -85,12 +85,12 @@ def make_validate(apply_fn: Callable,
   jitted = compilation.jit(batch)
 
   def validate(variables: dict) -> dict:
-    flags = evaluation.batched_apply(jitted, (validation.images, validation.labels),
-                                     batch_size=batch_size,
-                                     params=(variables, key),
-                                     sharding=sharding,
-                                     desc="validation",
-                                     progress=False)
+    flags = batching.batched_apply(jitted, (validation.images, validation.labels),
+                                   batch_size=batch_size,
+                                   params=(variables, key),
+                                   sharding=sharding,
+                                   desc="validation",
+                                   progress=False)
     return {name: float(np.mean(v)) for name, v in flags.items()}
 
   return validate

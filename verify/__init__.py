@@ -65,3 +65,11 @@ __all__: list[str] = [
     "rounding_allowance",
     "vnnlib",
 ]
+
+# A bound's module is also its function: ``verify.crown(fn, box)`` bounds and
+# ``verify.crown.crown_ibp`` is the module's; the name never hides the module.
+from robustlib import modules as _modules
+
+globals().update(
+    _modules.callable_modules(__name__,
+                              ("alpha_crown", "bab_attack", "beta_crown", "crown", "ibp")))

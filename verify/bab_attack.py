@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from robustlib import compilation
-from robustlib.checks import InputError
+from robustlib.checks import InputError, as_key
 from verify import primitives
 from verify import relu_bab
 from verify.alpha_crown import relu_nodes
@@ -132,6 +132,7 @@ def bab_attack(fn: Callable[[jax.Array], jax.Array],
   """
   start = time.monotonic()
   x = np.asarray(x, np.float32)
+  key = as_key(key)
   if not (np.isscalar(eps) and float(eps) > 0):
     raise InputError(f"eps must be a positive number, got {eps!r}")
   if time_limit <= 0 or dive_limit <= 0:
@@ -271,6 +272,7 @@ def bab_attack_examples(logits_fn: Callable[[jax.Array], jax.Array], x: np.ndarr
     ``[N]``).
   """
   x = np.asarray(x)
+  key = as_key(key)
   shape = x.shape[1:]
   flat = lambda z: logits_fn(z.reshape((z.shape[0],) + shape))
   broken, proven = np.zeros(x.shape[0], bool), np.zeros(x.shape[0], bool)

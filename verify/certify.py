@@ -41,9 +41,8 @@ says otherwise).
 ``--config=FILE.py[:VARIANT]`` (a training config) is optional and only picks
 the data (its ``dataset`` and ``data_dir``); it must name the run's model.
 
-The work is done by `verify.runs.certify_run`; import that, not this script
-(importing ``verify.certify`` would rebind the package attribute
-``verify.certify``, the function, to this module).
+The work is done by `verify.runs.certify_run`. Importing this script keeps
+``verify.certify`` the function too (the module is callable as it).
 """
 
 from __future__ import annotations
@@ -53,8 +52,12 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from robustlib import scripts
+from robustlib import modules, scripts
+from verify import certification
 from verify.runs import METHODS, certify_run, table
+
+certify = certification.certify  # what verify.certify(...) calls once this is imported
+modules.make_callable(__name__)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (with a checkpoint).")
 _ONNX = flags.DEFINE_string(
@@ -76,6 +79,7 @@ _MILP_TIME_LIMIT = flags.DEFINE_float("milp_time_limit", 60.0,
 _BAB_ATTACK_TIME = flags.DEFINE_float(
     "bab_attack_time", 0.0, "Seconds of verify.bab_attack per example left neither verified "
     "nor broken by the attack (0: not run).")
+_CHECKPOINT = scripts.define_checkpoint_flag()
 
 
 def main(argv):
@@ -96,7 +100,8 @@ def main(argv):
                           dataset=dataset,
                           output_dir=_OUTPUT_DIR.value,
                           milp_time_limit=_MILP_TIME_LIMIT.value,
-                          bab_attack_time=_BAB_ATTACK_TIME.value)
+                          bab_attack_time=_BAB_ATTACK_TIME.value,
+                          checkpoint=_CHECKPOINT.value)
   except scripts.USER_ERRORS as e:
     raise app.UsageError(f"{type(e).__name__}: {e}") from None
   print(f"{content['model']} on {content['dataset']}, {content['num_examples']} examples, "

@@ -28,6 +28,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from robustlib import backend
@@ -558,8 +559,17 @@ def _output_backward(out, A, bounds, chunk_size, stop=frozenset()):
   return res.reshape((n_chunks * chunk,) + res.shape[2:])[:s]
 
 
+def check_chunk_size(chunk_size: int | None) -> None:
+  """None (the default size) or an integer >= 1."""
+  if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or
+                                 isinstance(chunk_size, bool) or chunk_size < 1):
+    raise InputError(f"chunk_size must be an integer >= 1 or None (a size by the backend "
+                     f"policy), got {chunk_size!r}")
+
+
 @primitives.highest_precision
 def _bound(fn, interval, spec, method, chunk_size):
+  check_chunk_size(chunk_size)
   graph, boxes, out, out_shape, spec = _prepare(fn, interval, spec)
   bounds = intermediate_bounds(graph, boxes, method, chunk_size)
   A, logits = _spec_rows(out_shape, spec, interval.dtype)
@@ -619,6 +629,7 @@ def lower_bounds(fn: Callable,
                  method: str,
                  chunk_size: int | None = None) -> jax.Array:
   """Only the lower bounds ``[N, S]`` of ``spec @ fn(x)`` (half the work of `crown`)."""
+  check_chunk_size(chunk_size)
   graph, boxes, out, out_shape, spec = _prepare(fn, interval, spec)
   if method == "ibp":
     bounds = ibp_propagate(graph, boxes)

@@ -18,13 +18,20 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from robustlib import compilation
+from robustlib.checks import InputError, as_key
 from verify.unsafe import UnsafeSet
 
 
-@compilation.jit(static_argnames=("fn", "steps", "restarts"))
+def _check_runs(steps: int, restarts: int) -> None:
+  for value, name in ((steps, "steps"), (restarts, "restarts")):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 def falsify(fn: Callable[[jax.Array], jax.Array],
             lower: jax.Array,
             upper: jax.Array,
@@ -34,12 +41,17 @@ def falsify(fn: Callable[[jax.Array], jax.Array],
             restarts: int = 4) -> tuple[jax.Array, jax.Array]:
   """The least safe point found in the box ``[lower, upper]`` by `falsify_runs`: ``(x [...],
   safety [])`` (<= 0: a candidate counterexample)."""
-  bx, bs = falsify_runs(fn, lower, upper, unsafe, key, steps, restarts)
+  _check_runs(steps, restarts)
+  return _falsify(fn, lower, upper, unsafe, as_key(key), steps, restarts)
+
+
+@compilation.jit(static_argnames=("fn", "steps", "restarts"))
+def _falsify(fn, lower, upper, unsafe, key, steps, restarts):
+  bx, bs = _falsify_runs(fn, lower, upper, unsafe, key, steps, restarts)
   i = jnp.argmin(bs)
   return bx[i], bs[i]
 
 
-@compilation.jit(static_argnames=("fn", "steps", "restarts"))
 def falsify_runs(fn: Callable[[jax.Array], jax.Array],
                  lower: jax.Array,
                  upper: jax.Array,
@@ -62,7 +74,16 @@ def falsify_runs(fn: Callable[[jax.Array], jax.Array],
   Returns:
     ``(x [P * restarts, ...], safety [P * restarts])``: each run's point and its
     safety (<= 0: a candidate counterexample).
+
+  Raises:
+    InputError: for ``steps`` or ``restarts`` below 1, or a key that is none.
   """
+  _check_runs(steps, restarts)
+  return _falsify_runs(fn, lower, upper, unsafe, as_key(key), steps, restarts)
+
+
+@compilation.jit(static_argnames=("fn", "steps", "restarts"))
+def _falsify_runs(fn, lower, upper, unsafe, key, steps, restarts):
   p = unsafe.num_polytopes
   n = p * restarts
   width = upper - lower

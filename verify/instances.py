@@ -156,6 +156,7 @@ def decide(fn: Callable[[jax.Array], jax.Array],
   """
   if complete not in COMPLETE:
     raise InputError(f"complete must be one of {COMPLETE}, got {complete!r}")
+  check_timeout(timeout)
   dtype = precision_dtype(precision)
   start = time.monotonic()
   deadline = start + timeout
@@ -339,12 +340,21 @@ def _onnxruntime_reference(model_bytes: bytes, model: ronnx.OnnxModel):
   return run
 
 
+def check_timeout(timeout: float, where: str = "timeout") -> float:
+  """``timeout`` as seconds, refused unless a finite number > 0."""
+  if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.floating, np.integer)) \
+      or not 0 < float(timeout) < float("inf"):
+    raise InputError(f"{where} must be a number of seconds > 0, got {timeout!r}")
+  return float(timeout)
+
+
 def run_instance(onnx_path: str | os.PathLike, vnnlib_path: str | os.PathLike, timeout: float,
                  **options) -> tuple[Decision, float]:
   """Loads and decides one instance; returns the decision and the preparation time (s).
 
   With ``precision="float64"`` the network computes in float64 (`robustlib.onnx.load`).
   """
+  check_timeout(timeout)
   start = time.monotonic()
   model_bytes = _read_bytes(onnx_path)
   dtype = precision_dtype(options.get("precision", "float32"))
@@ -374,6 +384,7 @@ def read_instances(path: str | os.PathLike,
         timeout = float(row[2])
       except ValueError:
         raise InputError(f"{path}:{i}: timeout {row[2]!r} is not a number") from None
+      check_timeout(timeout, f"{path}:{i}: the timeout")
       rows.append((str(root / row[0].strip()), str(root / row[1].strip()), timeout))
   if not rows:
     raise InputError(f"{path} lists no instances")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from robustlib import checks, plotting, sources
 from robustlib import compilation
-from robustlib.evaluation import pad_to_multiple
+from robustlib.batching import pad_to_multiple
 from verify.bab_attack import bab_attack_examples
 from verify import certification
 from verify import milp
@@ -71,10 +71,15 @@ def _no_column(note: str) -> AttackColumn:
   return AttackColumn(None, None, "", f"no PGD column: {note}")
 
 
-def read_pgd(path: str, eps: Sequence[float], num_examples: int, dataset: str) -> AttackColumn:
+def read_pgd(path: str,
+             eps: Sequence[float],
+             num_examples: int,
+             dataset: str,
+             checkpoint: str | None = None) -> AttackColumn:
   """PGD accuracies (and flags) at ``eps`` on the first ``num_examples`` examples, from an attacks.json.
 
-  Radius 0 is not reported missing: its robust accuracy is the clean one.
+  Radius 0 is not reported missing: its robust accuracy is the clean one. A file of
+  another checkpoint of the run (``checkpoint``: ``"latest"`` or ``"best"``) is not used.
   """
   if not os.path.exists(path):
     return _no_column(f"{path} is absent (run `python -m attacks.evaluate --workdir=DIR "
@@ -86,6 +91,9 @@ def read_pgd(path: str, eps: Sequence[float], num_examples: int, dataset: str) -
       return _no_column(f"{path} holds {report['norm']} attacks, not linf")
     if report.get("dataset", dataset) != dataset:
       return _no_column(f"{path} was measured on {report['dataset']!r}")
+    if checkpoint is not None and report.get("checkpoint", "latest") != checkpoint:
+      return _no_column(f"{path} attacked the run's {report.get('checkpoint', 'latest')} "
+                        f"checkpoint, not its {checkpoint}")
     flags_ = report.get("robust_flags")
     if flags_ is not None and len(flags_[0]) >= num_examples:
       rows = [np.asarray(row[:num_examples], bool) for row in flags_]
@@ -213,7 +221,8 @@ def certify_run(workdir: str | None = None,
                 dataset: str | None = None,
                 output_dir: str | None = None,
                 milp_time_limit: float = 60.0,
-                bab_attack_time: float = 0.0) -> dict:
+                bab_attack_time: float = 0.0,
+                checkpoint: str = "latest") -> dict:
   """Verified accuracy of a training run's latest checkpoint, or an ONNX network, on a test split.
 
   Args:
@@ -241,6 +250,7 @@ def certify_run(workdir: str | None = None,
       radius that no method verifies and the attack (``attacks.json``, when it has
       per-example flags) leaves robust; 0: not run. Its counterexamples (and proofs)
       narrow the gap between the two columns.
+    checkpoint: the run's ``"latest"`` or ``"best"`` checkpoint (`robustlib.sources`).
 
   Returns:
     The content written to ``verify.json``.
@@ -260,7 +270,8 @@ def certify_run(workdir: str | None = None,
                                onnx=onnx,
                                dataset=dataset,
                                data_dir=data_dir,
-                               num_examples=num_examples)
+                               num_examples=num_examples,
+                               checkpoint=checkpoint)
   images, labels, logits_fn = test.images, test.labels, test.logits_fn
   output_dir = output_dir or workdir or os.path.dirname(test.source)
   checks.check_images(images, bounds=(0.0, 1.0))
@@ -293,7 +304,7 @@ def certify_run(workdir: str | None = None,
                  ", ".join(f"{v:.2%}" for v in verified[method].mean(axis=1)), seconds[method])
 
   pgd, attacked, suite, note = read_pgd(os.path.join(workdir or output_dir, ATTACKS_FILE), eps, n,
-                                        test.dataset)
+                                        test.dataset, checkpoint if onnx is None else None)
   contradictions = None
   if pgd is not None:  # at radius 0 there is nothing to attack
     pgd = [float(clean.mean()) if v is None and e == 0 else v for e, v in zip(eps, pgd)]
@@ -309,6 +320,7 @@ def certify_run(workdir: str | None = None,
       "workdir": test.source,
       "dataset": test.dataset,
       "model": test.model,
+      "checkpoint": checkpoint if onnx is None else None,
       "norm": "linf",
       "num_examples": n,
       "eps": list(eps),

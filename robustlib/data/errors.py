@@ -1,7 +1,9 @@
 """The single exception type raised for every data problem."""
 
+from robustlib.checks import InputError
 
-class DataError(ValueError):
+
+class DataError(InputError):
   """A data set could not be found, fetched, verified or parsed.
 
     The message always says what is wrong and what to do about it: which files

@@ -9,7 +9,7 @@ import tempfile
 import urllib.request
 
 from robustlib.data.errors import DataError
-from robustlib.data.sources import FileSpec, Source
+from robustlib.data.catalog import FileSpec, Source
 
 DATA_DIR_ENV = "ROBUSTLIB_DATA_DIR"
 CACHE_DIR_ENV = "ROBUSTLIB_CACHE_DIR"

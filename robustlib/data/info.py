@@ -157,6 +157,9 @@ def info(name: str) -> DatasetInfo:
         >>> info("mnist").input_shape
         (28, 28, 1)
     """
+  if not isinstance(name, str):
+    raise DataError(f"a data set's name must be a string, got {name!r}; valid names are "
+                    f"{', '.join(valid_names())}.")
   if name in _BASE_INFOS:
     return _BASE_INFOS[name]
   if name.startswith(SYNTHETIC_PREFIX) and name[len(SYNTHETIC_PREFIX):] in _BASE_INFOS:

@@ -9,7 +9,7 @@ from robustlib.data.dataset import Dataset, from_uint8
 from robustlib.data.errors import DataError
 from robustlib.data.files import locate, resolve_cache_dir, resolve_data_dir, verify_file
 from robustlib.data.info import SYNTHETIC_PREFIX, DatasetInfo, check_split, info
-from robustlib.data.sources import CIFAR10_BATCH_FILES, SOURCES
+from robustlib.data.catalog import CIFAR10_BATCH_FILES, SOURCES
 
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
 

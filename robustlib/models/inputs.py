@@ -10,9 +10,11 @@ from typing import Sequence
 
 import jax.numpy as jnp
 
+from robustlib.checks import InputError
 
-class ModelInputError(ValueError):
-  """An input, or its normalization statistics, does not fit the model."""
+
+class ModelInputError(InputError):
+  """An input, its normalization statistics or an option does not fit the model."""
 
 
 def check_input(x, input_shape: Sequence[int], name: str = "x") -> None:

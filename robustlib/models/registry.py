@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from robustlib.checks import as_key
 from robustlib.models.ensemble import Ensemble
 from robustlib.models.geometry import min_input_size, output_size
 from robustlib.models.ibp_cnns import CNN7, CNNLarge, CNNMedium, CNNSmall
@@ -120,25 +121,29 @@ def create(
     The unbound module; initialize it with ``init``.
 
   Raises:
-    ValueError: naming the valid names, if ``name`` is unknown.
-    TypeError: naming the accepted options, if a keyword is not one of them.
-    ModelInputError: if the model cannot take ``input_shape`` (too small for
-      its convolutions, not of rank 3) or ``mean``/``std`` do not fit it.
+    ModelInputError: naming the valid names if ``name`` is unknown, or the
+      accepted options if a keyword is not one of them; if ``num_classes`` or
+      ``ensemble`` is not an integer >= 1; if the model cannot take
+      ``input_shape`` (too small for its convolutions, not of rank 3) or
+      ``mean``/``std`` do not fit it.
     ValueError: if an option has an invalid value (e.g. a WideResNet depth).
   """
   if name not in MODELS:
-    raise ValueError(f"unknown model {name!r}; valid names: {sorted(MODELS)}")
+    raise ModelInputError(f"unknown model {name!r}; valid names: {sorted(MODELS)}")
   cls = MODELS[name]
   preset = _PRESETS.get(name, {})
   options = [o for o in _options(cls) if o not in preset]
   unknown = sorted(set(kwargs) - set(options))
   if unknown:
-    raise TypeError(f"{name} got unknown options {unknown}; it accepts {options} "
-                    f"besides {list(_SET_BY_CREATE)}")
+    raise ModelInputError(f"{name} got unknown options {unknown}; it accepts {options} "
+                          f"besides {list(_SET_BY_CREATE)}")
   # Lists (from JSON or YAML configs) become tuples: module attributes must be hashable.
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
   if not isinstance(ensemble, numbers.Integral) or isinstance(ensemble, bool) or ensemble < 1:
-    raise ValueError(f"ensemble must be a number of members >= 1, got {ensemble!r}")
+    raise ModelInputError(f"ensemble must be a number of members >= 1, got {ensemble!r}")
+  if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes,
+                                                                 bool) or num_classes < 1:
+    raise ModelInputError(f"num_classes must be an integer >= 1, got {num_classes!r}")
   model = cls(num_classes=num_classes, mean=tuple(mean), std=tuple(std), **preset, **kwargs)
   check_input_shape(model, input_shape, name)
   return Ensemble(model, int(ensemble)) if ensemble > 1 else model
@@ -175,5 +180,6 @@ def init(model: nn.Module, key: jax.Array, input_shape: Sequence[int]) -> dict[s
     ModelInputError: as ``check_input_shape``.
   """
   check_input_shape(model, input_shape)
+  key = as_key(key)
   initialize = _init if isinstance(key, jax.core.Tracer) else _init_top_level
   return dict(initialize(model, key, tuple(int(d) for d in input_shape)))

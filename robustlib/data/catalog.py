@@ -1,4 +1,5 @@
-"""Where each data file comes from and the checksum it must have: the one table."""
+"""The catalog of official data files: where each comes from (its mirrors) and the checksum
+it must have; the one table."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from robustlib import compilation
 from robustlib import parallel
-from robustlib.checks import check_images, check_labels
+from robustlib.checks import check_images, check_labels, check_logits_shape
 
 
 def pad_to_multiple(x: np.ndarray, multiple: int) -> np.ndarray:
@@ -102,6 +102,9 @@ def accuracy_fn(
   def accuracy_of(x, y, params: Any = None, progress: bool = False) -> float:
     check_images(x, bounds=bounds)
     check_labels(y, num_examples=np.shape(x)[0])
+    first = jax.ShapeDtypeStruct((1,) + np.shape(x)[1:], jnp.result_type(x))
+    out = jax.eval_shape(logits_fn, *((first,) if params is None else (params, first)))
+    check_labels(y, num_classes=check_logits_shape(out, 1, min_classes=1, what="accuracy"))
     pred = batched_apply(predict,
                          x,
                          batch_size=batch_size,
