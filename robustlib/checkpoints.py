@@ -300,7 +300,12 @@ def load_run(workdir: str, step: int | None = None, best: bool = False):
     raise CheckpointError(f"no checkpoint in {os.path.join(workdir, subdir)}{hint}")
   on_one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if step is not None:
-    state = restore_on(mngr, step, on_one)
+    if step not in mngr.all_steps():
+      raise CheckpointError(f"no step {step} in {mngr.directory}; it holds {mngr.all_steps()}")
+    state, problem = _problem(lambda s: restore_on(mngr, s, on_one), step)
+    if problem is not None:
+      raise CheckpointError(f"step {step} in {mngr.directory} is unusable: {problem} (restore "
+                            "it from a copy, or load another step)")
   else:
     step, state = newest_usable(mngr, lambda s: restore_on(mngr, s, on_one))
   fields = _custom_metadata(mngr, step).get(VARIABLES_KEY) or {

@@ -245,6 +245,20 @@ def test_a_byte_flipped_step_is_refused_by_its_checksum_and_the_one_before_is_lo
       for a, b in zip(jax.tree.leaves(loaded["params"]), jax.tree.leaves(variables["params"])))
 
 
+def test_an_unusable_or_missing_step_asked_for_by_number_is_one_clear_error(tmp_path):
+  variables = models.init(MLP, 0, (28, 28, 1))
+  checkpoints.write_config(str(tmp_path), {"model": "mlp", "dataset": "mnist"})
+  checkpoints.save(checkpoints.manager(str(tmp_path)), 3, {"params": variables["params"]})
+  with pytest.raises(checkpoints.CheckpointError, match=r"no step 4 .*; it holds \[3\]"):
+    checkpoints.load_run(str(tmp_path), step=4)
+  for path in (tmp_path / "checkpoints" / "3").rglob("*"):
+    if path.is_file() and path.parent.name == "d":
+      path.write_bytes(path.read_bytes()[:100])  # truncated
+  with pytest.raises(checkpoints.CheckpointError,
+                     match="step 3 .* is unusable: it does not restore"):
+    checkpoints.load_run(str(tmp_path), step=3)
+
+
 def test_the_checksum_sees_one_flipped_bit_in_any_leaf_and_dtype():
   tree = {
       "w": jnp.linspace(-1, 1, 1000),

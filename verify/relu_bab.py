@@ -323,6 +323,11 @@ def bound_and_branch(fn, root: Root, splits, beta, *, steps, lr, lr_beta, branch
   return safety, _sparse_beta(relus, splits, params["beta"]), branch, x, x_safety
 
 
+# A network's weights are constants of these programs: XLA would fold every bound that
+# depends on them alone (the root's intermediate bounds of each convolution's neurons:
+# some 25 s of compilation apiece on a small CNN), which they compute once anyway.
+NO_CONSTANT_FOLDING = {"xla_disable_hlo_passes": "constant_folding"}
+
 _bound_root = compilation.jit(bound_and_branch,
                               static_argnames=("fn", "steps", "lr", "lr_beta", "branching",
                                                "candidates"))
@@ -391,7 +396,7 @@ class Setup:
   num_unstable: int
 
 
-@compilation.jit(static_argnames=("fn", "root_steps", "lr"))
+@compilation.jit(static_argnames=("fn", "root_steps", "lr"), compiler_options=NO_CONSTANT_FOLDING)
 @primitives.highest_precision
 def _root(fn, lo, hi, unsafe: UnsafeSet, *, root_steps, lr):
   box = Interval(lo, hi)
