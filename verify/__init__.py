@@ -19,7 +19,8 @@ from verify.alpha_crown import alpha_crown
 from verify.bab import BabResult, branch_and_bound
 from verify.bab_attack import BabAttackResult, bab_attack, bab_attack_examples
 from verify.beta_crown import ReluLayer, beta_crown, relu_layers
-from verify.certification import METHODS, certify, margin_bounds
+from verify import specs
+from verify.certification import METHODS, certify, certify_spec, margin_bounds, spec_bounds
 from verify.crown import crown, crown_ibp
 from verify.falsification import falsify, falsify_runs
 from verify.ibp import ibp, relu_input_bounds
@@ -49,6 +50,7 @@ __all__: list[str] = [
     "beta_crown",
     "branch_and_bound",
     "certify",
+    "certify_spec",
     "crown",
     "crown_ibp",
     "decide",
@@ -63,6 +65,8 @@ __all__: list[str] = [
     "relu_input_bounds",
     "relu_layers",
     "rounding_allowance",
+    "spec_bounds",
+    "specs",
     "vnnlib",
 ]
 

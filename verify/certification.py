@@ -18,8 +18,8 @@ from robustlib.checks import check_logits_shape
 from verify import rounding
 from verify.alpha_crown import alpha_crown
 from verify.crown import lower_bounds
-from verify.interval import linf_ball
-from verify.specs import margin_spec
+from verify.interval import Interval, linf_ball
+from verify.specs import Specification, margin_spec
 
 METHODS = ("ibp", "crown_ibp", "crown", "alpha_crown")
 
@@ -81,19 +81,91 @@ def margin_bounds(logits_fn: Callable,
   return lower_bounds(logits_fn, box, spec, method, chunk_size)
 
 
+def _proven(fn, box, spec, method, lower, ibp_lower) -> jax.Array:
+  """bool ``[N, S]``: each row's lower bound (``method``'s, and IBP's) exceeds its pass's
+  rounding allowance."""
+  allow = rounding.allowance(fn, box, spec)
+  if method == "ibp":
+    return lower - allow > 0
+  # Both are sound: each row is proven by the tighter, less its own pass's allowance.
+  ibp = ibp_lower - allow
+  if method in rounding.BACKWARD_PASSES:
+    allow = rounding.allowance(fn, box, spec, "crown", errors="backward")
+  return jnp.maximum(lower - allow, ibp) > 0
+
+
 @compilation.jit(static_argnames=("logits_fn", "method", "bounds", "chunk_size"))
 def _certify_jit(logits_fn, x, y, eps, method, bounds, chunk_size):
   lower = margin_bounds(logits_fn, x, y, eps, method, bounds, chunk_size)
   spec = margin_spec(y, lower.shape[1] + 1)
   box = linf_ball(x, eps, bounds)
-  allow = rounding.allowance(logits_fn, box, spec)
-  if method == "ibp":
-    return jnp.all(lower - allow > 0, axis=1)
-  # Both are sound: each margin is proven by the tighter, less its own pass's allowance.
-  ibp = margin_bounds(logits_fn, x, y, eps, "ibp", bounds, chunk_size) - allow
-  if method in rounding.BACKWARD_PASSES:
-    allow = rounding.allowance(logits_fn, box, spec, "crown", errors="backward")
-  return jnp.all(jnp.maximum(lower - allow, ibp) > 0, axis=1)
+  ibp = None if method == "ibp" else margin_bounds(logits_fn, x, y, eps, "ibp", bounds, chunk_size)
+  return jnp.all(_proven(logits_fn, box, spec, method, lower, ibp), axis=1)
+
+
+def spec_bounds(fn: Callable,
+                interval: Interval,
+                spec: Specification,
+                method: str = "crown",
+                chunk_size: int | None = None,
+                alpha_steps: int = 20,
+                alpha_lr: float = 0.1) -> jax.Array:
+  """Lower bounds ``[N, S]`` of a `Specification`'s rows ``spec.rows(x, fn(x))`` over the
+  box (jittable; without the rounding allowance, see `certify_spec`).
+
+  Args:
+    fn: ``fn(x) -> [N, K]``.
+    interval: the input box ``[N, ...]``.
+    spec: e.g. `verify.specs.probability_mass`, `output_box`, `halfspaces`, `conserves`.
+    method: one of `METHODS`.
+    chunk_size, alpha_steps, alpha_lr: as `margin_bounds`.
+
+  Raises:
+    InputError: for an unknown method or a spec that is not a `Specification`;
+    UnsupportedPrimitiveError: for a spec (or network) the interpreter cannot bound,
+      naming the primitive and the line.
+  """
+  if method not in METHODS:
+    raise InputError(f"method must be one of {METHODS}, got {method!r}")
+  if not isinstance(spec, Specification):
+    raise InputError(f"spec must be a verify.specs.Specification, got {type(spec).__name__}")
+  g = spec.of(fn)
+  rows = jax.eval_shape(g, jax.ShapeDtypeStruct(interval.lower.shape, interval.lower.dtype))
+  if len(rows.shape) != 2 or rows.shape[0] != interval.lower.shape[0]:
+    raise InputError(f"spec {spec.name!r} must give rows [N, S]; it gives shape {rows.shape}")
+  eye = jnp.broadcast_to(jnp.eye(rows.shape[1], dtype=rows.dtype),
+                         (rows.shape[0],) + (rows.shape[1],) * 2)
+  if method == "alpha_crown":
+    return alpha_crown(g,
+                       interval,
+                       eye,
+                       steps=alpha_steps,
+                       lr=alpha_lr,
+                       chunk_size=chunk_size,
+                       lower_only=True)
+  return lower_bounds(g, interval, eye, method, chunk_size)
+
+
+@compilation.jit(static_argnames=("fn", "spec", "method", "chunk_size"))
+def certify_spec(fn: Callable,
+                 interval: Interval,
+                 spec: Specification,
+                 method: str = "crown",
+                 chunk_size: int | None = None) -> jax.Array:
+  """Where a `Specification` provably holds on the whole box (Qin et al. 2019): bool
+  ``[N]``, True when every row's lower bound (the method's, or IBP's) exceeds its
+  rounding allowance, as `certify` proves margins: for the real-valued function and its
+  float32 evaluation at every float32 point of the box.
+
+  Example:
+    >>> spec = verify.specs.probability_mass([0, 1], 10, 0.5)
+    >>> holds = verify.certify_spec(logits_fn, verify.linf_ball(x, 0.1), spec)
+  """
+  lower = spec_bounds(fn, interval, spec, method, chunk_size)
+  g = spec.of(fn)
+  eye = jnp.broadcast_to(jnp.eye(lower.shape[1], dtype=lower.dtype), lower.shape + lower.shape[1:])
+  ibp = None if method == "ibp" else spec_bounds(fn, interval, spec, "ibp", chunk_size)
+  return jnp.all(_proven(g, interval, eye, method, lower, ibp), axis=1)
 
 
 def _round_up(eps) -> np.ndarray:
