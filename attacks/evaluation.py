@@ -676,8 +676,8 @@ def evaluate_run(workdir: str | None = None,
                  model=test.model,
                  seed=seed,
                  batch_size=batch_size,
-                 checkpoint=checkpoint if onnx is None else None,
                  num_devices=jax.device_count())
+  content[sources.CHECKPOINT_FIELD] = checkpoint if onnx is None else None
   if jax.process_index() == 0:
     _write_json(os.path.join(output_dir, "attacks.json"), content)
   return report

@@ -23,6 +23,7 @@ from robustlib.checks import InputError
 from robustlib.pipelines import LogitsFn, as_logits_fn
 
 CHECKPOINTS = ("latest", "best")  # which checkpoint of a run `load_test_set` evaluates
+CHECKPOINT_FIELD = "checkpoint"  # where a result file records which one it evaluated
 
 
 @dataclasses.dataclass(frozen=True)

@@ -167,3 +167,24 @@ def test_a_specification_the_interpreter_cannot_bound_names_the_primitive():
 def test_bad_specifications_are_refused(make, message):
   with pytest.raises(InputError, match=message):
     make()
+
+
+def test_a_specification_for_another_number_of_outputs_is_refused():
+  fn = lambda x: x @ jnp.ones((2, 4))  # pylint: disable=unnecessary-lambda-assignment
+  box = verify.Interval(jnp.zeros((1, 2)), jnp.ones((1, 2)))
+  for spec in (specs.probability_mass([0], 3, 0.5), specs.output_box([0.0], [1.0]),
+               specs.halfspaces(np.ones((1, 5)), np.ones(1))):
+    with pytest.raises(InputError, match="is written for"):
+      verify.spec_bounds(fn, box, spec)
+  with pytest.raises(InputError, match="compares a state with the model's next state"):
+    verify.spec_bounds(fn, box, specs.conserves(lambda s: s[:, 0], 1.0))
+
+
+def test_a_specifications_arrays_are_its_own():
+  lower = np.array([0.0, 0.0])
+  spec = specs.output_box(lower, [1.0, 1.0])
+  lower[0] = 0.5  # the caller's array changes; the spec (a compiled program's key) does not
+  fn = lambda x: x  # pylint: disable=unnecessary-lambda-assignment
+  box = verify.Interval(jnp.full((1, 2), 0.1), jnp.full((1, 2), 0.2))
+  assert bool(verify.certify_spec(fn, box, spec, "ibp")[0])
+  assert np.asarray(verify.spec_bounds(fn, box, spec, "ibp"))[0, 0] == pytest.approx(0.1)

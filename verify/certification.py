@@ -129,8 +129,13 @@ def spec_bounds(fn: Callable,
     raise InputError(f"method must be one of {METHODS}, got {method!r}")
   if not isinstance(spec, Specification):
     raise InputError(f"spec must be a verify.specs.Specification, got {type(spec).__name__}")
+  x = jax.ShapeDtypeStruct(interval.lower.shape, interval.lower.dtype)
+  out = jax.eval_shape(fn, x)
+  if spec.outputs is not None and (len(out.shape) != 2 or out.shape[1] != spec.outputs):
+    raise InputError(f"spec {spec.name!r} is written for {spec.outputs} outputs; the network "
+                     f"gives shape {out.shape}")
   g = spec.of(fn)
-  rows = jax.eval_shape(g, jax.ShapeDtypeStruct(interval.lower.shape, interval.lower.dtype))
+  rows = jax.eval_shape(g, x)
   if len(rows.shape) != 2 or rows.shape[0] != interval.lower.shape[0]:
     raise InputError(f"spec {spec.name!r} must give rows [N, S]; it gives shape {rows.shape}")
   eye = jnp.broadcast_to(jnp.eye(rows.shape[1], dtype=rows.dtype),

@@ -91,9 +91,9 @@ def read_pgd(path: str,
       return _no_column(f"{path} holds {report['norm']} attacks, not linf")
     if report.get("dataset", dataset) != dataset:
       return _no_column(f"{path} was measured on {report['dataset']!r}")
-    if checkpoint is not None and report.get("checkpoint", "latest") != checkpoint:
-      return _no_column(f"{path} attacked the run's {report.get('checkpoint', 'latest')} "
-                        f"checkpoint, not its {checkpoint}")
+    attacked = report.get(sources.CHECKPOINT_FIELD, "latest")
+    if checkpoint is not None and attacked != checkpoint:
+      return _no_column(f"{path} attacked the run's {attacked} checkpoint, not its {checkpoint}")
     flags_ = report.get("robust_flags")
     if flags_ is not None and len(flags_[0]) >= num_examples:
       rows = [np.asarray(row[:num_examples], bool) for row in flags_]
@@ -320,7 +320,7 @@ def certify_run(workdir: str | None = None,
       "workdir": test.source,
       "dataset": test.dataset,
       "model": test.model,
-      "checkpoint": checkpoint if onnx is None else None,
+      sources.CHECKPOINT_FIELD: checkpoint if onnx is None else None,
       "norm": "linf",
       "num_examples": n,
       "eps": list(eps),

@@ -64,11 +64,15 @@ class Specification:
   Attributes:
     rows: ``(x [N, ...], out [N, K]) -> [N, S]``, made of primitives the interpreter
       bounds (`verify.SUPPORTED_PRIMITIVES`: softmax, log, exp, products, squares...);
-      row ``s`` of example ``n`` is positive where the property holds.
+      row ``s`` of example ``n`` is positive where the property holds. Each example's
+      rows must depend on that example alone (no reordering or mixing of the batch).
     name: what it says, for messages and tables.
+    outputs: the number of outputs ``K`` the rows are written for (None: any);
+      `verify.spec_bounds` refuses a network with another.
   """
   rows: Callable[[jax.Array, jax.Array], jax.Array]
   name: str
+  outputs: int | None = None
 
   def of(self, fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
     """The function whose lower bounds prove it: ``x -> rows(x, fn(x))`` ``[N, S]``."""
@@ -105,17 +109,32 @@ def probability_mass(classes: Sequence[int], num_classes: int, threshold: float)
 
   def rows(x, out):
     del x
-    return (jax.nn.logsumexp(out[:, chosen], axis=1) - jax.nn.logsumexp(out[:, rest], axis=1) -
-            offset)[:, None]
+    return (_logsumexp(out[:, chosen]) - _logsumexp(out[:, rest]) - offset)[:, None]
 
-  return Specification(rows, f"P(classes {chosen.tolist()}) > {t:g}")
+  return Specification(rows, f"P(classes {chosen.tolist()}) > {t:g}", int(num_classes))
+
+
+def _logsumexp(z: jax.Array) -> jax.Array:
+  """``log(sum(exp(z)))`` over the last axis, shifted by its maximum: ``jax.nn.logsumexp``
+  without its guard for infinite maxima, a selection on the input whose rounding error the
+  allowance would take as the logits' whole range."""
+  m = jax.lax.stop_gradient(jnp.max(z, axis=-1))
+  return m + jnp.log(jnp.sum(jnp.exp(z - m[..., None]), axis=-1))
+
+
+def _frozen(values, dtype) -> np.ndarray:
+  """A read-only copy: a spec is a compiled program's static argument, so its arrays never
+  change after it is made."""
+  out = np.array(values, dtype, copy=True)
+  out.setflags(write=False)
+  return out
 
 
 def output_box(lower: jax.typing.ArrayLike, upper: jax.typing.ArrayLike) -> Specification:
   """An output-set specification (regression): every output stays in ``(lower, upper)``
   (``[K]`` each; ``-inf``/``inf`` for an unbounded side). Rows ``[out - lower, upper - out]``
   for the finite sides."""
-  lower, upper = np.asarray(lower, np.float64), np.asarray(upper, np.float64)
+  lower, upper = _frozen(lower, np.float64), _frozen(upper, np.float64)
   if lower.ndim != 1 or lower.shape != upper.shape or not np.all(lower < upper):
     raise InputError(f"lower and upper must be vectors [K] with lower < upper, got {lower} and "
                      f"{upper}")
@@ -129,21 +148,22 @@ def output_box(lower: jax.typing.ArrayLike, upper: jax.typing.ArrayLike) -> Spec
         [out[:, low] - lower[low].astype(out.dtype), upper[high].astype(out.dtype) - out[:, high]],
         axis=1)
 
-  return Specification(rows, f"output in [{lower.tolist()}, {upper.tolist()}]")
+  return Specification(rows, f"output in [{lower.tolist()}, {upper.tolist()}]", lower.size)
 
 
 def halfspaces(a: jax.typing.ArrayLike, b: jax.typing.ArrayLike) -> Specification:
   """An output-set specification: ``a @ out < b`` (``a [S, K]``, ``b [S]``), the output
   inside a polytope. Rows ``b - a @ out``."""
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  if a.ndim != 2 or b.shape != (a.shape[0],):
-    raise InputError(f"a must be [S, K] and b [S], got shapes {a.shape} and {b.shape}")
+  a, b = _frozen(a, np.float32), _frozen(b, np.float32)
+  if a.ndim != 2 or b.shape != (a.shape[0],) or not a.size:
+    raise InputError(f"a must be [S, K] and b [S] with S, K >= 1, got shapes {a.shape} and "
+                     f"{b.shape}")
 
   def rows(x, out):
     del x
     return b.astype(out.dtype) - out @ a.T.astype(out.dtype)
 
-  return Specification(rows, f"{a.shape[0]} half-spaces")
+  return Specification(rows, f"{a.shape[0]} half-spaces", a.shape[1])
 
 
 def conserves(quantity: Callable[[jax.Array], jax.Array], tolerance: float) -> Specification:
@@ -155,7 +175,10 @@ def conserves(quantity: Callable[[jax.Array], jax.Array], tolerance: float) -> S
     raise InputError(f"tolerance must be > 0, got {tolerance!r}")
 
   def rows(x, out):
-    change = quantity(out) - quantity(x.reshape(out.shape))
+    if x.shape != out.shape:
+      raise InputError(f"conserves compares a state with the model's next state: the input "
+                       f"has shape {x.shape}, the output {out.shape}")
+    change = quantity(out) - quantity(x)
     return jnp.stack([tol - change, tol + change], axis=1)
 
   return Specification(rows, f"conserved to within {tol:g}")
