@@ -502,16 +502,31 @@ def _check_batch_axes(fn: Callable, interval: Interval, graph: Graph) -> None:
   example: a node whose first axis does not grow by one (a transposed batch, a
   mean over the batch) is refused, naming it. A function that only runs at its
   own batch size gets the weaker check that every node's first axis is the batch
-  size.
+  size. Shapes alone miss an operation that keeps them while reordering or
+  mixing examples (``x[::-1]``, a cumulative sum or a product over the batch):
+  each node's record must also say that its row ``i`` depends on row ``i`` of
+  its operands only (`verify.primitives.Primitive.rows`).
   """
   n = interval.shape[0]
-  grown = (n + 1,) + tuple(interval.shape[1:])
-  probe = Interval(jnp.zeros(grown, interval.dtype), jnp.zeros(grown, interval.dtype))
-  try:
-    other, _ = build_graph(fn, [probe])
-  except Exception:  # pylint: disable=broad-except
-    # A function of one batch size (it closes over per-example constants): only the shapes
-    # can be checked.
+  zeros = lambda shape: Interval(jnp.zeros(shape, interval.dtype), jnp.zeros(shape, interval.dtype))
+  # Traced again where the function's own constants are values even under an outer jit, so
+  # that a rule can read them (``h[jnp.arange(n), y]`` gathers each example's own row).
+  with jax.ensure_compile_time_eval():
+    same, _ = build_graph(fn, [zeros(interval.shape)])
+    try:
+      other, _ = build_graph(fn, [zeros((n + 1,) + tuple(interval.shape[1:]))])
+    except Exception:  # pylint: disable=broad-except
+      other = None  # a function of one batch size (it closes over per-example constants)
+  if len(same.nodes) != len(graph.nodes):
+    raise InputError("backward bound propagation needs a function that traces the same way "
+                     "twice; its graph changed")
+  for a in same.nodes:
+    if a.primitive is not None and not primitives.flag(a, "rows"):
+      raise InputError(f"bound propagation reads the first axis as the examples, and "
+                       f"{a.describe()} reorders, mixes or moves it; keep the batch axis first "
+                       "and each example's computation apart")
+  if other is None:
+    # Only the shapes can be checked.
     for a in graph.nodes:
       if not a.shape or a.shape[0] != n:
         raise InputError(f"backward bound propagation needs the batch axis first on every "

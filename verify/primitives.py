@@ -4,7 +4,8 @@ Every primitive that IBP, CROWN, CROWN-IBP, alpha-CROWN, the patch and row fast
 paths and the MILP encoding accept has exactly one `Primitive` record here: its
 interval rule, its kind for backward propagation, whether it keeps every element
 in place, whether it is an elementwise affine map ``y = s * x + t`` of its bounded
-operand, how the fast paths may treat it, and whether its float result is exact.
+operand, how the fast paths may treat it, whether its float result is exact, and
+whether it keeps the examples of the batch axis apart and in order (`rows`).
 Every other module asks this one (`lookup`, `kind`, `record`); nothing else in
 `verify/` names a primitive. A primitive without a record is refused with an
 `UnsupportedPrimitiveError` naming it and the user's source line.
@@ -307,6 +308,128 @@ def _relu_kind(node) -> str:
   return "relu" if len(node.bounded_inputs) == 1 else "interval"
 
 
+# Rows: whether row ``i`` of a node's value (the batch axis, first) depends on row ``i`` of
+# its bounded operands only. Bound passes read a node's first axis as the examples, so an
+# operation that reorders, mixes, drops or moves that axis is refused (`verify.crown`).
+
+
+def _each_row(node) -> bool:
+  """Elementwise: every bounded operand has the node's shape, up to axes of size 1 broadcast
+  (as ``lax.mul`` of ``[N, K, 1]`` and ``[1, 1, M]``) other than the batch axis."""
+  out = tuple(node.shape)
+  for i in node.bounded_inputs:
+    shape = tuple(node.inputs[i].shape)
+    if len(shape) != len(out) or shape[:1] != out[:1] or any(
+        d not in (1, o) for d, o in zip(shape, out)):
+      return False
+  return True
+
+
+def _batch_size(node) -> int:
+  return node.inputs[node.bounded_inputs[0]].shape[0]
+
+
+def _axis_not_first(param: str) -> Callable[[Any], bool]:
+  """A primitive along one axis (``params[param]``) other than the batch axis."""
+  return lambda node: node.params[param] != 0 and _each_row_count(node)
+
+
+def _each_row_count(node) -> bool:
+  return all(node.inputs[i].shape[:1] == node.shape[:1] for i in node.bounded_inputs)
+
+
+def _axes_not_first(param: str) -> Callable[[Any], bool]:
+  """A primitive over some axes (``params[param]``), none of them the batch axis."""
+  return lambda node: 0 not in tuple(node.params[param]) and _each_row_count(node)
+
+
+def _rows_transpose(node) -> bool:
+  return tuple(node.params["permutation"])[:1] == (0,)
+
+
+def _rows_reshape(node) -> bool:
+  return node.params.get("dimensions") is None and _each_row_count(node)
+
+
+def _rows_broadcast(node) -> bool:
+  dims = tuple(node.params["broadcast_dimensions"])
+  return dims[:1] == (0,) and _each_row_count(node)
+
+
+def _rows_slice(node) -> bool:
+  strides = node.params.get("strides") or (1,)
+  return (node.params["start_indices"][0] == 0 and
+          node.params["limit_indices"][0] == _batch_size(node) and strides[0] == 1)
+
+
+def _rows_pad(node) -> bool:
+  return tuple(node.params["padding_config"][0]) == (0, 0, 0) and node.bounded_inputs == [0]
+
+
+def _rows_dynamic_slice(node) -> bool:
+  return node.bounded_inputs == [0] and node.params["slice_sizes"][0] == _batch_size(node)
+
+
+def _rows_gather(node) -> bool:
+  """Rows kept: the batch axis fully sliced to output axis 0, or batched with the
+  indices' first axis (``take_along_axis``, a vmapped index) that is output axis 0."""
+  if node.bounded_inputs != [0]:
+    return False
+  dn = node.params["dimension_numbers"]
+  if 0 in dn.start_index_map:
+    return _gathers_own_row(node, dn)
+  if 0 in dn.collapsed_slice_dims:
+    return False
+  if 0 in dn.operand_batching_dims:
+    j = tuple(dn.operand_batching_dims).index(0)
+    return dn.start_indices_batching_dims[j] == 0 and 0 not in dn.offset_dims
+  return (node.params["slice_sizes"][0] == _batch_size(node) and tuple(dn.offset_dims)[:1] == (0,))
+
+
+def _gathers_own_row(node, dn) -> bool:
+  """Indices into the batch axis that are constant and pick row ``i`` for output row ``i``
+  (``h[jnp.arange(n), y]``)."""
+  index = node.inputs[1]
+  if isinstance(index,
+                jax.core.Tracer) or 0 in dn.offset_dims or node.params["slice_sizes"][0] != 1:
+    return False
+  rows = np.asarray(index)[..., tuple(dn.start_index_map).index(0)]
+  n = node.shape[0]
+  if rows.ndim < 1 or rows.shape[0] != n:
+    return False
+  return bool(np.all(rows == np.arange(n).reshape((n,) + (1,) * (rows.ndim - 1))))
+
+
+def _rows_windows(node) -> bool:
+  p = node.params
+  return (p["window_dimensions"][0] == 1 and p["window_strides"][0] == 1 and
+          tuple(p["padding"][0]) == (0, 0) and p.get("base_dilation", (1,))[0] == 1)
+
+
+def _rows_dot(node) -> bool:
+  """Each bounded operand's first axis is the output's first: the first batch dimension,
+  or (without batch dimensions) a free axis coming first."""
+  (lc, rc), (lb, rb) = node.params["dimension_numbers"]
+  ranks = [len(a.shape) for a in node.inputs]
+  lhs_free = [d for d in range(ranks[0]) if d not in lc and d not in lb]
+  for pos, contract, batch in ((0, lc, lb), (1, rc, rb)):
+    if pos not in node.bounded_inputs:
+      continue
+    if tuple(batch)[:1] == (0,):
+      continue
+    if batch or 0 in contract:
+      return False
+    if pos == 1 and lhs_free:
+      return False
+  return True
+
+
+def _rows_conv(node) -> bool:
+  lhs, _, out = node.params["dimension_numbers"]
+  return (node.bounded_inputs == [0] and lhs[0] == 0 and out[0] == 0 and
+          node.params.get("batch_group_count", 1) == 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Primitive:
   """What the bound passes know about one primitive.
@@ -335,6 +458,10 @@ class Primitive:
       the IBP variation over the widened operands (sound for every primitive).
     reach: ``reach(node, mags, mag)``, the rounding of its own float result; None
       is none for an exact primitive and one rounding otherwise.
+    rows: ``f(node) -> bool``, whether row ``i`` of its value depends on row ``i`` of its
+      bounded operands only (the batch axis first, examples kept apart and in order);
+      `_each_row` for elementwise primitives; a record without it is refused by bound
+      passes.
     fenced: bound between optimization barriers (`bind`): XLA's CPU simplifier
       (jaxlib 0.10.2) folds a pad into a following windowed sum wrongly when an
       axis has size 1, as in a slice's transpose feeding a cumulative sum's in a
@@ -353,6 +480,7 @@ class Primitive:
   exact: bool = False
   error: Callable | None = None
   reach: Callable | None = None
+  rows: Callable[[Any], bool] | None = None
   fenced: bool = False
 
 
@@ -420,6 +548,7 @@ def _elementwise(name, ibp, relax=None, slope=None, reach=er.transcendental, **k
                    relaxation=relax,
                    one_to_one=True,
                    reach=reach,
+                   rows=_each_row,
                    **kw)
 
 
@@ -451,41 +580,70 @@ def _structural(name, ibp=_INC, kind="linear", **kw) -> Primitive:
                    **kw)
 
 
+def _summing(name, rows, **kw) -> Primitive:
+  """A sum of elements (rounded: its error grows with the number of terms)."""
+  return Primitive(name,
+                   _INC,
+                   _kind_const("linear"),
+                   mixing=True,
+                   reach=er.reduction,
+                   rows=rows,
+                   **kw)
+
+
 _IDENTITY_FLAT = lambda node: True
 _PLAIN_RESHAPE = lambda node: node.params.get("dimensions") is None
 
 _RECORDS = [
     # Structure: moves, copies, selections (exact; linear in the bounded operand).
-    _structural("copy", flat_order=_IDENTITY_FLAT, one_to_one=True, scale_offset=_so_identity),
-    _structural("copy_p", flat_order=_IDENTITY_FLAT, one_to_one=True, scale_offset=_so_identity),
-    _structural("reshape", flat_order=_PLAIN_RESHAPE, one_to_one=True),
-    _structural("broadcast_in_dim", family="broadcast"),
-    _structural("transpose", family="permute", one_to_one=True),
-    _structural("squeeze", one_to_one=True),
-    _structural("expand_dims", one_to_one=True),
-    _structural("slice", one_to_one=True),
-    _structural("rev", one_to_one=True),
-    _structural("concatenate", kind=_kind_const("affine")),
-    _structural("stack", kind=_stack_kind),
-    _structural("pad", kind=_kind_const("affine"), family="padding"),
-    _structural("split", one_to_one=True),
-    _structural("real", one_to_one=True),
+    _structural("copy",
+                flat_order=_IDENTITY_FLAT,
+                one_to_one=True,
+                scale_offset=_so_identity,
+                rows=_each_row),
+    _structural("copy_p",
+                flat_order=_IDENTITY_FLAT,
+                one_to_one=True,
+                scale_offset=_so_identity,
+                rows=_each_row),
+    _structural("reshape", flat_order=_PLAIN_RESHAPE, one_to_one=True, rows=_rows_reshape),
+    _structural("broadcast_in_dim", family="broadcast", rows=_rows_broadcast),
+    _structural("transpose", family="permute", one_to_one=True, rows=_rows_transpose),
+    _structural("squeeze", one_to_one=True, rows=_axes_not_first("dimensions")),
+    _structural("expand_dims", one_to_one=True, rows=_axes_not_first("dimensions")),
+    _structural("slice", one_to_one=True, rows=_rows_slice),
+    _structural("rev", one_to_one=True, rows=_axes_not_first("dimensions")),
+    _structural("concatenate", kind=_kind_const("affine"), rows=_axis_not_first("dimension")),
+    _structural("stack", kind=_stack_kind, rows=_axis_not_first("axis")),
+    _structural("pad", kind=_kind_const("affine"), family="padding", rows=_rows_pad),
+    _structural("split", one_to_one=True, rows=_axis_not_first("axis")),
+    _structural("real", one_to_one=True, rows=_each_row),
     _structural("dynamic_slice",
                 ibp=_const_index_op,
                 kind=_first_bounded("linear"),
-                one_to_one=True),
-    _structural("gather", ibp=_const_index_op, kind=_gather_kind),
-    _structural("select_n", ibp=_select_n, kind=_select_kind, error=er.select),
-    _structural("stop_gradient", kind="identity", flat_order=_IDENTITY_FLAT, one_to_one=True),
-    _structural("reduce_max", kind=_pool_kind),
-    _structural("reduce_window_max", kind=_pool_kind),
-    _structural("reduce_min", kind="interval"),
-    _structural("reduce_window_min", kind="interval"),
-    _structural("cummax", kind="interval"),
-    _structural("cummin", kind="interval"),
-    _structural("neg", ibp=_DEC, one_to_one=True, flat_order=_IDENTITY_FLAT, scale_offset=_so_neg),
-    _structural("max", kind=_relu_kind),
-    _structural("min", kind=_relu_kind),
+                one_to_one=True,
+                rows=_rows_dynamic_slice),
+    _structural("gather", ibp=_const_index_op, kind=_gather_kind, rows=_rows_gather),
+    _structural("select_n", ibp=_select_n, kind=_select_kind, error=er.select, rows=_each_row),
+    _structural("stop_gradient",
+                kind="identity",
+                flat_order=_IDENTITY_FLAT,
+                one_to_one=True,
+                rows=_each_row),
+    _structural("reduce_max", kind=_pool_kind, rows=_axes_not_first("axes")),
+    _structural("reduce_window_max", kind=_pool_kind, rows=_rows_windows),
+    _structural("reduce_min", kind="interval", rows=_axes_not_first("axes")),
+    _structural("reduce_window_min", kind="interval", rows=_rows_windows),
+    _structural("cummax", kind="interval", rows=_axis_not_first("axis")),
+    _structural("cummin", kind="interval", rows=_axis_not_first("axis")),
+    _structural("neg",
+                ibp=_DEC,
+                one_to_one=True,
+                flat_order=_IDENTITY_FLAT,
+                scale_offset=_so_neg,
+                rows=_each_row),
+    _structural("max", kind=_relu_kind, rows=_each_row),
+    _structural("min", kind=_relu_kind, rows=_each_row),
     # Casts. Between floats an identity of the real-valued program (a narrowing cast is
     # rewritten into reduce_precision by the graph builder); to int and bool step functions.
     Primitive("convert_element_type",
@@ -494,7 +652,8 @@ _RECORDS = [
               flat_order=_guard(_float_operands, _IDENTITY_FLAT),
               one_to_one=True,
               scale_offset=_guard(_float_operands, _so_identity),
-              reach=er.cast),
+              reach=er.cast,
+              rows=_each_row),
     _elementwise("reduce_precision",
                  _round_ibp,
                  _relax_round,
@@ -502,55 +661,54 @@ _RECORDS = [
                  exact=True,
                  reach=None),
     # Comparisons and logic (values False < True), for selections with a bounded predicate.
-    _structural("gt", ibp=_compare((1, -1)), kind="interval"),
-    _structural("ge", ibp=_compare((1, -1)), kind="interval"),
-    _structural("lt", ibp=_compare((-1, 1)), kind="interval"),
-    _structural("is_finite", ibp=_is_finite, kind="interval"),
-    _structural("eq", ibp=_equality(negate=False), kind="interval"),
-    _structural("ne", ibp=_equality(negate=True), kind="interval"),
-    _structural("le", ibp=_compare((-1, 1)), kind="interval"),
-    _structural("and", kind="interval"),
-    _structural("or", kind="interval"),
-    _structural("not", ibp=_DEC, kind="interval"),
-    _structural("sign", kind="interval"),
-    _structural("floor", kind="interval"),
-    _structural("ceil", kind="interval"),
-    _structural("round", kind="interval"),
+    _structural("gt", ibp=_compare((1, -1)), kind="interval", rows=_each_row),
+    _structural("ge", ibp=_compare((1, -1)), kind="interval", rows=_each_row),
+    _structural("lt", ibp=_compare((-1, 1)), kind="interval", rows=_each_row),
+    _structural("is_finite", ibp=_is_finite, kind="interval", rows=_each_row),
+    _structural("eq", ibp=_equality(negate=False), kind="interval", rows=_each_row),
+    _structural("ne", ibp=_equality(negate=True), kind="interval", rows=_each_row),
+    _structural("le", ibp=_compare((-1, 1)), kind="interval", rows=_each_row),
+    _structural("and", kind="interval", rows=_each_row),
+    _structural("or", kind="interval", rows=_each_row),
+    _structural("not", ibp=_DEC, kind="interval", rows=_each_row),
+    _structural("sign", kind="interval", rows=_each_row),
+    _structural("floor", kind="interval", rows=_each_row),
+    _structural("ceil", kind="interval", rows=_each_row),
+    _structural("round", kind="interval", rows=_each_row),
     # Sums (rounded).
     Primitive("add",
               _INC,
               _kind_const("affine"),
               one_to_one=True,
               scale_offset=_guard(_single_const, _so_add),
-              flat_order=_guard(_single_const, _IDENTITY_FLAT)),
-    Primitive("add_any", _INC, _kind_const("linear")),
+              flat_order=_guard(_single_const, _IDENTITY_FLAT),
+              rows=_each_row),
+    Primitive("add_any", _INC, _kind_const("linear"), rows=_each_row),
     Primitive("sub",
               monotone(1, -1),
               _kind_const("affine"),
               one_to_one=True,
               scale_offset=_guard(_single_const, _so_sub),
-              flat_order=_guard(_single_const, _IDENTITY_FLAT)),
-    Primitive("reduce_sum", _INC, _kind_const("linear"), mixing=True, reach=er.reduction),
-    Primitive("reduce_window_sum",
-              _INC,
-              _kind_const("linear"),
-              mixing=True,
-              reach=er.reduction,
-              fenced=True),
-    Primitive("cumsum", _INC, _kind_const("linear"), mixing=True, reach=er.reduction, fenced=True),
+              flat_order=_guard(_single_const, _IDENTITY_FLAT),
+              rows=_each_row),
+    _summing("reduce_sum", _axes_not_first("axes")),
+    _summing("reduce_window_sum", _rows_windows, fenced=True),
+    _summing("cumsum", _axis_not_first("axis"), fenced=True),
     # Products: linear in one bounded operand.
     Primitive("mul",
               _mul,
               _mul_kind,
               one_to_one=True,
               scale_offset=_guard(_single_const, _so_mul),
-              error=er.products),
+              error=er.products,
+              rows=_each_row),
     Primitive("div",
               _div,
               _first_bounded("linear"),
               one_to_one=True,
               scale_offset=_guard(lambda n: n.bounded_inputs == [0], _so_div),
-              error=er.quotient),
+              error=er.quotient,
+              rows=_each_row),
     Primitive("dot_general",
               _bilinear,
               _one_bounded("linear"),
@@ -558,7 +716,8 @@ _RECORDS = [
               family="dense",
               precision=True,
               error=er.products,
-              reach=er.contraction),
+              reach=er.contraction,
+              rows=_rows_dot),
     Primitive("conv_general_dilated",
               _bilinear,
               _one_bounded("linear"),
@@ -566,7 +725,8 @@ _RECORDS = [
               family="conv",
               precision=True,
               error=er.products,
-              reach=er.contraction),
+              reach=er.contraction,
+              rows=_rows_conv),
     # Elementwise nonlinearities with linear relaxations.
     _elementwise("tanh", _INC, _relax_from(rx.TANH), er.tanh_slope),
     _elementwise("logistic", _INC, _relax_from(rx.LOGISTIC), er.logistic_slope),
@@ -583,7 +743,8 @@ _RECORDS = [
               relaxation=_relax_pow,
               one_to_one=True,
               error=er.integer_pow,
-              reach=er.power),
+              reach=er.power,
+              rows=_each_row),
     # Monotone, IBP only.
     _elementwise("exp2", _INC, slope=er.exp2_slope),
     _elementwise("rsqrt", _DEC, slope=er.rsqrt_slope),
