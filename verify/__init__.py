@@ -65,6 +65,7 @@ __all__: list[str] = [
     "relu_input_bounds",
     "relu_layers",
     "rounding_allowance",
+    "sdp_fo",
     "spec_bounds",
     "specs",
     "vnnlib",
@@ -75,5 +76,5 @@ __all__: list[str] = [
 from robustlib import modules as _modules
 
 globals().update(
-    _modules.callable_modules(__name__,
-                              ("alpha_crown", "bab_attack", "beta_crown", "crown", "ibp")))
+    _modules.callable_modules(
+        __name__, ("alpha_crown", "bab_attack", "beta_crown", "crown", "ibp", "sdp_fo")))

@@ -18,10 +18,12 @@ from robustlib.checks import check_logits_shape
 from verify import rounding
 from verify.alpha_crown import alpha_crown
 from verify.crown import lower_bounds
+from verify.sdp_fo import sdp_fo
 from verify.interval import Interval, linf_ball
 from verify.specs import Specification, margin_spec
 
 METHODS = ("ibp", "crown_ibp", "crown", "alpha_crown")
+CERTIFY_METHODS = METHODS + ("sdp_fo",)
 
 
 def margin_bounds(logits_fn: Callable,
@@ -70,15 +72,20 @@ def margin_bounds(logits_fn: Callable,
   num_classes = check_logits_shape(out, x.shape[0], what="a margin specification")
   check_labels(y, num_examples=x.shape[0], num_classes=num_classes, name="y")
   spec = margin_spec(y, num_classes)
+  return _lower(logits_fn, box, spec, method, chunk_size, alpha_steps, alpha_lr)
+
+
+def _lower(fn, box, spec, method, chunk_size, alpha_steps, alpha_lr) -> jax.Array:
+  """``[N, S]`` lower bounds of ``spec @ fn(x)`` over ``box`` by ``method``."""
   if method == "alpha_crown":
-    return alpha_crown(logits_fn,
+    return alpha_crown(fn,
                        box,
                        spec,
                        steps=alpha_steps,
                        lr=alpha_lr,
                        chunk_size=chunk_size,
                        lower_only=True)
-  return lower_bounds(logits_fn, box, spec, method, chunk_size)
+  return lower_bounds(fn, box, spec, method, chunk_size)
 
 
 def _proven(fn, box, spec, method, lower, ibp_lower) -> jax.Array:
@@ -140,15 +147,7 @@ def spec_bounds(fn: Callable,
     raise InputError(f"spec {spec.name!r} must give rows [N, S]; it gives shape {rows.shape}")
   eye = jnp.broadcast_to(jnp.eye(rows.shape[1], dtype=rows.dtype),
                          (rows.shape[0],) + (rows.shape[1],) * 2)
-  if method == "alpha_crown":
-    return alpha_crown(g,
-                       interval,
-                       eye,
-                       steps=alpha_steps,
-                       lr=alpha_lr,
-                       chunk_size=chunk_size,
-                       lower_only=True)
-  return lower_bounds(g, interval, eye, method, chunk_size)
+  return _lower(g, interval, eye, method, chunk_size, alpha_steps, alpha_lr)
 
 
 @compilation.jit(static_argnames=("fn", "spec", "method", "chunk_size"))
@@ -209,7 +208,9 @@ def certify(logits_fn: Callable,
     x: inputs ``[N, ...]`` inside ``bounds``.
     y: integer labels ``[N]``.
     eps: L-inf radius >= 0, a scalar or ``[N]``.
-    method: ``"ibp"``, ``"crown_ibp"``, ``"crown"`` or ``"alpha_crown"``.
+    method: ``"ibp"``, ``"crown_ibp"``, ``"crown"``, ``"alpha_crown"`` or
+      ``"sdp_fo"`` (`verify.sdp_fo` with its defaults; ReLU networks only, not jitted
+      end to end).
     bounds: the valid input box, or None.
     chunk_size: rows per backward pass (see `verify.crown`).
 
@@ -226,8 +227,8 @@ def certify(logits_fn: Callable,
   Example:
     >>> verified = verify.certify(logits_fn, x, y, 0.1, method="crown_ibp")
   """
-  if method not in METHODS:
-    raise InputError(f"method must be one of {METHODS}, got {method!r}")
+  if method not in CERTIFY_METHODS:
+    raise InputError(f"method must be one of {CERTIFY_METHODS}, got {method!r}")
   bounds = check_bounds(bounds)
   check_images(x, bounds=bounds, name="x")
   x = jnp.asarray(x)
@@ -236,5 +237,21 @@ def certify(logits_fn: Callable,
   logits = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(x.shape, x.dtype))
   num_classes = check_logits_shape(logits, x.shape[0], what="a margin specification")
   check_labels(y, num_classes=num_classes, name="y")
-  return _certify_jit(logits_fn, jnp.asarray(x), jnp.asarray(y), jnp.asarray(_round_up(eps)),
-                      method, bounds, chunk_size)
+  x, y, eps = jnp.asarray(x), jnp.asarray(y), jnp.asarray(_round_up(eps))
+  if method == "sdp_fo":
+    lower = sdp_fo(logits_fn,
+                   linf_ball(x, eps, bounds),
+                   margin_spec(y, num_classes),
+                   chunk_size=chunk_size)
+    return _certify_lower(logits_fn, x, y, eps, lower, bounds, chunk_size)
+  return _certify_jit(logits_fn, x, y, eps, method, bounds, chunk_size)
+
+
+@compilation.jit(static_argnames=("logits_fn", "bounds", "chunk_size"))
+def _certify_lower(logits_fn, x, y, eps, lower, bounds, chunk_size):
+  """`certify` from given lower bounds of the margins (SDP-FO's, for the real-valued
+  network, and the larger of them and CROWN's): with IBP's, less CROWN's allowance."""
+  spec = margin_spec(y, lower.shape[1] + 1)
+  box = linf_ball(x, eps, bounds)
+  ibp = margin_bounds(logits_fn, x, y, eps, "ibp", bounds, chunk_size)
+  return jnp.all(_proven(logits_fn, box, spec, "crown", lower, ibp), axis=1)

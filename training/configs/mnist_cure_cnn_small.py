@@ -4,6 +4,10 @@ Cross-entropy plus 4 times ``||grad l(x + h z) - grad l(x)||^2`` (``z`` the unit
 of the input gradient), ``h`` ramped from 0 to 1 (L2, pixels) over the first 2000 steps as
 the authors anneal it; Adam 1e-3, 5 epochs of 100. The report attacks at L-inf 0.1: CURE
 trains without a radius. Needs MNIST (``--config.data_dir=DIR`` or ``ROBUSTLIB_DATA_DIR``).
+
+Measured on 2 CPU cores (477 s of training beside an AutoAttack run), one seed: test
+accuracy 99.02 %; on the first 1000 test images at L-inf 0.1, clean 99.10 %, PGD-40
+90.50 %, AutoAttack 89.40 %, IBP-verified 0 % (the training report).
 """
 
 from training.configs import default

@@ -1,0 +1,123 @@
+"""SDP-FO (Dathathri et al. 2020): sound at every iterate, tighter than CROWN where it converges."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import verify
+from robustlib.checks import InputError
+from verify import sdp_fo as sdp
+
+D, H, K = 6, 12, 3
+
+
+def _mlp(seed=0, depth=2):
+  rng = np.random.default_rng(seed)
+  sizes = [D] + [H] * depth + [K]
+  layers = [(rng.normal(size=(a, b)).astype(np.float32) / np.sqrt(a),
+             (0.1 * rng.normal(size=b)).astype(np.float32)) for a, b in zip(sizes, sizes[1:])]
+
+  def fn(x):
+    for w, b in layers[:-1]:
+      x = jax.nn.relu(x @ w + b)
+    return x @ layers[-1][0] + layers[-1][1]
+
+  return fn
+
+
+def _problem(seed=0, eps=0.1, n=3, depth=2):
+  fn = _mlp(seed, depth)
+  x = np.random.default_rng(seed + 10).uniform(0.3, 0.7, size=(n, D)).astype(np.float32)
+  y = np.argmax(np.asarray(fn(x)), axis=1)
+  return fn, x, verify.margin_spec(y, K), verify.linf_ball(x, eps)
+
+
+def _sampled_min(fn, box, spec, count=20000, seed=0):
+  """Smallest ``spec @ fn`` over sampled points and box corners, ``[N, S]``."""
+  rng = np.random.default_rng(seed)
+  lo, hi = np.asarray(box.lower), np.asarray(box.upper)
+  pts = rng.uniform(lo, hi, size=(count,) + lo.shape).astype(np.float32)
+  corners = np.where(rng.random((count // 4,) + lo.shape) < 0.5, lo, hi).astype(np.float32)
+  pts = np.concatenate([pts, corners])
+  out = np.asarray(jax.vmap(fn)(jnp.asarray(pts)))
+  return np.einsum("nsk,pnk->pns", np.asarray(spec), out).min(axis=0)
+
+
+@pytest.mark.parametrize("seed,eps,depth", [(0, 0.1, 2), (1, 0.2, 2), (2, 0.05, 3)])
+def test_bounds_hold_on_sampled_points_and_corners(seed, eps, depth):
+  fn, _, spec, box = _problem(seed, eps, depth=depth)
+  lower = np.asarray(verify.sdp_fo(fn, box, spec, steps=100))
+  assert np.all(lower <= _sampled_min(fn, box, spec) + 1e-6)
+
+
+def test_tighter_than_crown_and_alpha_crown_on_a_small_mlp():
+  fn, _, spec, box = _problem(0, 0.1)
+  lower = np.asarray(verify.sdp_fo(fn, box, spec, steps=1500, lr=0.03))
+  crown = np.asarray(verify.crown(fn, box, spec).lower)
+  alpha = np.asarray(verify.alpha_crown(fn, box, spec, steps=50, lower_only=True))
+  assert np.all(lower >= crown)  # never looser: it returns the larger of the two
+  assert np.mean(lower - crown) > 0.01, (lower, crown)
+  assert np.mean(lower) > np.mean(alpha), (lower, alpha)
+
+
+def test_the_certified_value_is_sound_at_any_feasible_iterate():
+  # Random multipliers and kappa, far from optimal: the value is an upper bound anyway.
+  fn, _, spec, box = _problem(3, 0.15)
+  net, spec = sdp._network(fn, box, spec, None)
+  rows = jnp.transpose(spec, (1, 0, 2))
+  truth = _sampled_min(fn, box, spec)
+  rng = np.random.default_rng(0)
+  for trial in range(4):
+    for s in range(rows.shape[0]):
+      duals = sdp._initial_duals(net, rows[s])
+      duals = jax.tree_util.tree_map(
+          lambda v: v + jnp.asarray(rng.normal(size=v.shape).astype(np.float32)) * 0.3, duals)
+      duals = sdp._project(duals)
+      upper = sdp._certified_value(net, rows[s], duals, 4096)
+      assert np.all(-upper <= truth[:, s] + 1e-6), (trial, s)
+
+
+def test_lanczos_finds_the_smallest_eigenvalue_from_above():
+  rng = np.random.default_rng(0)
+  n = 40
+  a = rng.normal(size=(3, n, n)).astype(np.float32)
+  a = (a + np.swapaxes(a, 1, 2)) / 2
+  exact = np.linalg.eigvalsh(a.astype(np.float64))[:, 0]
+  matvec = lambda v: jnp.einsum("bij,bj->bi", a, v)
+  start = jax.random.normal(jax.random.PRNGKey(0), (3, n))
+  few, vec = sdp.lanczos_min(matvec, start, 8)
+  full, _ = sdp.lanczos_min(matvec, start, n)
+  assert np.all(np.asarray(few) >= exact - 1e-4)  # a Ritz value: never below
+  np.testing.assert_allclose(np.asarray(full), exact, atol=1e-3)
+  rayleigh = np.einsum("bi,bi->b", vec, np.asarray(matvec(vec)))
+  np.testing.assert_allclose(rayleigh, np.asarray(few), atol=1e-3)
+
+
+def test_certify_with_sdp_fo_agrees_with_the_attack():
+  fn, x, spec, box = _problem(0, 0.05, n=2)
+  y = np.argmax(np.asarray(fn(x)), axis=1)
+  got = np.asarray(verify.certify(fn, x, y, 0.05, method="sdp_fo"))
+  crown = np.asarray(verify.certify(fn, x, y, 0.05, method="crown"))
+  assert np.all(got >= crown)  # at least CROWN's certificates
+  truth = _sampled_min(fn, box, spec)
+  assert not np.any(got & (truth.min(axis=1) <= 0))
+
+
+def test_bad_input_is_a_clear_error():
+  fn, _, spec, box = _problem(0)
+  with pytest.raises(InputError, match="lanczos_iterations must be at least 1"):
+    verify.sdp_fo(fn, box, spec, lanczos_iterations=0)
+  with pytest.raises(InputError, match="steps must be at least 0"):
+    verify.sdp_fo(fn, box, spec, steps=-1)
+  with pytest.raises(InputError, match="Lanczos iterations must be at least 1"):
+    sdp.lanczos_min(lambda v: v, jnp.ones((1, 3)), 0)
+  with pytest.raises(InputError, match="'tanh'"):
+    verify.sdp_fo(lambda v: jnp.tanh(v @ jnp.ones((D, K))), box, spec, steps=1)
+  skip = lambda v: jax.nn.relu(v @ jnp.ones((D, D))) @ jnp.ones((D, K)) + v @ jnp.ones((D, K))
+  with pytest.raises(InputError, match="skip connection|previous ReLU"):
+    verify.sdp_fo(skip, box, spec, steps=1)
+  with pytest.raises(InputError, match="max_dense=10"):
+    verify.sdp_fo(fn, box, spec, steps=1, max_dense=10)
+  with pytest.raises(InputError, match="spec must have shape"):
+    verify.sdp_fo(fn, box, jnp.ones((2, 2, K)), steps=1)

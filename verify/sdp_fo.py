@@ -1,0 +1,456 @@
+"""SDP-FO: the first-order dual of the SDP relaxation of a ReLU network (Dathathri et al. 2020).
+
+The network is read from its graph as affine maps between ReLUs,
+``x_{k+1} = max(A_k(x_k), c_k)``, the output ``A_m(x_m)``. Every activation gets
+the box CROWN's intermediate bounds give it, and the relaxation of Raghunathan
+et al. 2018 keeps, for each ReLU, ``x_{k+1} >= c_k``, ``x_{k+1} >= A_k(x_k)`` and
+``(x_{k+1} - c_k) * (x_{k+1} - A_k(x_k)) = 0``, and for every activation its box
+``(x - l) * (u - x) >= 0``. With multipliers ``lam`` for these, the Lagrangian in
+the box's coordinates ``x = a + r * z``, ``z`` in ``[-1, 1]^n``, is a quadratic
+``c(lam) + g(lam)' z + z' H(lam) z / 2``, and for every ``kappa >= 0``
+
+    max_z  L(z) <= c(lam) + 1/2 sum_i max(0, kappa_i - min(0, lambda_min(diag(kappa) - M(lam)))),
+
+``M = [[0, g'], [g, H]]``: the dual objective, minimised over ``lam`` and ``kappa``
+by Adam with ``lambda_min`` from a Lanczos iteration on matrix-vector products
+(``H v`` is a difference of two gradients of the Lagrangian, never a dense
+matrix): memory linear in the network's size, batched over examples and
+specification rows, jitted.
+
+Lanczos's estimate lies above the smallest eigenvalue, so the bound `sdp_fo`
+returns is not the optimiser's: at the last iterate the dual is evaluated again
+in float64, the smallest eigenvalue of the float64 matrix computed by a full
+symmetric eigendecomposition less its backward-error margin, and the result
+rounded outwards to float32: a valid bound whatever the iterate. That final
+evaluation builds the matrix over the variables the box does not fix (a stable
+ReLU's output and a pixel pinned by ``[0, 1]`` decouple, their rows being
+``kappa_i e_i``), so problems of more than ``max_dense`` of them are refused; the
+optimiser itself has no such limit. The returned bound is never looser than CROWN's on the
+same rows (the larger of the two is returned, both sound), and like every bound
+here it is the real-valued network's: `verify.certify` adds the rounding
+allowance of its float32 evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from robustlib.checks import InputError
+from verify import primitives
+from verify.crown import _prepare, intermediate_bounds, lower_bounds
+from verify.graph import Node, ancestors
+from verify.interval import Interval
+
+# Kinds of the nodes an affine map between ReLUs may contain.
+_AFFINE = ("linear", "affine", "identity")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Network:
+  """A ReLU network as affine maps between ReLUs.
+
+  Attributes:
+    maps: ``maps[k](x_k) -> A_k(x_k)``: the input of ReLU ``k + 1`` (``k < m``), and the
+      output for ``k = m``; arrays ``[N, ...]``.
+    thresholds: ``c_k`` of each ReLU ``max(., c_k)``, broadcast to its shape ``[N, ...]``.
+    boxes: boxes of ``x_0`` (the input) to ``x_m`` (the last ReLU's output).
+    inputs: boxes of each ReLU's input ``A_k(x_k)``.
+  """
+  maps: tuple[Callable, ...]
+  thresholds: tuple[jax.Array, ...]
+  boxes: tuple[Interval, ...]
+  inputs: tuple[Interval, ...]
+
+
+def _widen(value, dtype):
+  return value.astype(dtype) if hasattr(value, "dtype") and jnp.issubdtype(
+      value.dtype, jnp.floating) else value
+
+
+def _apply(node: Node, args: list, dtype) -> jax.Array:
+  """``node`` applied to ``args`` (its bounded operands) in ``dtype``: constants and
+  result types widened when ``dtype`` is float64."""
+  if dtype == jnp.float32:
+    return node.apply_bounded(*args)
+  ins = list(node.inputs)
+  for pos, val in zip(node.bounded_inputs, args):
+    ins[pos] = val
+  ins = [_widen(jnp.asarray(v), dtype) for v in ins]
+  params = dict(node.params)
+  for key in ("preferred_element_type", "new_dtype"):
+    if params.get(key) is not None and jnp.issubdtype(params[key], jnp.floating):
+      params[key] = jnp.dtype(dtype)
+  out = primitives.bind(node.primitive, *ins, **params)
+  return out[node.out_index] if node.out_index is not None else out
+
+
+def _affine_map(source: Node, target: Node) -> Callable:
+  """``v -> target`` with ``source`` set to ``v``: the nodes between must be affine and
+  depend on ``source`` alone."""
+  path = [n for n in ancestors(target) if n.index > source.index]
+  for n in path:
+    if primitives.kind(n) not in _AFFINE:
+      raise InputError(f"sdp_fo bounds networks of affine maps and ReLUs; {n.describe()} is "
+                       "neither")
+    for a in n.inputs:
+      if isinstance(a, Node) and a.index < source.index:
+        raise InputError(f"sdp_fo needs each layer to depend on the previous ReLU only; "
+                         f"{n.describe()} also reads an earlier value (a skip connection)")
+      if isinstance(a, Node) and a.index == source.index:
+        continue
+      if isinstance(a, Node) and a not in path:
+        raise InputError(f"sdp_fo needs each layer to depend on the previous ReLU only; "
+                         f"{n.describe()} reads {a.describe()}")
+
+  def apply(v, dtype=jnp.float32):
+    vals = {source.index: v}
+    for n in path:
+      vals[n.index] = _apply(n, [vals[a.index] for a in n.inputs if isinstance(a, Node)], dtype)
+    return vals[target.index]
+
+  return apply
+
+
+def _network(fn: Callable, interval: Interval, spec, chunk_size) -> tuple[_Network, jax.Array]:
+  """The network's layers and boxes, and the checked ``spec``."""
+  graph, boxes, out, _, spec = _prepare(fn, interval, spec)
+  if spec is None:
+    raise InputError("sdp_fo needs a spec [N, S, K]")
+  if not isinstance(out, Node):
+    raise InputError("sdp_fo needs an output that depends on the input")
+  relus = [
+      n for n in ancestors(out) if n.primitive is not None and primitives.kind(n) not in _AFFINE
+  ]
+  for n in relus:
+    if not primitives.is_max_relu(n):
+      raise InputError(f"sdp_fo bounds networks of affine maps and ReLUs; {n.describe()} is "
+                       "neither")
+  bounds = intermediate_bounds(graph, boxes, "crown", chunk_size)
+  sources = [graph.inputs[0]] + relus
+  maps, thresholds, pres, act = [], [], [], [Interval(boxes[0].lower, boxes[0].upper)]
+  for k, r in enumerate(relus):
+    pre = r.inputs[r.bounded_inputs[0]]
+    maps.append(_affine_map(sources[k], pre))
+    _, c = primitives.relu_threshold(r, interval.dtype)
+    thresholds.append(c)
+    b = bounds[pre.index]
+    pres.append(b)
+    act.append(Interval(jnp.maximum(b.lower, c), jnp.maximum(b.upper, c)))
+  maps.append(_affine_map(sources[-1], out))
+  return _Network(tuple(maps), tuple(thresholds), tuple(act), tuple(pres)), spec
+
+
+# ----------------------------------------------------------------------------------------------
+# The Lagrangian and the dual objective, for a batch of examples (leading axis N) and one
+# specification row.
+
+
+def _vdot(a, b) -> jax.Array:
+  """Per-example inner product of two pytrees of ``[N, ...]`` arrays: ``[N]``."""
+  terms = jax.tree_util.tree_map(lambda u, v: jnp.sum(u * v, axis=tuple(range(1, u.ndim))), a, b)
+  return sum(jax.tree_util.tree_leaves(terms))
+
+
+def _lagrangian(net: _Network, row, duals, xs, dtype):
+  """``L(x)`` ``[N]``: ``-row . out(x_m)`` plus the multiplied constraints."""
+  m = len(net.thresholds)
+  out = net.maps[m](xs[m], dtype)
+  val = -jnp.sum(row.astype(dtype) * out.reshape(out.shape[0], -1), axis=1)
+  for k in range(m):
+    x, pre = xs[k + 1], net.maps[k](xs[k], dtype)
+    y = x - net.thresholds[k].astype(dtype)
+    val += _vdot(duals["above_threshold"][k], y) + _vdot(duals["above_input"][k], x - pre)
+    val += _vdot(duals["complementary"][k], y * (x - pre))
+    lo, hi = net.inputs[k].lower.astype(dtype), net.inputs[k].upper.astype(dtype)
+    val += _vdot(duals["input_in_box"][k], (pre - lo) * (hi - pre))
+  for k in range(m + 1):
+    lo, hi = net.boxes[k].lower.astype(dtype), net.boxes[k].upper.astype(dtype)
+    val += _vdot(duals["in_box"][k], (xs[k] - lo) * (hi - xs[k]))
+  return val
+
+
+def _quadratic(net: _Network, row, duals, dtype):
+  """``(c [N], g, Hv)`` of the Lagrangian in the box's coordinates ``z``."""
+  centre = [b.center.astype(dtype) for b in net.boxes]
+  radius = [b.radius.astype(dtype) for b in net.boxes]
+
+  def transformed(z):
+    return _lagrangian(net, row, duals, [a + r * v for a, r, v in zip(centre, radius, z)], dtype)
+
+  zeros = [jnp.zeros_like(a) for a in centre]
+  grad = jax.grad(lambda z: jnp.sum(transformed(z)))
+  c, g = transformed(zeros), grad(zeros)
+
+  def hv(v):
+    return jax.tree_util.tree_map(jnp.subtract, grad(v), g)
+
+  return c, g, hv
+
+
+def _operator(g, hv, kappa):
+  """``w -> (diag(kappa) - M) w`` on ``w = (w0 [N], z-like list)``."""
+
+  def apply(w):
+    w0, wz = w
+    k0, kz = kappa
+    mw0 = _vdot(g, wz)
+    hw = hv(wz)
+    mwz = [h + w0.reshape((-1,) + (1,) * (gi.ndim - 1)) * gi for h, gi in zip(hw, g)]
+    return (k0 * w0 - mw0, [k * a - b for k, a, b in zip(kz, wz, mwz)])
+
+  return apply
+
+
+def _flatten(w) -> jax.Array:
+  w0, wz = w
+  return jnp.concatenate([w0[:, None]] + [a.reshape(a.shape[0], -1) for a in wz], axis=1)
+
+
+def _unflatten(flat, like):
+  _, wz = like
+  out, at = [], 1
+  for a in wz:
+    size = math.prod(a.shape[1:])
+    out.append(flat[:, at:at + size].reshape(a.shape))
+    at += size
+  return flat[:, 0], out
+
+
+def lanczos_min(matvec: Callable, start: jax.Array, iterations: int) -> tuple[jax.Array, jax.Array]:
+  """Smallest Ritz value and vector of a batch of symmetric operators (Lanczos, with full
+  reorthogonalisation).
+
+  Args:
+    matvec: ``[N, n] -> [N, n]``, one symmetric operator per row.
+    start: ``[N, n]`` starting vectors (nonzero).
+    iterations: Krylov dimension ``k >= 1`` (at most ``n`` is useful).
+
+  Returns:
+    ``([N], [N, n])``: the smallest Ritz value of each operator, an upper estimate of its
+    smallest eigenvalue, and its unit Ritz vector.
+  """
+  if iterations < 1:
+    raise InputError(f"Lanczos iterations must be at least 1, got {iterations}")
+  n_rows, n = start.shape
+  k = iterations
+  q = start / jnp.linalg.norm(start, axis=1, keepdims=True)
+  basis = jnp.zeros((k, n_rows, n), start.dtype)
+  alphas = jnp.zeros((k, n_rows), start.dtype)
+  betas = jnp.zeros((k, n_rows), start.dtype)
+  alive = jnp.ones((k, n_rows), bool)
+  eps = jnp.finfo(start.dtype).eps
+
+  def step(j, carry):
+    basis, alphas, betas, alive, q, q_prev, beta, live = carry
+    basis = basis.at[j].set(q)
+    w = matvec(q)
+    scale = jnp.linalg.norm(w, axis=1)
+    alpha = jnp.sum(w * q, axis=1)
+    w = w - alpha[:, None] * q - beta[:, None] * q_prev
+    # Full reorthogonalisation against the vectors so far (twice is enough).
+    for _ in range(2):
+      w = w - jnp.einsum("kn,knd->nd", jnp.einsum("knd,nd->kn", basis, w), basis)
+    b = jnp.linalg.norm(w, axis=1)
+    # An invariant subspace found: the rest of the rows' steps are ignored.
+    more = live & (b > 64 * eps * jnp.maximum(scale, jnp.abs(alpha)))
+    q_next = jnp.where(more[:, None], w / jnp.where(more, b, 1.0)[:, None], 0.0)
+    b = jnp.where(more, b, 0.0)
+    return (basis, alphas.at[j].set(alpha), betas.at[j].set(b), alive.at[j].set(live), q_next, q, b,
+            more)
+
+  carry = (basis, alphas, betas, alive, q, jnp.zeros_like(q), jnp.zeros(
+      (n_rows,), start.dtype), jnp.ones((n_rows,), bool))
+  basis, alphas, betas, alive, *_ = jax.lax.fori_loop(0, k, step, carry)
+  # Steps after a breakdown get a diagonal above every Ritz value (Gershgorin), decoupled.
+  top = jnp.max(jnp.abs(alphas), axis=0) + 2 * jnp.max(betas, axis=0) + 1.0
+  diag = jnp.where(alive, alphas, top[None]).T
+  off = betas.T[:, :-1]
+  t = jax.vmap(jnp.diag)(diag) + jax.vmap(lambda b: jnp.diag(b, 1))(off) + jax.vmap(
+      lambda b: jnp.diag(b, -1))(off)
+  evals, evecs = jnp.linalg.eigh(t)
+  vec = jnp.einsum("knd,nk->nd", basis, evecs[:, :, 0])
+  vec = vec / jnp.maximum(jnp.linalg.norm(vec, axis=1, keepdims=True), jnp.finfo(vec.dtype).tiny)
+  return evals[:, 0], vec
+
+
+def _dual_value(c, kappa, lam_min):
+  """``c + 1/2 sum_i max(0, kappa_i - min(0, lam_min))``, ``[N]``."""
+  neg = jnp.minimum(lam_min, 0.0)
+  k0, kz = kappa
+  total = jax.nn.relu(k0 - neg)
+  for k in kz:
+    total += jnp.sum(jax.nn.relu(k - neg.reshape((-1,) + (1,) * (k.ndim - 1))),
+                     axis=tuple(range(1, k.ndim)))
+  return c + 0.5 * total
+
+
+def _project(duals):
+  """Multipliers of inequalities and kappa at least 0; the complementarity one free."""
+  return {
+      name: (v if name == "complementary" else jax.tree_util.tree_map(jax.nn.relu, v))
+      for name, v in duals.items()
+  }
+
+
+def _initial_duals(net: _Network, row):
+  """Zero multipliers and the kappa with which the dual is the box bound of the last layer:
+  ``kappa_0 = sum |g|``, ``kappa_i = |g_i|`` makes ``diag(kappa) - M`` diagonally dominant."""
+  m = len(net.thresholds)
+  zeros = lambda k: jnp.zeros_like(net.boxes[k].lower)
+  duals = {
+      "above_threshold": [zeros(k + 1) for k in range(m)],
+      "above_input": [zeros(k + 1) for k in range(m)],
+      "complementary": [zeros(k + 1) for k in range(m)],
+      "input_in_box": [zeros(k + 1) for k in range(m)],
+      "in_box": [zeros(k) for k in range(m + 1)],
+  }
+  _, g, _ = _quadratic(net, row, duals, jnp.float32)
+  absg = [jnp.abs(a) for a in g]
+  k0 = sum(jnp.sum(a, axis=tuple(range(1, a.ndim))) for a in absg)
+  duals["kappa"] = (k0, absg)
+  return duals
+
+
+def _objective(net, row, duals, key, iterations):
+  """The dual objective ``[N]`` at feasible ``duals`` (Lanczos's eigenvalue estimate)."""
+  c, g, hv = _quadratic(net, row, {k: v for k, v in duals.items() if k != "kappa"}, jnp.float32)
+  op = _operator(g, hv, duals["kappa"])
+  like = (c, g)
+  flat = lambda v: _flatten(op(_unflatten(v, like)))
+  start = jax.random.normal(key, (c.shape[0], 1 + sum(math.prod(a.shape[1:]) for a in g)))
+  _, vec = lanczos_min(flat, start, iterations)
+  vec = jax.lax.stop_gradient(vec)
+  lam = jnp.sum(vec * flat(vec), axis=1)  # Rayleigh quotient: a subgradient w.r.t. the duals
+  return _dual_value(c, duals["kappa"], lam)
+
+
+def _optimise(net, rows, key, steps, iterations, lr):
+  """Adam (learning rate decayed to 0 by a cosine) on the dual variables of every row: each
+  example's best iterate, ``[S]``-stacked, and the objectives ``[S, steps, N]``."""
+
+  def one(row, key):
+    duals = _initial_duals(net, row)
+    opt = optax.adam(optax.cosine_decay_schedule(lr, max(steps, 1)))
+    objective = lambda d, k: _objective(net, row, d, k, iterations)
+
+    def step(carry, key):
+      duals, state, best, best_value = carry
+      value, grads = jax.value_and_grad(lambda d: jnp.sum(objective(d, key)), has_aux=False)(duals)
+      per_example = objective(duals, key)
+      better = per_example < best_value
+      best = jax.tree_util.tree_map(
+          lambda b, d: jnp.where(better.reshape((-1,) + (1,) * (d.ndim - 1)), d, b), best, duals)
+      updates, state = opt.update(grads, state, duals)
+      duals = _project(optax.apply_updates(duals, updates))
+      return (duals, state, best, jnp.minimum(best_value, per_example)), per_example
+
+    start = (duals, opt.init(duals), duals, jnp.full(row.shape[:1], jnp.inf, row.dtype))
+    (_, _, best, _), values = jax.lax.scan(step, start, jax.random.split(key, steps))
+    return best, values
+
+  keys = jax.random.split(key, rows.shape[0])
+  return jax.vmap(one)(rows, keys)
+
+
+def _certified_value(net: _Network, row, duals, max_dense: int) -> np.ndarray:
+  """The dual objective at ``duals`` evaluated soundly: float64, the smallest eigenvalue of
+  the dense matrix less its backward-error margin, rounded up to float32. ``[N]``."""
+  with jax.enable_x64(True):
+    f64 = jnp.float64
+    duals = jax.tree_util.tree_map(lambda v: jnp.asarray(v, f64), _project(duals))
+    c, g, hv = _quadratic(net, jnp.asarray(row, f64), {
+        k: v for k, v in duals.items() if k != "kappa"
+    }, f64)
+    # A variable of zero radius (a stable ReLU, a pixel fixed by the box) has a row of A that
+    # is kappa_i e_i: it decouples, and only the others enter the dense matrix.
+    radius = _flatten((jnp.ones_like(c), [b.radius.astype(f64) for b in net.boxes]))
+    free = np.flatnonzero(np.any(np.asarray(radius) > 0, axis=0))
+    n = free.size
+    if n > max_dense:
+      raise InputError(f"sdp_fo's sound evaluation builds the {n} x {n} matrix of one example's "
+                       f"unfixed variables; at most max_dense={max_dense}")
+    op = _operator(g, hv, duals["kappa"])
+    like = (c, g)
+    batch, total = radius.shape
+    index = jnp.asarray(free)
+
+    def column(j):
+      e = jnp.zeros((batch, total), f64).at[:, j].set(1.0)
+      return _flatten(op(_unflatten(e, like)))[:, index]
+
+    cols = jax.lax.map(column, index, batch_size=min(n, 256))  # [n, N, n]
+    mats = np.asarray(jnp.transpose(cols, (1, 2, 0)))
+    mats = (mats + np.swapaxes(mats, 1, 2)) / 2
+    lam = np.linalg.eigvalsh(mats)[:, 0]
+    fixed = np.ones(total, bool)
+    fixed[free] = False
+    if fixed.any():
+      lam = np.minimum(lam, np.asarray(_flatten(duals["kappa"]))[:, fixed].min(axis=1))
+    margin = 8 * n * np.finfo(np.float64).eps * np.linalg.norm(mats, axis=(1, 2))
+    value = np.asarray(_dual_value(c, duals["kappa"], jnp.asarray(lam - margin)))
+    scale = np.abs(np.asarray(c)) + np.asarray(
+        _dual_value(jnp.zeros_like(c), duals["kappa"], jnp.asarray(lam - margin)))
+  # The float64 sums' rounding (below n * eps64 of their terms' magnitudes, n <= max_dense:
+  # about 1e-12 of them) with a wide slack, then outwards to float32.
+  value = value + 1e-9 * (1 + scale)
+  up = value.astype(np.float32)
+  return np.where(up < value, np.nextafter(up, np.float32(np.inf)), up)
+
+
+def sdp_fo(fn: Callable,
+           interval: Interval,
+           spec: jax.typing.ArrayLike,
+           steps: int = 500,
+           lanczos_iterations: int = 30,
+           lr: float = 0.03,
+           key: jax.Array | None = None,
+           max_dense: int = 4096,
+           chunk_size: int | None = None) -> jax.Array:
+  """Lower bounds ``[N, S]`` of ``spec @ fn(x)`` over the box by SDP-FO (Dathathri et al. 2020).
+
+  Args:
+    fn: ``fn(x [N, ...]) -> [N, K]``, affine maps and ReLUs (``max(., c)``), each layer
+      reading the previous ReLU's output only.
+    interval: the input box ``[N, ...]``.
+    spec: ``[N, S, K]`` rows (`verify.margin_spec` for margins).
+    steps: Adam steps on the dual variables.
+    lanczos_iterations: Krylov dimension of each smallest-eigenvalue estimate (>= 1).
+    lr: Adam's learning rate.
+    key: PRNG key of Lanczos's starting vectors (default ``PRNGKey(0)``).
+    max_dense: most variables (activations of one example, plus one) whose matrix the
+      final, sound evaluation builds.
+    chunk_size: rows per backward pass of CROWN's intermediate bounds.
+
+  Returns:
+    ``[N, S]`` lower bounds, each the larger of SDP-FO's and CROWN's, valid for the
+    real-valued network whatever the optimiser reached.
+
+  Raises:
+    InputError: for a network that is not affine maps and ReLUs (naming the operation),
+      a bad spec, ``steps < 0``, ``lanczos_iterations < 1`` or a problem larger than
+      ``max_dense``.
+  """
+  if steps < 0:
+    raise InputError(f"steps must be at least 0, got {steps}")
+  if lanczos_iterations < 1:
+    raise InputError(f"lanczos_iterations must be at least 1, got {lanczos_iterations}")
+  if not isinstance(interval, Interval):
+    raise InputError(f"expected an Interval of inputs [N, ...], got {type(interval).__name__}")
+  key = jax.random.PRNGKey(0) if key is None else key
+  net, spec = _network(fn, interval, spec, chunk_size)
+  rows = jnp.transpose(jnp.asarray(spec, interval.dtype), (1, 0, 2))  # [S, N, K]
+  duals, _ = jax.jit(lambda r, k: _optimise(net, r, k, steps, lanczos_iterations, lr))(rows, key)
+  upper = np.stack([
+      _certified_value(net, rows[s], jax.tree_util.tree_map(lambda v, s=s: v[s], duals), max_dense)
+      for s in range(rows.shape[0])
+  ],
+                   axis=1)  # [N, S]: upper bounds of -spec . fn
+  crown = np.asarray(lower_bounds(fn, interval, spec, "crown", chunk_size))
+  return jnp.asarray(np.maximum(-upper, crown))
