@@ -178,8 +178,10 @@ def _lagrangian(net: _Network, row, duals, xs, dtype):
 
 def _quadratic(net: _Network, row, duals, dtype):
   """``(c [N], g, Hv)`` of the Lagrangian in the box's coordinates ``z``."""
-  centre = [b.center.astype(dtype) for b in net.boxes]
-  radius = [b.radius.astype(dtype) for b in net.boxes]
+  # In ``dtype`` from the ends: in float64 the box ``a +- r`` is exactly the float32 one.
+  ends = [(b.lower.astype(dtype), b.upper.astype(dtype)) for b in net.boxes]
+  centre = [(lo + hi) / 2 for lo, hi in ends]
+  radius = [(hi - lo) / 2 for lo, hi in ends]
 
   def transformed(z):
     return _lagrangian(net, row, duals, [a + r * v for a, r, v in zip(centre, radius, z)], dtype)
@@ -370,7 +372,8 @@ def _certified_value(net: _Network, row, duals, max_dense: int) -> np.ndarray:
     }, f64)
     # A variable of zero radius (a stable ReLU, a pixel fixed by the box) has a row of A that
     # is kappa_i e_i: it decouples, and only the others enter the dense matrix.
-    radius = _flatten((jnp.ones_like(c), [b.radius.astype(f64) for b in net.boxes]))
+    radius = _flatten(
+        (jnp.ones_like(c), [b.upper.astype(f64) - b.lower.astype(f64) for b in net.boxes]))
     free = np.flatnonzero(np.any(np.asarray(radius) > 0, axis=0))
     n = free.size
     if n > max_dense:
