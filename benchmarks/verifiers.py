@@ -8,8 +8,8 @@ best with ``--best``), the first ``--num_examples`` test images at L-inf ``--eps
 clean accuracy, PGD-40's robust accuracy (an upper bound on any verifier's), and for
 each of ``--methods`` (IBP, CROWN, alpha-CROWN, SDP-FO) the accuracy `verify.certify`
 verifies and its seconds per example (after compilation for the jitted methods;
-SDP-FO's optimisation compiles per batch and its sound evaluation is not jitted, so
-its time includes both). The gap is PGD's robust accuracy less the verified one. A
+SDP-FO's sound evaluation is not jitted, so its time includes
+it). The gap is PGD's robust accuracy less the verified one. A
 verified example PGD breaks would be a bug: the table counts them.
 """
 

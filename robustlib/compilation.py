@@ -89,6 +89,10 @@ class _Jit:
   def lower(self, *args, **kwargs):
     return self._jitted().lower(*args, **kwargs)
 
+  def cache_size(self) -> int:
+    """Programs compiled so far (at the top level and nested)."""
+    return sum(f._cache_size() for f in (self._top, self._nested) if f is not None)  # pylint: disable=protected-access
+
 
 def jit(fun: Callable | None = None, **kwargs) -> Callable:
   """`jax.jit` with `compiler_options` (decided at the first call); same arguments.

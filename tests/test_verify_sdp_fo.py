@@ -51,6 +51,15 @@ def test_bounds_hold_on_sampled_points_and_corners(seed, eps, depth):
   assert np.all(lower <= _sampled_min(fn, box, spec) + 1e-6)
 
 
+def test_the_optimisation_compiles_once_per_function_and_shapes():
+  fn, x, spec, _ = _problem(3, 0.1)
+  before = sdp._optimised_duals.cache_size()
+  for shift in (0.0, 0.05, 0.1):
+    lower = np.asarray(verify.sdp_fo(fn, verify.linf_ball(x + shift, 0.1), spec, steps=20))
+    assert np.all(np.isfinite(lower))
+  assert sdp._optimised_duals.cache_size() == before + 1
+
+
 def test_tighter_than_crown_and_alpha_crown_on_a_small_mlp():
   fn, _, spec, box = _problem(0, 0.1)
   lower = np.asarray(verify.sdp_fo(fn, box, spec, steps=1500, lr=0.03))
@@ -64,7 +73,7 @@ def test_tighter_than_crown_and_alpha_crown_on_a_small_mlp():
 def test_the_certified_value_is_sound_at_any_feasible_iterate():
   # Random multipliers and kappa, far from optimal: the value is an upper bound anyway.
   fn, _, spec, box = _problem(3, 0.15)
-  net, spec = sdp._network(fn, box, spec, None)
+  net, spec = sdp.layered_network(fn, box, spec)
   rows = jnp.transpose(spec, (1, 0, 2))
   truth = _sampled_min(fn, box, spec)
   rng = np.random.default_rng(0)

@@ -23,6 +23,8 @@ from verify import specs
 from verify.certification import METHODS, certify, certify_spec, margin_bounds, spec_bounds
 from verify.crown import crown, crown_ibp
 from verify.falsification import falsify, falsify_runs
+from verify.functional_lagrangian import (GaussianLinear, GaussianNoise, entropy_lower_bound,
+                                          functional_lagrangian)
 from verify.ibp import ibp, relu_input_bounds
 from verify.interval import PRECISIONS, Interval, linf_ball
 from verify.instances import Decision, decide
@@ -36,6 +38,8 @@ __all__: list[str] = [
     "BabAttackResult",
     "BabResult",
     "Decision",
+    "GaussianLinear",
+    "GaussianNoise",
     "Interval",
     "MilpResult",
     "ReluLayer",
@@ -54,8 +58,10 @@ __all__: list[str] = [
     "crown",
     "crown_ibp",
     "decide",
+    "entropy_lower_bound",
     "falsify",
     "falsify_runs",
+    "functional_lagrangian",
     "ibp",
     "linf_ball",
     "margin_bounds",
@@ -76,5 +82,5 @@ __all__: list[str] = [
 from robustlib import modules as _modules
 
 globals().update(
-    _modules.callable_modules(
-        __name__, ("alpha_crown", "bab_attack", "beta_crown", "crown", "ibp", "sdp_fo")))
+    _modules.callable_modules(__name__, ("alpha_crown", "bab_attack", "beta_crown", "crown",
+                                         "functional_lagrangian", "ibp", "sdp_fo")))

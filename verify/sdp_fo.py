@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from robustlib import compilation
 from robustlib.checks import InputError
 from verify import primitives
 from verify.crown import _prepare, intermediate_bounds, lower_bounds
@@ -91,22 +92,22 @@ def _apply(node: Node, args: list, dtype) -> jax.Array:
   return out[node.out_index] if node.out_index is not None else out
 
 
-def _affine_map(source: Node, target: Node) -> Callable:
+def _affine_map(source: Node, target: Node, method: str) -> Callable:
   """``v -> target`` with ``source`` set to ``v``: the nodes between must be affine and
-  depend on ``source`` alone."""
+  depend on ``source`` alone (``method`` names the caller in errors)."""
   path = [n for n in ancestors(target) if n.index > source.index]
   for n in path:
     if primitives.kind(n) not in _AFFINE:
-      raise InputError(f"sdp_fo bounds networks of affine maps and ReLUs; {n.describe()} is "
+      raise InputError(f"{method} bounds networks of affine maps and ReLUs; {n.describe()} is "
                        "neither")
     for a in n.inputs:
       if isinstance(a, Node) and a.index < source.index:
-        raise InputError(f"sdp_fo needs each layer to depend on the previous ReLU only; "
+        raise InputError(f"{method} needs each layer to depend on the previous ReLU only; "
                          f"{n.describe()} also reads an earlier value (a skip connection)")
       if isinstance(a, Node) and a.index == source.index:
         continue
       if isinstance(a, Node) and a not in path:
-        raise InputError(f"sdp_fo needs each layer to depend on the previous ReLU only; "
+        raise InputError(f"{method} needs each layer to depend on the previous ReLU only; "
                          f"{n.describe()} reads {a.describe()}")
 
   def apply(v, dtype=jnp.float32):
@@ -118,32 +119,35 @@ def _affine_map(source: Node, target: Node) -> Callable:
   return apply
 
 
-def _network(fn: Callable, interval: Interval, spec, chunk_size) -> tuple[_Network, jax.Array]:
-  """The network's layers and boxes, and the checked ``spec``."""
+def layered_network(fn: Callable,
+                    interval: Interval,
+                    spec=None,
+                    chunk_size: int | None = None,
+                    method: str = "sdp_fo") -> tuple[_Network, jax.Array | None]:
+  """The network's layers and CROWN's boxes of their activations, and the checked ``spec``
+  (``None`` if none is given); ``method`` names the caller in errors."""
   graph, boxes, out, _, spec = _prepare(fn, interval, spec)
-  if spec is None:
-    raise InputError("sdp_fo needs a spec [N, S, K]")
   if not isinstance(out, Node):
-    raise InputError("sdp_fo needs an output that depends on the input")
+    raise InputError(f"{method} needs an output that depends on the input")
   relus = [
       n for n in ancestors(out) if n.primitive is not None and primitives.kind(n) not in _AFFINE
   ]
   for n in relus:
     if not primitives.is_max_relu(n):
-      raise InputError(f"sdp_fo bounds networks of affine maps and ReLUs; {n.describe()} is "
+      raise InputError(f"{method} bounds networks of affine maps and ReLUs; {n.describe()} is "
                        "neither")
   bounds = intermediate_bounds(graph, boxes, "crown", chunk_size)
   sources = [graph.inputs[0]] + relus
   maps, thresholds, pres, act = [], [], [], [Interval(boxes[0].lower, boxes[0].upper)]
   for k, r in enumerate(relus):
     pre = r.inputs[r.bounded_inputs[0]]
-    maps.append(_affine_map(sources[k], pre))
+    maps.append(_affine_map(sources[k], pre, method))
     _, c = primitives.relu_threshold(r, interval.dtype)
     thresholds.append(c)
     b = bounds[pre.index]
     pres.append(b)
     act.append(Interval(jnp.maximum(b.lower, c), jnp.maximum(b.upper, c)))
-  maps.append(_affine_map(sources[-1], out))
+  maps.append(_affine_map(sources[-1], out, method))
   return _Network(tuple(maps), tuple(thresholds), tuple(act), tuple(pres)), spec
 
 
@@ -361,6 +365,13 @@ def _optimise(net, rows, key, steps, iterations, lr):
   return jax.vmap(one)(rows, keys)
 
 
+@compilation.jit(static_argnames=("fn", "steps", "iterations", "lr", "chunk_size"))
+def _optimised_duals(fn, lower, upper, rows, key, steps, iterations, lr, chunk_size):
+  """`_optimise` on ``fn``'s layers, compiled once per function and shapes."""
+  net, _ = layered_network(fn, Interval(lower, upper), None, chunk_size)
+  return _optimise(net, rows, key, steps, iterations, lr)[0]
+
+
 def _certified_value(net: _Network, row, duals, max_dense: int) -> np.ndarray:
   """The dual objective at ``duals`` evaluated soundly: float64, the smallest eigenvalue of
   the dense matrix less its backward-error margin, rounded up to float32. ``[N]``."""
@@ -447,9 +458,12 @@ def sdp_fo(fn: Callable,
   if not isinstance(interval, Interval):
     raise InputError(f"expected an Interval of inputs [N, ...], got {type(interval).__name__}")
   key = jax.random.PRNGKey(0) if key is None else key
-  net, spec = _network(fn, interval, spec, chunk_size)
+  if spec is None:
+    raise InputError("sdp_fo needs a spec [N, S, K]")
+  net, spec = layered_network(fn, interval, spec, chunk_size)
   rows = jnp.transpose(jnp.asarray(spec, interval.dtype), (1, 0, 2))  # [S, N, K]
-  duals, _ = jax.jit(lambda r, k: _optimise(net, r, k, steps, lanczos_iterations, lr))(rows, key)
+  duals = _optimised_duals(fn, interval.lower, interval.upper, rows, key, steps, lanczos_iterations,
+                           lr, chunk_size)
   upper = np.stack([
       _certified_value(net, rows[s], jax.tree_util.tree_map(lambda v, s=s: v[s], duals), max_dense)
       for s in range(rows.shape[0])
