@@ -115,6 +115,32 @@ def test_a_maximised_expectation_stays_below_the_bound():
     assert np.all(p <= upper[:, c] + 0.005), (c, p, upper[:, c])
 
 
+def test_the_final_evaluation_is_sound_for_wild_multipliers():
+  # Dyadic weights and integer inputs: float32 and float64 are exact, the box is a point,
+  # and for any multipliers the bound's exact value is sigmoid of the logit difference;
+  # multipliers up to 1e8 make its terms cancel by far more than float64's precision.
+  rng = np.random.default_rng(0)
+  w1 = rng.integers(-4, 5, size=(4, 64)).astype(np.float32)
+  b1 = rng.integers(-8, 9, size=64).astype(np.float32)
+  w2 = (rng.integers(-2, 3, size=(64, 2)) / 8).astype(np.float32)
+  x = rng.integers(-64, 65, size=(1, 4)).astype(np.float32)
+  z = np.maximum(x.astype(np.float64) @ w1 + b1, 0) @ w2
+  b2 = np.array([0.0, np.round((z[0, 0] - z[0, 1] - 0.5) * 8) / 8], np.float32)
+  fn = lambda v: jax.nn.relu(v @ w1 + b1) @ w2 + b2
+  diff = float((z + b2)[0, 0] - (z + b2)[0, 1])
+  exact = np.array([expit(diff), expit(-diff)])
+  box = Interval(jnp.asarray(x), jnp.asarray(x))
+  with jax.enable_x64(True):
+    box64 = Interval(box.lower.astype(jnp.float64), box.upper.astype(jnp.float64))
+    net, h_box = fl._problem(fn, box, box, None)
+    layer = fl._Layer.of(None, 2, jnp.float64)
+    for scale in 10.0**np.arange(2, 9):
+      duals = jax.vmap(lambda _: fl._zero_duals(net, h_box, 2))(jnp.arange(2))
+      duals = jax.tree_util.tree_map(lambda v: jnp.asarray(scale * rng.normal(size=v.shape)), duals)
+      upper = fl._certified_values(fn, box64, box64, None, layer, duals, 8, False, 0.0)[:, 0]
+      assert np.all(upper >= exact), (scale, upper, exact)
+
+
 def test_input_noise_bounds_hold():
   feats = _features(2)
   rng = np.random.default_rng(5)

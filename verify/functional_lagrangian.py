@@ -40,7 +40,9 @@ of cells, exactly per cell (``G`` is monotone in ``T`` and, for either sign of
 ``T``, in ``S``). The sum is a valid bound for any multipliers, which Adam
 minimises (per example and class, from zero multipliers and a uniform ``pi``:
 the interval bound) together with ``pi``; the returned bound is the best iterate
-evaluated again in float64 and rounded up.
+evaluated again in float64, over CROWN's boxes computed again in float64, plus
+1e-9 of the absolute sum of its terms (its rounding is below n eps64 of that),
+rounded up to float32.
 
 Under input noise the logits are deterministic given the input (``G =
 sigmoid(T)``, no ``eps``), the boxes are those of the input box widened by
@@ -65,6 +67,7 @@ import optax
 from robustlib import compilation
 from robustlib.checks import InputError
 from verify.crown import lower_bounds
+from verify.ibp import ibp
 from verify.interval import Interval
 from verify.sdp_fo import layered_network
 
@@ -344,9 +347,72 @@ def _optimised_multipliers(fn, lower, upper, clean_lower, clean_upper, layer, gr
   return _optimise(net, h_box, layer, grid, gaussian, eps, steps, lr)
 
 
+def _map_radii(net) -> list[jax.Array]:
+  """For each affine map, its interval radius over ``[-m, m]``, ``m`` the largest
+  magnitude in its input's box: ``|W_j| ... |W_1| m``, the absolute products its
+  evaluation sums."""
+  radii = []
+  for k, box in enumerate(net.boxes):
+    big = jnp.maximum(jnp.abs(box.lower), jnp.abs(box.upper))
+    out = ibp(lambda v, k=k: net.maps[k](v, big.dtype), Interval(-big, big))
+    radii.append((out.upper - out.lower) / 2)
+  return radii
+
+
+def _magnitude(net, radii, h_box: Interval, layer: _Layer, i, duals) -> jax.Array:
+  """The absolute sum ``[N]`` of every product `_bound` adds up at ``duals``: what its
+  float64 rounding is relative to."""
+  m = len(net.maps) - 1
+  outer = list(duals["mu"]) + [duals["eta"]]
+  big = lambda lo, hi: jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+  total = 0.0
+  for k in range(m + 1):
+    box = net.boxes[k]
+    x = big(box.lower, box.upper)
+    const = net.maps[k](jnp.zeros_like(box.lower), x.dtype)
+    total += _sum(jnp.abs(outer[k]) * (jnp.abs(const) + radii[k]))
+    if k:
+      total += _sum((jnp.abs(duals["nu"][k - 1]) + jnp.abs(duals["q"][k - 1]) * x) * x)
+  for k in range(m):
+    pre, c = net.inputs[k], net.thresholds[k]
+    z = big(pre.lower, pre.upper)
+    y = big(jnp.maximum(pre.lower, c), jnp.maximum(pre.upper, c))
+    total += _sum((jnp.abs(duals["nu"][k]) + jnp.abs(duals["q"][k]) * y) * y +
+                  jnp.abs(duals["mu"][k]) * z)
+  alpha, beta = jnp.abs(duals["alpha"]), jnp.abs(duals["beta"])
+  d, d0, w, w0 = _moments(layer, i, duals["theta"])
+  pi = jax.nn.softmax(jnp.where(
+      jnp.arange(duals["theta"].shape[-1]) != i, duals["theta"], -jnp.inf),
+                      axis=-1)
+  d_abs = jnp.abs(layer.mean_w[:, i]) + pi @ jnp.abs(layer.mean_w.T)
+  d0_abs = jnp.abs(layer.mean_b[i]) + pi @ jnp.abs(layer.mean_b) + math.log(pi.shape[-1])
+  h = big(h_box.lower, h_box.upper)
+  total += alpha * d0_abs + beta * w0 + _sum(
+      (alpha[:, None] * d_abs + jnp.abs(duals["eta"]) + beta[:, None] * w * h) * h)
+  t_box, s_box = _moment_boxes(d, d0, w, w0, h_box)
+  return total + alpha * big(*t_box) + beta * big(*s_box) + 2.0
+
+
+def _certified_values(fn, box: Interval, clean: Interval, chunk_size, layer: _Layer, duals, grid,
+                      gaussian, eps) -> np.ndarray:
+  """The bound ``[C, N]`` at ``duals`` in float64 (boxes, layer and duals in float64), plus
+  its rounding's margin: each float64 sum errs by less than ``n eps64`` of its terms'
+  absolute sum (``n`` their count, below 1e5 here), so 1e-9 of `_magnitude` is a wide one.
+  Call with 64-bit mode on."""
+  net, h_box = _problem(fn, box, clean, chunk_size)
+  duals = jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float64), duals)
+  radii = _map_radii(net)
+
+  def one(i, d):
+    return (_bound(net, h_box, layer, i, d, grid, gaussian, eps,
+                   jnp.float64), _magnitude(net, radii, h_box, layer, i, d))
+
+  values, scale = jax.vmap(one)(jnp.arange(layer.mean_b.shape[0]), duals)
+  return np.asarray(values) + 1e-9 * (1 + np.asarray(scale))
+
+
 def _round_up(value: np.ndarray) -> np.ndarray:
-  """float64 values, a slack for their sums' rounding, rounded up to float32."""
-  value = value + 1e-9 * (1 + np.abs(value))
+  """float64 values rounded up to float32."""
   up = value.astype(np.float32)
   return np.where(up < value, np.nextafter(up, np.float32(np.inf)), up)
 
@@ -392,7 +458,7 @@ def functional_lagrangian(fn: Callable,
     raise InputError(f"grid must be at least 1, got {grid}")
   if not (lr > 0 and math.isfinite(lr)):
     raise InputError(f"lr must be finite and > 0, got {lr}")
-  box, tail, layer = interval, 0.0, None
+  box, tail, layer, pad = interval, 0.0, None, 0.0
   if isinstance(distribution, GaussianNoise):
     distribution.check()
     pad = distribution.truncation * distribution.std
@@ -416,14 +482,14 @@ def functional_lagrangian(fn: Callable,
   best = _optimised_multipliers(fn, box.lower, box.upper, interval.lower, interval.upper,
                                 _Layer.of(layer, classes, box.dtype), grid, gaussian, eps, steps,
                                 lr, chunk_size)
-  net, h_box = _problem(fn, box, interval, chunk_size)
   with jax.enable_x64(True):
     f64 = jnp.float64
-    best = jax.tree_util.tree_map(lambda v: jnp.asarray(v, f64), best)
-    layer64 = _Layer.of(layer, classes, f64)
-    values = jax.vmap(lambda i, d: _bound(net, h_box, layer64, i, d, grid, gaussian, eps, f64))(
-        jnp.arange(classes), best)
-    upper = np.asarray(values)  # [C, N]
+    # The final evaluation's boxes are CROWN's in float64 (float32's could be off by its
+    # rounding), the noise's widening included.
+    clean = Interval(interval.lower.astype(f64), interval.upper.astype(f64))
+    box64 = Interval(clean.lower - pad, clean.upper + pad)
+    upper = _certified_values(fn, box64, clean, chunk_size, _Layer.of(layer, classes, f64), best,
+                              grid, gaussian, eps)
   upper = np.minimum(upper, 1.0)
   upper = np.minimum(upper + tail * (1.0 - upper), 1.0)
   return jnp.asarray(np.minimum(_round_up(upper.T), np.float32(1.0)))
