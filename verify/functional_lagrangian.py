@@ -452,6 +452,9 @@ def functional_lagrangian(fn: Callable,
                      f"got {type(distribution).__name__}")
   if not isinstance(interval, Interval):
     raise InputError(f"expected an Interval of inputs [N, ...], got {type(interval).__name__}")
+  if not (np.all(np.isfinite(interval.lower)) and np.all(np.isfinite(interval.upper))):
+    raise InputError("functional_lagrangian needs a finite input box: its lower or upper "
+                     "ends have infinite or NaN entries")
   if steps < 0:
     raise InputError(f"steps must be at least 0, got {steps}")
   if grid < 1:
