@@ -286,6 +286,7 @@ def load_run(workdir: str, step: int | None = None, best: bool = False):
   info = data.info(config["dataset"])
   model = models.create(config["model"],
                         ensemble=config.get("ensemble", 1),
+                        verifier_width=config.get("verifier_width", 0),
                         num_classes=info.num_classes,
                         input_shape=info.input_shape,
                         mean=info.mean,

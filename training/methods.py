@@ -25,6 +25,12 @@ Methods:
     the ramp, regularizers of bound tightness and of the balance of active and
     inactive ReLUs, weighted ``reg_lambda (1 - eps(t) / eps)``; use it with
     ``ibp_init`` (`ibp_init`), the smooth schedule and gradient clipping.
+  * ``pvt``: predictor-verifier training (Dvijotham et al. 2018): the IBP loss's form,
+    ``kappa CE(z, y) + (1 - kappa) CE(z_hat, y)``, with the margins' lower bounds from the
+    Lagrangian dual (`verify.lagrangian_dual`) whose multipliers a verifier network beside
+    the model predicts (`robustlib.models.WithVerifier`, ``config.verifier_width``); both
+    are trained on the loss. Any predicted multipliers give a valid bound, so the report's
+    certified accuracy recomputes them soundly (`verify.lagrangian_dual.certify`).
   * ``cure``: CURE (Moosavi-Dezfooli et al. 2019): cross-entropy plus ``cure_lambda``
     times the curvature regularizer ``||grad l(x + h z) - grad l(x)||^2``, ``z`` the
     sign of the input gradient scaled to unit L2 length and ``h`` ramped from 0 to
@@ -46,7 +52,9 @@ import verify
 from training import batch_statistics, schedules
 from training.steps import LossFn, standard_loss
 
-METHODS = ("standard", "pgd", "trades", "ibp", "crown_ibp", "fast_ibp", "cure")
+METHODS = ("standard", "pgd", "trades", "ibp", "crown_ibp", "fast_ibp", "cure", "pvt")
+# Methods that train a verifier beside the model (config.verifier_width > 0).
+VERIFIER_METHODS = ("pvt",)
 # Methods that train without a radius (robust.eps may be 0).
 RADIUS_FREE = ("standard", "cure")
 
@@ -199,12 +207,23 @@ def make_trades(c: ml_collections.ConfigDict, coef: Coefficients) -> LossFn:
   return loss_fn
 
 
+def _dual_margins(apply_fn, variables, fn, x, y, eps) -> jax.Array:
+  """Margins' lower bounds ``[N, K - 1]`` by the Lagrangian dual at the multipliers the
+  model's verifier predicts (`robustlib.models.WithVerifier.duals`)."""
+  raw = getattr(apply_fn, "full_precision", apply_fn)
+  verifier = lambda f: raw(variables, f, method="duals")
+  box = verify.linf_ball(x, eps)
+  num_classes = jax.eval_shape(fn, jax.ShapeDtypeStruct(x.shape, x.dtype)).shape[1]
+  return verify.lagrangian_dual(fn, box, verify.margin_spec(y, num_classes), verifier, x)
+
+
 def make_bound_loss(method: str,
                     c: ml_collections.ConfigDict,
                     coef: Coefficients,
                     auxiliary: bool = True,
                     regularizer: Callable | None = None) -> LossFn:
-  """IBP (``method="ibp"``) or CROWN-IBP (``"crown_ibp"``) certified training.
+  """IBP (``method="ibp"``), CROWN-IBP (``"crown_ibp"``) or predictor-verifier (``"pvt"``)
+  certified training.
 
   ``auxiliary=False`` leaves CROWN-IBP's own bounds out (exact where ``beta`` or
   ``eps`` is 0, see `auxiliary_steps`). ``regularizer(fn, x, step) -> (weight, term)``
@@ -215,8 +234,11 @@ def make_bound_loss(method: str,
     eps, kappa = coef.eps(step), coef.kappa(step)
     logits, ce, batch_stats, stats = _clean(apply_fn, variables, x, y, key)
     fn = _bounded_fn(apply_fn, variables, stats)
-    margins = verify.margin_bounds(fn, x, y, eps, method="ibp")
     metrics = {}
+    if method == "pvt":
+      margins = _dual_margins(apply_fn, variables, fn, x, y, eps)
+    else:
+      margins = verify.margin_bounds(fn, x, y, eps, method="ibp")
     if method == "crown_ibp":
       beta = coef.beta(step)
       if auxiliary:
@@ -345,7 +367,7 @@ def make_cure(c: ml_collections.ConfigDict) -> LossFn:
   return loss_fn
 
 
-def ibp_init(params: dict, key: jax.Array) -> dict:
+def ibp_init(params: dict, key: jax.Array, skip: tuple[str, ...] = ()) -> dict:
   """Shi et al. 2021's IBP initialization of a Flax parameter tree.
 
   Every ``kernel`` but the last one created (the output layer) is redrawn from
@@ -355,6 +377,7 @@ def ibp_init(params: dict, key: jax.Array) -> dict:
   Args:
     params: ``variables["params"]`` (dicts in creation order, as Flax builds them).
     key: PRNG key.
+    skip: names of top-level subtrees left as they are (a learned verifier's).
   """
   paths = []
 
@@ -365,7 +388,7 @@ def ibp_init(params: dict, key: jax.Array) -> dict:
       elif name == "kernel" and getattr(value, "ndim", 0) >= 2:
         paths.append(path + (name,))
 
-  walk(params, ())
+  walk({k: v for k, v in params.items() if k not in skip}, ())
 
   def redraw(tree, path, k):
     if not path:

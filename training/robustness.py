@@ -9,7 +9,7 @@ PGD and verified accuracy, also saved as a PNG.
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from absl import logging
 import jax
@@ -22,6 +22,25 @@ from robustlib import batching, plotting
 # AutoAttack's batches in the report: each logs a line, so a long report shows progress.
 AUTOATTACK_BATCH = 100
 
+# certifier(x [B, ...], y [B], eps) -> bool [B]: which examples it proves robust.
+Certifier = Callable[[np.ndarray, np.ndarray, float], jax.Array]
+
+
+def batched_flags(certifier: Certifier,
+                  x: np.ndarray,
+                  y: np.ndarray,
+                  eps: float,
+                  batch_size: int = 256) -> np.ndarray:
+  """``certifier``'s flags (bool ``[N]``) in fixed-size batches (one compilation)."""
+  n = x.shape[0]
+  xs = batching.pad_to_multiple(np.asarray(x), batch_size)
+  ys = batching.pad_to_multiple(np.asarray(y), batch_size)
+  flags = []
+  for start in range(0, xs.shape[0], batch_size):
+    stop = start + batch_size
+    flags.append(np.asarray(certifier(xs[start:stop], ys[start:stop], eps)))
+  return np.concatenate(flags)[:n]
+
 
 def verified_flags(logits_fn: Callable[[jax.Array], jax.Array],
                    x: np.ndarray,
@@ -30,14 +49,8 @@ def verified_flags(logits_fn: Callable[[jax.Array], jax.Array],
                    method: str,
                    batch_size: int = 256) -> np.ndarray:
   """Which of ``(x, y)`` ``verify.certify`` proves robust (bool ``[N]``), in fixed-size batches."""
-  n = x.shape[0]
-  xs = batching.pad_to_multiple(np.asarray(x), batch_size)
-  ys = batching.pad_to_multiple(np.asarray(y), batch_size)
-  flags = []
-  for start in range(0, xs.shape[0], batch_size):
-    stop = start + batch_size
-    flags.append(np.asarray(verify.certify(logits_fn, xs[start:stop], ys[start:stop], eps, method)))
-  return np.concatenate(flags)[:n]
+  return batched_flags(lambda a, b, e: verify.certify(logits_fn, a, b, e, method), x, y, eps,
+                       batch_size)
 
 
 def verified_accuracy(logits_fn: Callable[[jax.Array], jax.Array],
@@ -62,6 +75,7 @@ def robustness_report(logits_fn: Callable[[jax.Array], jax.Array],
                       autoattack: bool = True,
                       batch_size: int = 256,
                       bab_attack_time: float = 0.0,
+                      certifiers: Mapping[str, Certifier] | None = None,
                       plot_path: str | None = None) -> dict:
   """Clean, PGD, AutoAttack and verified accuracy of ``logits_fn`` at ``eps`` (L-inf).
 
@@ -77,6 +91,8 @@ def robustness_report(logits_fn: Callable[[jax.Array], jax.Array],
     batch_size: examples per call.
     bab_attack_time: seconds of `verify.bab_attack` (affine and ReLU networks) per example
       the attacks leave robust and no method verifies at ``eps``; 0: not run.
+    certifiers: further verified accuracies by name (e.g. a learned verifier's,
+      `verify.lagrangian_dual.certify`), reported beside the methods'.
     plot_path: where to save the PNG of accuracy against epsilon (None: no plot).
 
   Returns:
@@ -119,18 +135,20 @@ def robustness_report(logits_fn: Callable[[jax.Array], jax.Array],
     logging.info("robustness report: AutoAttack %.4f", report["autoattack_accuracy"])
   curves = {"pgd": [pgd_at[e] for e in radii]}
   verified = np.zeros(x.shape[0], bool)
-  for method in verify_methods:
+  by_name = {m: (lambda a, b, e, m=m: verify.certify(logits_fn, a, b, e, m)) for m in verify_methods}
+  by_name.update(certifiers or {})
+  for method, certifier in by_name.items():
     curves[method] = []
     for e in radii:
       t = time.perf_counter()
-      flags = verified_flags(logits_fn, x, y, e, method, batch_size)
+      flags = batched_flags(certifier, x, y, e, batch_size)
       if e == float(eps):
         verified |= flags
       curves[method].append(float(np.mean(flags)))
       logging.info("robustness report: verified (%s) at eps %g: %.4f (%.1f s)", method, e,
                    curves[method][-1],
                    time.perf_counter() - t)
-  report["verified_accuracy"] = {m: curves[m][radii.index(float(eps))] for m in verify_methods}
+  report["verified_accuracy"] = {m: curves[m][radii.index(float(eps))] for m in by_name}
   if bab_attack_time > 0:
     stage = verify.bab_attack_examples(logits_fn, x, y, float(eps), robust & ~verified,
                                        jax.random.fold_in(key, 2), bab_attack_time)
@@ -144,7 +162,7 @@ def robustness_report(logits_fn: Callable[[jax.Array], jax.Array],
   report["seconds"] = round(time.perf_counter() - start, 2)
   if plot_path:
     series = {f"PGD-{pgd_steps}": (radii, curves["pgd"])}
-    series.update({f"verified ({m})": (radii, curves[m]) for m in verify_methods})
+    series.update({f"verified ({m})": (radii, curves[m]) for m in by_name})
     plotting.save_line_plots(plot_path, {"robust accuracy": series},
                              xlabel="epsilon (L-inf)",
                              title="empirical and verified robust accuracy")

@@ -51,6 +51,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not (isinstance(config.ensemble, int) and config.ensemble >= 1):
     raise ConfigError(f"config.ensemble must be a number of members >= 1 (1: one model), got "
                       f"{config.ensemble!r}")
+  if not (isinstance(config.verifier_width, int) and config.verifier_width >= 0):
+    raise ConfigError(f"config.verifier_width must be an integer >= 0, got "
+                      f"{config.verifier_width!r}")
+  if (config.method in methods.VERIFIER_METHODS) != (config.verifier_width > 0):
+    raise ConfigError(f"config.verifier_width={config.verifier_width}: methods "
+                      f"{methods.VERIFIER_METHODS} train a verifier of width > 0, the others "
+                      f"none (0); method is {config.method!r}")
   if config.dtype not in steps.DTYPES:
     raise ConfigError(f"config.dtype must be one of {steps.DTYPES}, got {config.dtype!r}")
   for field in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every",
@@ -183,6 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   info = train.info
   model = models.create(config.model,
                         ensemble=config.ensemble,
+                        verifier_width=config.verifier_width,
                         num_classes=info.num_classes,
                         input_shape=info.input_shape,
                         mean=info.mean,
@@ -204,7 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                            info.input_shape,
                            ema=config.robust.ema_decay > 0)
   if config.robust.ibp_init:
-    params = methods.ibp_init(state.params, jax.random.PRNGKey(config.seed + 2))
+    params = methods.ibp_init(state.params, jax.random.PRNGKey(config.seed + 2), skip=("verifier",))
     # The average starts from the re-drawn weights, in buffers of its own (the step donates both).
     ema = jax.tree.map(jnp.copy, params) if state.ema_params else {}
     state = state.replace(params=params, ema_params=ema)
@@ -373,7 +381,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     top = max(chosen, key=lambda r: r[selection])  # the first of the best
     report.update(best_validation_step=top["step"], best_validation={selection: top[selection]})
   if eval_eps > 0 and config.report.enabled:
-    report.update(_robustness(config, eval_apply, state, test, eval_eps, workdir, main_process))
+    report.update(
+        _robustness(config, model, eval_apply, state, test, eval_eps, workdir, main_process))
   if main_process:
     logbook.plot(f"{config.model} on {config.dataset}")
     _write_report(workdir, report)
@@ -393,14 +402,20 @@ def _window_metrics(window: list[dict]) -> dict:
   return mean | {"nonfinite": float(sum(m["nonfinite"] for m in window))}
 
 
-def _robustness(config, eval_apply, state, test, eps: float, workdir: str,
+def _robustness(config, model, eval_apply, state, test, eps: float, workdir: str,
                 main_process: bool) -> dict:
   """The robustness report (`training.robustness`) of the evaluated weights (printed and
-  plotted by the main process)."""
+  plotted by the main process); a run with a learned verifier also reports what its duals
+  certify (``pvt``), recomputed soundly."""
   n = config.report.num_examples or len(test)
   variables = state.eval_variables()
+  logits_fn = lambda z: eval_apply(variables, z)
+  certifiers = {}
+  if config.verifier_width:
+    verifier = lambda f: model.apply(variables, f, method="duals")
+    certifiers["pvt"] = lambda x, y, e: verify.lagrangian_dual.certify(logits_fn, x, y, e, verifier)
   result = robustness.robustness_report(
-      lambda z: eval_apply(variables, z),
+      logits_fn,
       test.images[:n],
       test.labels[:n],
       eps,
@@ -411,6 +426,7 @@ def _robustness(config, eval_apply, state, test, eps: float, workdir: str,
       autoattack=config.report.autoattack,
       batch_size=config.eval_batch_size,
       bab_attack_time=config.report.bab_attack_time,
+      certifiers=certifiers,
       plot_path=os.path.join(workdir, ROBUSTNESS_PLOT) if main_process else None)
   if main_process:
     print(robustness.format_table(result))

@@ -26,6 +26,7 @@ from verify.falsification import falsify, falsify_runs
 from verify.functional_lagrangian import (GaussianLinear, GaussianNoise, entropy_lower_bound,
                                           functional_lagrangian)
 from verify.ibp import ibp, relu_input_bounds
+from verify.lagrangian_dual import lagrangian_dual
 from verify.interval import PRECISIONS, Interval, linf_ball
 from verify.instances import Decision, decide
 from verify.milp import MilpResult, milp_minimum, milp_verify
@@ -63,6 +64,7 @@ __all__: list[str] = [
     "falsify_runs",
     "functional_lagrangian",
     "ibp",
+    "lagrangian_dual",
     "linf_ball",
     "margin_bounds",
     "margin_spec",
@@ -82,5 +84,6 @@ __all__: list[str] = [
 from robustlib import modules as _modules
 
 globals().update(
-    _modules.callable_modules(__name__, ("alpha_crown", "bab_attack", "beta_crown", "crown",
-                                         "functional_lagrangian", "ibp", "sdp_fo")))
+    _modules.callable_modules(__name__,
+                              ("alpha_crown", "bab_attack", "beta_crown", "crown",
+                               "functional_lagrangian", "ibp", "lagrangian_dual", "sdp_fo")))

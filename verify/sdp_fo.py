@@ -123,9 +123,12 @@ def layered_network(fn: Callable,
                     interval: Interval,
                     spec=None,
                     chunk_size: int | None = None,
-                    method: str = "sdp_fo") -> tuple[_Network, jax.Array | None]:
+                    method: str = "sdp_fo",
+                    crown_boxes: bool = True) -> tuple[_Network, jax.Array | None]:
   """The network's layers and CROWN's boxes of their activations, and the checked ``spec``
-  (``None`` if none is given); ``method`` names the caller in errors."""
+  (``None`` if none is given); ``method`` names the caller in errors. Without
+  ``crown_boxes`` the boxes are the input's alone and ``inputs`` is empty (for callers
+  that bound the layers themselves)."""
   graph, boxes, out, _, spec = _prepare(fn, interval, spec)
   if not isinstance(out, Node):
     raise InputError(f"{method} needs an output that depends on the input")
@@ -136,7 +139,7 @@ def layered_network(fn: Callable,
     if not primitives.is_max_relu(n):
       raise InputError(f"{method} bounds networks of affine maps and ReLUs; {n.describe()} is "
                        "neither")
-  bounds = intermediate_bounds(graph, boxes, "crown", chunk_size)
+  bounds = intermediate_bounds(graph, boxes, "crown", chunk_size) if crown_boxes else None
   sources = [graph.inputs[0]] + relus
   maps, thresholds, pres, act = [], [], [], [Interval(boxes[0].lower, boxes[0].upper)]
   for k, r in enumerate(relus):
@@ -144,6 +147,8 @@ def layered_network(fn: Callable,
     maps.append(_affine_map(sources[k], pre, method))
     _, c = primitives.relu_threshold(r, interval.dtype)
     thresholds.append(c)
+    if bounds is None:
+      continue
     b = bounds[pre.index]
     pres.append(b)
     act.append(Interval(jnp.maximum(b.lower, c), jnp.maximum(b.upper, c)))

@@ -1,4 +1,5 @@
-"""Classifiers in Flax: IBP CNNs, PreActResNet-18, WideResNets, an MLP, and ensembles of them.
+"""Classifiers in Flax: IBP CNNs, PreActResNet-18, WideResNets, an MLP, ensembles of them, and
+a classifier beside a learned verifier.
 
 Every model maps float images ``[N, H, W, C]`` in [0, 1] to logits
 ``[N, num_classes]`` and normalizes its input with ``mean``/``std`` as its
@@ -15,6 +16,7 @@ from robustlib.models.normalize import Normalize
 from robustlib.models.preact_block import PreActBlock
 from robustlib.models.preact_resnet import PreActResNet18
 from robustlib.models.registry import MODELS, check_input_shape, create, init
+from robustlib.models.verifier import NUM_FEATURES, DualVerifier, WithVerifier
 from robustlib.models.wide_resnet import WideResNet
 
 __all__ = [
@@ -23,15 +25,18 @@ __all__ = [
     "CNNLarge",
     "CNNMedium",
     "CNNSmall",
+    "DualVerifier",
     "Ensemble",
     "MLP",
     "MODELS",
+    "NUM_FEATURES",
     "ModelInputError",
     "Normalize",
     "PreActBlock",
     "PreActResNet18",
     "SpatialLayer",
     "WideResNet",
+    "WithVerifier",
     "activation",
     "check_input",
     "check_input_shape",

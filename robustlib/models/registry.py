@@ -24,6 +24,7 @@ from robustlib.models.ibp_cnns import CNN7, CNNLarge, CNNMedium, CNNSmall
 from robustlib.models.inputs import ModelInputError, check_stats
 from robustlib.models.mlp import MLP
 from robustlib.models.preact_resnet import PreActResNet18
+from robustlib.models.verifier import WithVerifier
 from robustlib.models.wide_resnet import WideResNet
 
 MODELS: types.MappingProxyType[str, type[nn.Module]] = types.MappingProxyType({
@@ -102,6 +103,7 @@ def create(
     mean: tuple[float, ...] = (0.0,),
     std: tuple[float, ...] = (1.0,),
     ensemble: int = 1,
+    verifier_width: int = 0,
     **kwargs: Any,
 ) -> nn.Module:
   """Builds the model called ``name`` and checks that it can take ``input_shape``.
@@ -114,6 +116,8 @@ def create(
     std: per-channel input standard deviation (nonzero).
     ensemble: more than 1: an `Ensemble` of that many independently initialized
       models, whose output is the mean of their logits.
+    verifier_width: more than 0: the model `WithVerifier`, a learned verifier of that
+      hidden width beside it (predictor-verifier training).
     **kwargs: the model's other fields, e.g. ``hidden`` for ``mlp`` or
       ``depth``, ``width`` and ``activation`` for ``wide_resnet``.
 
@@ -146,7 +150,11 @@ def create(
     raise ModelInputError(f"num_classes must be an integer >= 1, got {num_classes!r}")
   model = cls(num_classes=num_classes, mean=tuple(mean), std=tuple(std), **preset, **kwargs)
   check_input_shape(model, input_shape, name)
-  return Ensemble(model, int(ensemble)) if ensemble > 1 else model
+  if not isinstance(verifier_width, numbers.Integral) or isinstance(verifier_width,
+                                                                    bool) or verifier_width < 0:
+    raise ModelInputError(f"verifier_width must be an integer >= 0, got {verifier_width!r}")
+  model = Ensemble(model, int(ensemble)) if ensemble > 1 else model
+  return WithVerifier(model, int(verifier_width)) if verifier_width else model
 
 
 def _init_fn(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> Any:

@@ -22,6 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Grefenstette et al. 2018): one logits_fn, the mean of the members' logits, for the loss,
   # the attacks and the bounds.
   config.ensemble = 1
+  # Hidden width of the learned verifier beside the model (robustlib.models.WithVerifier);
+  # method "pvt" needs one (> 0), the other methods none (0).
+  config.verifier_width = 0
   config.method = "standard"
   config.batch_size = 128  # global batch, split over the devices
   config.num_steps = 1000
@@ -48,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment.flip = False  # random horizontal flips
 
   # Robust training (training.methods): method is standard | pgd | trades | ibp | crown_ibp |
-  # fast_ibp | cure.
+  # fast_ibp | cure | pvt (with config.verifier_width > 0).
   config.robust = ml_collections.ConfigDict()
   config.robust.eps = 0.0  # training radius (L-inf, pixels in [0, 1]); e.g. 1.1x the test radius
   config.robust.eval_eps = 0.0  # test radius of the robustness report (0: same as eps)
