@@ -109,3 +109,22 @@ def test_networks_it_cannot_read_are_refused_naming_the_operation():
     ld.lagrangian_dual(lambda v: jnp.tanh(v[:, :4]), box, spec)
   with pytest.raises(InputError, match="Interval"):
     ld.lagrangian_dual(lambda v: v[:, :4], (box.lower, box.upper), spec)
+
+
+def test_a_threshold_is_read_in_its_relus_dtype_whatever_the_boxs():
+  """max(z, 0.3) in float32 over a bfloat16 box: read in bfloat16, 0.3 became 0.30078."""
+  fn = lambda v: jnp.maximum(v.astype(jnp.float32), jnp.float32(0.3))
+  lo = jnp.zeros((1, 1), jnp.bfloat16)
+  box = verify.Interval(lo, jnp.full((1, 1), 0.125, jnp.bfloat16))
+  bound = ld.certified_lower_bounds(fn, box, jnp.ones((1, 1, 1), jnp.float32))
+  assert float(bound[0, 0]) <= float(fn(lo)[0, 0])
+
+
+def test_sums_that_cancel_inside_one_affine_map_are_in_the_margin():
+  """``((x - 1) + 1e30) - 1e30`` is ``x - 1`` in real arithmetic and ``0`` in float64: the
+  margin must count the intermediate 1e30, not the cancelled result."""
+  big = jnp.float32(1e30)
+  fn = lambda v: jax.nn.relu((((v - 1.0) + big) - big) + 2.0)
+  x = jnp.zeros((1, 1), jnp.float32)
+  bound = ld.certified_lower_bounds(fn, verify.Interval(x - 0.1, x + 0.1), jnp.ones((1, 1, 1)))
+  assert float(bound[0, 0]) <= 0.9

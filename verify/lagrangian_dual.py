@@ -25,14 +25,16 @@ gives CROWN-IBP's bound.
 
 Whatever the verifier predicts the bound is valid. `certified_lower_bounds` evaluates it
 soundly: boxes, multipliers and every term in float64 (each pre-activation box widened by
-1e-9 of the absolute sum its interval products add up), less 1e-9 of the absolute sum of
-every product the bound adds up (float64 sums of fewer than 1e6 terms err by less than
-1.2e-10 of it), rounded down to float32: a bound of the real-valued network; `certify`
+1e-9 of the absolute sums its affine map adds up, every intermediate one included, times
+its number of operations), less 1e-9 of the absolute sum of every product the bound adds
+up (float64 sums of fewer than 1e6 terms err by less than 1.2e-10 of it; larger layers are
+refused), rounded down to float32: a bound of the real-valued network; `certify`
 subtracts the rounding allowance of the float32 evaluation (`verify.rounding`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -60,6 +62,8 @@ Verifier = Callable[[jax.Array], jax.Array]
 
 _METHOD = "lagrangian_dual"
 _SLACK = 1e-9
+# The float64 margin assumes sums of fewer terms than this (n eps64 <= 1.1e-10 of _SLACK).
+_MAX_TERMS = 10**6
 
 
 def zero_verifier(features: jax.Array) -> jax.Array:
@@ -76,11 +80,10 @@ def _sum(v: jax.Array, start: int = 1) -> jax.Array:
 
 
 def _reach(f: Callable, box: Interval) -> jax.Array:
-  """``|b| + |W| m`` of an affine ``f = W . + b``, ``m`` the box's largest magnitudes: the
-  absolute sum its evaluation over the box adds up."""
-  big = _big(box)
-  out = ibp(f, Interval(-big, big))
-  return jnp.abs(out.lower + out.upper) / 2 + (out.upper - out.lower) / 2
+  """The absolute sums an affine map of `layered_network` adds up over the box, every
+  intermediate one included (``|b| + |W| m`` for one dense layer, ``m`` the box's largest
+  magnitudes), in the box's dtype."""
+  return f.reach(_big(box)).astype(box.lower.dtype)
 
 
 def interval_boxes(net, box: Interval, dtype, widen: bool = False):
@@ -90,10 +93,9 @@ def interval_boxes(net, box: Interval, dtype, widen: bool = False):
   acts = [Interval(box.lower.astype(dtype), box.upper.astype(dtype))]
   pres = []
   for k, c in enumerate(net.thresholds):
-    f = lambda v, k=k: net.maps[k](v, dtype)
-    z = ibp(f, acts[-1])
+    z = ibp(lambda v, k=k: net.maps[k](v, dtype), acts[-1])
     if widen:
-      pad = _SLACK * _reach(f, acts[-1]) + np.finfo(np.float64).tiny
+      pad = _SLACK * _reach(net.maps[k], acts[-1]) + np.finfo(np.float64).tiny
       z = Interval(z.lower - pad, z.upper + pad)
     c = c.astype(dtype)
     pres.append(z)
@@ -181,7 +183,7 @@ def dual_bound(net,
     bias = maps[k](jnp.zeros_like(xs[k]))
     value += _sum(nu * bias[:, None], 2)
     if sound:
-      magnitude += _sum(jnp.abs(nu) * _reach(maps[k], acts[k])[:, None], 2)
+      magnitude += _sum(jnp.abs(nu) * _reach(net.maps[k], acts[k])[:, None], 2)
     g = _transpose(maps[k], xs[k], nu)
     if k == 0:
       term, size = _box_minimum(g, acts[0])
@@ -246,7 +248,13 @@ def certified_lower_bounds(fn: Callable,
   terms, less their rounding's margin, rounded down to float32. A valid lower bound of
   the real-valued network whatever the verifier predicts. Not jitted end to end."""
   net, rows = _layers(fn, interval, spec)
+  sizes = [math.prod(interval.lower.shape[1:])] + [math.prod(c.shape[1:]) for c in net.thresholds]
+  if max(sizes) >= _MAX_TERMS:
+    raise InputError(f"{_METHOD}'s sound evaluation covers sums of fewer than {_MAX_TERMS} "
+                     f"terms; a layer here has {max(sizes)} values per example")
   x = interval.center if x is None else jnp.asarray(x)
+  # The rows as given (a float64 spec is not rounded to the box's dtype).
+  rows = np.broadcast_to(np.asarray(rows if spec is None else spec, np.float64), rows.shape)
   with jax.enable_x64(True):
     f64 = jnp.float64
     net = net.__class__(net.maps, net.thresholds,

@@ -47,6 +47,7 @@ from robustlib.checks import InputError
 from verify import primitives
 from verify.crown import _prepare, intermediate_bounds, lower_bounds
 from verify.graph import Node, ancestors
+from verify.ibp import ibp_node
 from verify.interval import Interval
 
 # Kinds of the nodes an affine map between ReLUs may contain.
@@ -116,6 +117,20 @@ def _affine_map(source: Node, target: Node, method: str) -> Callable:
       vals[n.index] = _apply(n, [vals[a.index] for a in n.inputs if isinstance(a, Node)], dtype)
     return vals[target.index]
 
+  def reach(big: jax.Array) -> jax.Array:
+    """An upper bound, up to float32 rounding, of the absolute sums the map adds up over
+    ``[-big, big]``, times its number of operations (each rounds once, and every error
+    reaches the output through at most these sums): interval arithmetic node by node over
+    the symmetric hull of each node's interval, so no intermediate sum is hidden by a
+    later cancellation."""
+    hull = lambda m: Interval(-m, m)
+    vals = {source.index: hull(big.astype(jnp.float32) * (1 + 1e-6))}
+    for n in path:
+      out = ibp_node(n, [vals[a.index] if isinstance(a, Node) else a for a in n.inputs])
+      vals[n.index] = hull(jnp.maximum(jnp.abs(out.lower), jnp.abs(out.upper)) * (1 + 1e-6))
+    return vals[target.index].upper * max(len(path), 1)
+
+  apply.reach = reach
   return apply
 
 
@@ -145,7 +160,8 @@ def layered_network(fn: Callable,
   for k, r in enumerate(relus):
     pre = r.inputs[r.bounded_inputs[0]]
     maps.append(_affine_map(sources[k], pre, method))
-    _, c = primitives.relu_threshold(r, interval.dtype)
+    # In the ReLU's own dtype: read in a narrower box dtype, 0.3 would become another number.
+    _, c = primitives.relu_threshold(r, r.dtype)
     thresholds.append(c)
     if bounds is None:
       continue
