@@ -4,7 +4,8 @@
         --model=cnn_small --train_eps=0.3 --eps=0.3 --num_points=100
 
 A network of `benchmarks.nets` trained with PGD (``--train_eps``, 10 steps) on
-MNIST; its first ``--num_points`` test points at L-inf ``--eps``. PGD-100,
+MNIST, or a training run's latest checkpoint (``--workdir``, a run of
+``python -m training.train``); its first ``--num_points`` test points at L-inf ``--eps``. PGD-100,
 MultiTargeted (5 restarts x 200 steps) and AutoAttack (standard) run in turn on
 the points the previous ones left robust; `verify.bab_attack` then runs on the
 survivors (``--time_limit`` seconds each). Prints the robust counts after each
@@ -21,9 +22,10 @@ import jax
 import numpy as np
 
 import attacks
+import robustlib
 import verify
 from benchmarks import nets
-from robustlib import scripts
+from robustlib import checkpoints, data, scripts
 
 _MODEL = flags.DEFINE_enum("model", "cnn_small", list(nets.ARCHITECTURES),
                            "A benchmarks.nets network.")
@@ -37,6 +39,9 @@ _TIME = flags.DEFINE_float("time_limit", 120.0, "Seconds of bab_attack per survi
 _HARDEST = flags.DEFINE_integer(
     "hardest", 0, "Run bab_attack only on this many survivors, those of least margin at "
     "PGD-100's points (0: every survivor).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "A training run whose latest checkpoint is attacked (instead of "
+    "training a --model).")
 _PARAMS = flags.DEFINE_string(
     "params", None, "An .npz of the trained weights: loaded when it exists, else written "
     "after training.")
@@ -59,15 +64,26 @@ def _trained() -> nets.Params:
   return params
 
 
+def _network():
+  """``(logits_fn, x, y, description)``: the run's or the trained benchmark network's."""
+  if _WORKDIR.value:
+    config, model, variables = checkpoints.load_run(_WORKDIR.value)
+    ds = data.load(config["dataset"], "test", data_dir=config.get("data_dir") or None)
+    name = f"{config['model']} ({config['method']} at {config['robust']['eps']:g}, run)"
+    return (robustlib.as_logits_fn(model, variables), ds.images[:_POINTS.value],
+            ds.labels[:_POINTS.value], name)
+  x, y = nets.mnist_nchw("test", _POINTS.value)
+  return (nets.logits_fn(_MODEL.value,
+                         _trained()), x, y, f"{_MODEL.value} PGD-trained at {_TRAIN_EPS.value:g}")
+
+
 def main(argv):
   del argv
   scripts.setup_logging()
-  params = _trained()
-  fn = nets.logits_fn(_MODEL.value, params)
-  x, y = nets.mnist_nchw("test", _POINTS.value)
+  fn, x, y, name = _network()
   eps, key = _EPS.value, jax.random.key(0)
   robust = np.asarray(fn(x)).argmax(axis=1) == y
-  print(f"{_MODEL.value} PGD-trained at {_TRAIN_EPS.value:g}, L-inf {eps:g}, {len(y)} points")
+  print(f"{name}, L-inf {eps:g}, {len(y)} points")
   print(f"{'stage':<28} {'robust':>7} {'seconds':>8}")
   print(f"{'clean':<28} {int(robust.sum()):>7}")
   stages = [("pgd-100", attacks.pgd(eps=eps, steps=100)),

@@ -12,6 +12,7 @@ import verify
 from robustlib.checks import InputError
 from verify import certification
 from verify import error_rules
+from verify import interval
 from verify import primitives
 from verify import rounding
 from verify.graph import build_graph
@@ -291,11 +292,15 @@ def test_narrow_float_network_is_within_its_allowance():
     assert np.all(z <= np.asarray(b.upper)[i] + allow[i])
 
 
-def test_eps_is_rounded_up_to_float32():
+def test_values_are_rounded_up_and_down_to_float32():
   eps = 0.1 + 1e-12  # rounds down to float32's 0.1 by round to nearest
-  got = certification._round_up(eps)
+  got = interval.round_up(eps)
   assert got.dtype == np.float32 and float(got) >= eps
-  assert float(certification._round_up(0.5)) == 0.5
+  assert float(interval.round_up(0.5)) == float(interval.round_down(0.5)) == 0.5
+  v = np.random.default_rng(0).normal(size=1000) * 10.0**np.arange(-20, 20, 0.04)
+  down, up = interval.round_down(v), interval.round_up(v)
+  assert np.all(down <= v) and np.all(np.nextafter(down, np.float32(np.inf)) > v)  # tight
+  assert np.all(up >= v) and np.all(np.nextafter(up, np.float32(-np.inf)) < v)
 
 
 def test_a_division_by_an_interval_around_zero_has_no_finite_allowance():

@@ -46,10 +46,11 @@ def _sampled_min(fn, box, spec, count=20000, seed=0):
   return np.einsum("nsk,pnk->pns", np.asarray(spec), out).min(axis=0)
 
 
-@pytest.mark.parametrize("seed,eps,depth", [(0, 0.1, 2), (1, 0.2, 2), (2, 0.05, 3)])
-def test_bounds_hold_on_sampled_points_and_corners(seed, eps, depth):
+@pytest.mark.parametrize("seed,eps,depth,init", [(0, 0.1, 2, "box"), (1, 0.2, 2, "crown"),
+                                                 (2, 0.05, 3, "alpha_crown")])
+def test_bounds_hold_on_sampled_points_and_corners(seed, eps, depth, init):
   fn, _, spec, box = _problem(seed, eps, depth=depth)
-  lower = np.asarray(verify.sdp_fo(fn, box, spec, steps=100))
+  lower = np.asarray(verify.sdp_fo(fn, box, spec, steps=100, init=init))
   assert np.all(lower <= _sampled_min(fn, box, spec) + 1e-6)
 
 
@@ -72,6 +73,47 @@ def test_tighter_than_crown_and_alpha_crown_on_a_small_mlp():
   assert np.all(lower >= crown)  # never looser: it returns the larger of the two
   assert np.mean(lower - crown) > 0.01, (lower, crown)
   assert np.mean(lower) > np.mean(alpha), (lower, alpha)
+
+
+@pytest.mark.parametrize("init,steps", [("crown", 0), ("alpha_crown", 20)])
+def test_the_linear_multipliers_start_the_dual_at_crowns_bound(init, steps):
+  # The LP's multipliers multiply every hidden activation away: the sound dual value equals
+  # the bound of CROWN (or alpha-CROWN) with the same slopes, up to float32.
+  fn, _, spec, box = _problem(1, 0.2, depth=3)
+  net, spec = sdp.layered_network(fn, box, spec)
+  rows = jnp.transpose(spec, (1, 0, 2))
+  slopes = sdp._linear_slopes(fn, box, rows, steps, None)
+  start = np.stack([
+      -sdp._certified_value(net, rows[s], sdp._initial_duals(net, rows[s], [a[s]
+                                                                            for a in slopes]), 4096)
+      for s in range(rows.shape[0])
+  ], 1)
+  linear = np.asarray(verify.alpha_crown(fn, box, spec, steps, lower_only=True))
+  np.testing.assert_allclose(start, linear, atol=1e-5)
+  assert np.all(linear > np.asarray(sdp.lower_bounds(fn, box, spec, "ibp")) + 1e-2)  # not IBP's
+
+
+def test_the_chord_is_above_the_relu_over_its_input_box_in_float64():
+  fn, _, spec, box = _problem(2, 0.3)
+  net, _ = sdp.layered_network(fn, box, spec)
+  with jax.enable_x64(True):
+    for k, pre in enumerate(net.inputs):
+      slope, offset = (np.asarray(v) for v in sdp._chord(net, k, jnp.float64))
+      c = np.asarray(net.thresholds[k], np.float64)
+      t = np.linspace(0, 1, 101)[:, None, None]
+      z = np.asarray(pre.lower, np.float64) * (1 - t) + np.asarray(pre.upper, np.float64) * t
+      assert np.all(slope * z + offset >= np.maximum(z, c))
+      unstable = (np.asarray(pre.lower) < c) & (np.asarray(pre.upper) > c)
+      assert unstable.any()
+
+
+def test_warm_started_sdp_fo_is_never_looser_than_alpha_crown():
+  fn, _, spec, box = _problem(1, 0.2)
+  alpha = np.asarray(verify.alpha_crown(fn, box, spec, 20, lower_only=True))
+  lower = np.asarray(verify.sdp_fo(fn, box, spec, steps=300, init="alpha_crown"))
+  assert np.all(lower >= alpha)
+  assert np.mean(lower - alpha) > 0.005, (lower, alpha)
+  assert np.all(lower <= _sampled_min(fn, box, spec) + 1e-6)
 
 
 def test_the_certified_value_is_sound_at_any_feasible_iterate():
@@ -134,3 +176,7 @@ def test_bad_input_is_a_clear_error():
     verify.sdp_fo(fn, box, spec, steps=1, max_dense=10)
   with pytest.raises(InputError, match="spec must have shape"):
     verify.sdp_fo(fn, box, jnp.ones((2, 2, K)), steps=1)
+  with pytest.raises(InputError, match="init must be one of"):
+    verify.sdp_fo(fn, box, spec, steps=1, init="lp")
+  with pytest.raises(InputError, match="init_steps must be an integer >= 0"):
+    verify.sdp_fo(fn, box, spec, steps=1, init_steps=-1)

@@ -6,7 +6,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from robustlib import compilation
 from robustlib.checks import InputError
@@ -19,7 +18,7 @@ from verify import rounding
 from verify.alpha_crown import alpha_crown
 from verify.crown import lower_bounds
 from verify.sdp_fo import sdp_fo
-from verify.interval import Interval, linf_ball
+from verify.interval import Interval, linf_ball, round_up
 from verify.specs import Specification, margin_spec
 
 METHODS = ("ibp", "crown_ibp", "crown", "alpha_crown")
@@ -172,13 +171,6 @@ def certify_spec(fn: Callable,
   return jnp.all(_proven(g, interval, eye, method, lower, ibp), axis=1)
 
 
-def _round_up(eps) -> np.ndarray:
-  """``eps`` as float32, rounded up: the float32 ball contains the requested one."""
-  wide = np.asarray(eps, np.float64)
-  narrow = wide.astype(np.float32)
-  return np.where(narrow < wide, np.nextafter(narrow, np.float32(np.inf)), narrow)
-
-
 def certify(logits_fn: Callable,
             x: jax.typing.ArrayLike,
             y: jax.typing.ArrayLike,
@@ -237,7 +229,8 @@ def certify(logits_fn: Callable,
   logits = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(x.shape, x.dtype))
   num_classes = check_logits_shape(logits, x.shape[0], what="a margin specification")
   check_labels(y, num_classes=num_classes, name="y")
-  x, y, eps = jnp.asarray(x), jnp.asarray(y), jnp.asarray(_round_up(eps))
+  x, y, eps = jnp.asarray(x), jnp.asarray(y), jnp.asarray(
+      round_up(eps))  # the float32 ball contains the asked one
   if method == "sdp_fo":
     lower = sdp_fo(logits_fn,
                    linf_ball(x, eps, bounds),

@@ -67,9 +67,8 @@ import optax
 from robustlib import compilation
 from robustlib.checks import InputError
 from verify.crown import lower_bounds
-from verify.ibp import ibp
-from verify.interval import Interval
-from verify.sdp_fo import layered_network
+from verify.interval import Interval, round_down, round_up
+from verify.sdp_fo import layered_network, map_reach
 
 # The scale of the probit bound sigmoid(t) <= Phi(kappa t) + eps that makes eps smallest
 # (about 0.0095; sqrt(pi / 8), the usual approximation, gives 0.018).
@@ -347,18 +346,6 @@ def _optimised_multipliers(fn, lower, upper, clean_lower, clean_upper, layer, gr
   return _optimise(net, h_box, layer, grid, gaussian, eps, steps, lr)
 
 
-def _map_radii(net) -> list[jax.Array]:
-  """For each affine map, its interval radius over ``[-m, m]``, ``m`` the largest
-  magnitude in its input's box: ``|W_j| ... |W_1| m``, the absolute products its
-  evaluation sums."""
-  radii = []
-  for k, box in enumerate(net.boxes):
-    big = jnp.maximum(jnp.abs(box.lower), jnp.abs(box.upper))
-    out = ibp(lambda v, k=k: net.maps[k](v, big.dtype), Interval(-big, big))
-    radii.append((out.upper - out.lower) / 2)
-  return radii
-
-
 def _magnitude(net, radii, h_box: Interval, layer: _Layer, i, duals) -> jax.Array:
   """The absolute sum ``[N]`` of every product `_bound` adds up at ``duals``: what its
   float64 rounding is relative to."""
@@ -401,7 +388,7 @@ def _certified_values(fn, box: Interval, clean: Interval, chunk_size, layer: _La
   Call with 64-bit mode on."""
   net, h_box = _problem(fn, box, clean, chunk_size)
   duals = jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float64), duals)
-  radii = _map_radii(net)
+  radii = [map_reach(f, box) for f, box in zip(net.maps, net.boxes)]
 
   def one(i, d):
     return (_bound(net, h_box, layer, i, d, grid, gaussian, eps,
@@ -409,12 +396,6 @@ def _certified_values(fn, box: Interval, clean: Interval, chunk_size, layer: _La
 
   values, scale = jax.vmap(one)(jnp.arange(layer.mean_b.shape[0]), duals)
   return np.asarray(values) + 1e-9 * (1 + np.asarray(scale))
-
-
-def _round_up(value: np.ndarray) -> np.ndarray:
-  """float64 values rounded up to float32."""
-  up = value.astype(np.float32)
-  return np.where(up < value, np.nextafter(up, np.float32(np.inf)), up)
 
 
 def functional_lagrangian(fn: Callable,
@@ -495,7 +476,7 @@ def functional_lagrangian(fn: Callable,
                               grid, gaussian, eps)
   upper = np.minimum(upper, 1.0)
   upper = np.minimum(upper + tail * (1.0 - upper), 1.0)
-  return jnp.asarray(np.minimum(_round_up(upper.T), np.float32(1.0)))
+  return jnp.asarray(np.minimum(round_up(upper.T), np.float32(1.0)))
 
 
 def entropy_lower_bound(upper: jax.typing.ArrayLike) -> jax.Array:
@@ -503,6 +484,4 @@ def entropy_lower_bound(upper: jax.typing.ArrayLike) -> jax.Array:
   ``[N, C]`` of its probabilities: ``H(p) >= -log max_c p_c``."""
   upper = np.asarray(upper, np.float64)
   value = -np.log(np.minimum(upper.max(axis=-1), 1.0))
-  down = value.astype(np.float32)
-  return jnp.asarray(
-      np.maximum(np.where(down > value, np.nextafter(down, np.float32(-np.inf)), down), 0.0))
+  return jnp.asarray(np.maximum(round_down(value), 0.0))

@@ -174,6 +174,16 @@ def round_outward(lower: np.ndarray,
   return lo, hi
 
 
+def round_up(value: np.ndarray, dtype: np.dtype = np.float32) -> np.ndarray:
+  """Each (float64) value rounded up to ``dtype``."""
+  return round_outward(value, value, dtype)[1]
+
+
+def round_down(value: np.ndarray, dtype: np.dtype = np.float32) -> np.ndarray:
+  """Each (float64) value rounded down to ``dtype``."""
+  return round_outward(value, value, dtype)[0]
+
+
 def round_inward(lower: np.ndarray,
                  upper: np.ndarray,
                  dtype: np.dtype = np.float32) -> tuple[np.ndarray, np.ndarray]:

@@ -44,11 +44,11 @@ import numpy as np
 from robustlib import checks
 from robustlib.checks import InputError
 from robustlib.models.verifier import NUM_FEATURES
-from verify.certification import _round_up, margin_bounds
+from verify.certification import margin_bounds
 from verify.ibp import ibp
-from verify.interval import Interval, linf_ball
+from verify.interval import Interval, linf_ball, round_down, round_up
 from verify import rounding
-from verify.sdp_fo import layered_network
+from verify.sdp_fo import layered_network, map_reach
 from verify.specs import margin_spec
 
 # Per-neuron features a verifier reads, the last axis of its input: the pre-activation's
@@ -79,23 +79,16 @@ def _sum(v: jax.Array, start: int = 1) -> jax.Array:
   return jnp.sum(v, axis=tuple(range(start, v.ndim)))
 
 
-def _reach(f: Callable, box: Interval) -> jax.Array:
-  """The absolute sums an affine map of `layered_network` adds up over the box, every
-  intermediate one included (``|b| + |W| m`` for one dense layer, ``m`` the box's largest
-  magnitudes), in the box's dtype."""
-  return f.reach(_big(box)).astype(box.lower.dtype)
-
-
 def interval_boxes(net, box: Interval, dtype, widen: bool = False):
   """Pre-activation boxes ``[l_k, u_k]`` and activation boxes ``B_0 .. B_m`` by interval
   arithmetic layer by layer, in ``dtype``; ``widen`` pads each pre-activation box by
-  ``1e-9`` of its layer's `_reach` (float64's rounding, for the sound evaluation)."""
+  ``1e-9`` of its layer's `verify.sdp_fo.map_reach` (float64's rounding, for the sound evaluation)."""
   acts = [Interval(box.lower.astype(dtype), box.upper.astype(dtype))]
   pres = []
   for k, c in enumerate(net.thresholds):
     z = ibp(lambda v, k=k: net.maps[k](v, dtype), acts[-1])
     if widen:
-      pad = _SLACK * _reach(net.maps[k], acts[-1]) + np.finfo(np.float64).tiny
+      pad = _SLACK * map_reach(net.maps[k], acts[-1]) + np.finfo(np.float64).tiny
       z = Interval(z.lower - pad, z.upper + pad)
     c = c.astype(dtype)
     pres.append(z)
@@ -183,7 +176,7 @@ def dual_bound(net,
     bias = maps[k](jnp.zeros_like(xs[k]))
     value += _sum(nu * bias[:, None], 2)
     if sound:
-      magnitude += _sum(jnp.abs(nu) * _reach(net.maps[k], acts[k])[:, None], 2)
+      magnitude += _sum(jnp.abs(nu) * map_reach(net.maps[k], acts[k])[:, None], 2)
     g = _transpose(maps[k], xs[k], nu)
     if k == 0:
       term, size = _box_minimum(g, acts[0])
@@ -272,8 +265,7 @@ def certified_lower_bounds(fn: Callable,
                                   sound=True)
     value = np.asarray(value) - _SLACK * (1 + np.asarray(magnitude))
   value = np.where(np.isfinite(value), value, -np.inf)
-  down = value.astype(np.float32)
-  return jnp.asarray(np.where(down > value, np.nextafter(down, np.float32(-np.inf)), down))
+  return jnp.asarray(round_down(value))
 
 
 def certify(
@@ -301,7 +293,7 @@ def certify(
   out = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(x.shape, x.dtype))
   num_classes = checks.check_logits_shape(out, x.shape[0], what="a margin specification")
   checks.check_labels(y, num_examples=x.shape[0], num_classes=num_classes, name="y")
-  y, eps = jnp.asarray(y), jnp.asarray(_round_up(eps))
+  y, eps = jnp.asarray(y), jnp.asarray(round_up(eps))
   box = linf_ball(x, eps, bounds)
   spec = margin_spec(y, num_classes)
   lower = certified_lower_bounds(logits_fn, box, spec, verifier, x)

@@ -45,10 +45,16 @@ import optax
 from robustlib import compilation
 from robustlib.checks import InputError
 from verify import primitives
+from verify.alpha_crown import alpha_crown
+from verify.alpha_crown import optimise as optimise_slopes
+from verify.alpha_crown import relu_nodes
 from verify.crown import _prepare, intermediate_bounds, lower_bounds
 from verify.graph import Node, ancestors
 from verify.ibp import ibp_node
-from verify.interval import Interval
+from verify.interval import Interval, round_up
+
+# Where the optimiser's multipliers start (see `sdp_fo`'s ``init``).
+INITS = ("alpha_crown", "crown", "box")
 
 # Kinds of the nodes an affine map between ReLUs may contain.
 _AFFINE = ("linear", "affine", "identity")
@@ -134,6 +140,15 @@ def _affine_map(source: Node, target: Node, method: str) -> Callable:
   return apply
 
 
+def map_reach(f: Callable, box: Interval) -> jax.Array:
+  """The absolute sums an affine map of `layered_network` adds up over ``box``, every
+  intermediate one included, times its operation count (``|b| + |W| m`` for one dense
+  layer, ``m`` the box's largest magnitudes): in the box's dtype, what a float64
+  evaluation's rounding is relative to."""
+  big = jnp.maximum(jnp.abs(box.lower), jnp.abs(box.upper))
+  return f.reach(big).astype(box.lower.dtype)
+
+
 def layered_network(fn: Callable,
                     interval: Interval,
                     spec=None,
@@ -193,12 +208,31 @@ def _lagrangian(net: _Network, row, duals, xs, dtype):
     y = x - net.thresholds[k].astype(dtype)
     val += _vdot(duals["above_threshold"][k], y) + _vdot(duals["above_input"][k], x - pre)
     val += _vdot(duals["complementary"][k], y * (x - pre))
+    slope, offset = _chord(net, k, dtype)
+    val += _vdot(duals["below_chord"][k], slope * pre + offset - x)
     lo, hi = net.inputs[k].lower.astype(dtype), net.inputs[k].upper.astype(dtype)
     val += _vdot(duals["input_in_box"][k], (pre - lo) * (hi - pre))
   for k in range(m + 1):
     lo, hi = net.boxes[k].lower.astype(dtype), net.boxes[k].upper.astype(dtype)
     val += _vdot(duals["in_box"][k], (xs[k] - lo) * (hi - xs[k]))
   return val
+
+
+def _chord(net: _Network, k: int, dtype):
+  """``(s, t)`` ``[N, ...]`` of the upper line ``x_{k+1} <= s A_k(x_k) + t`` of ReLU ``k``
+  over its input's box: the chord of an unstable one (Batten et al. 2021 add this linear
+  cut of the LP to the SDP), ``x <= A_k(x_k)`` of an active one, ``x <= c`` of an inactive
+  one. The chord's offset is raised by a few roundings of its terms, so the line computed
+  in ``dtype`` lies above ``max(z, c)`` at both ends of ``[l, u]`` (hence on all of it)."""
+  lo, hi = net.inputs[k].lower.astype(dtype), net.inputs[k].upper.astype(dtype)
+  c = net.thresholds[k].astype(dtype)
+  unstable, active = (lo < c) & (hi > c), lo >= c
+  slope = jnp.where(unstable, (hi - c) / jnp.where(unstable, hi - lo, 1.0), active.astype(dtype))
+  ends = jnp.maximum(c - slope * lo, hi - slope * hi)
+  slack = 4 * jnp.finfo(dtype).eps * (jnp.abs(c) + jnp.abs(hi) + jnp.abs(slope) *
+                                      (jnp.abs(lo) + jnp.abs(hi)))
+  offset = jnp.where(unstable, ends + slack, jnp.where(active, 0.0, c))
+  return slope, offset
 
 
 def _quadratic(net: _Network, row, duals, dtype):
@@ -326,18 +360,43 @@ def _project(duals):
   }
 
 
-def _initial_duals(net: _Network, row):
-  """Zero multipliers and the kappa with which the dual is the box bound of the last layer:
-  ``kappa_0 = sum |g|``, ``kappa_i = |g_i|`` makes ``diag(kappa) - M`` diagonally dominant."""
+def _initial_duals(net: _Network, row, slopes=None):
+  """The starting multipliers, and the kappa that makes ``diag(kappa) - M`` diagonally
+  dominant (``kappa_0 = sum |g|``, ``kappa_i = |g_i|``), with which the dual is the box bound
+  of the Lagrangian's linear part.
+
+  Without ``slopes`` the multipliers are 0: the dual is the box bound of the last layer.
+  With ``slopes`` (a lower slope per ReLU, ``[N, ...]`` each) they are the linear
+  relaxation's, built backward as CROWN's bound is (Salman et al. 2019): a neuron whose
+  coefficient ``w`` is positive takes its upper line (``below_chord = w``), a negative one the
+  lower line of slope ``a``, the convex combination of ``x >= A(x)`` and ``x >= c``
+  (``above_input = -a w``, ``above_threshold = -(1 - a) w``); every activation but the input
+  is then multiplied away and the dual is exactly CROWN's bound with those slopes."""
   m = len(net.thresholds)
   zeros = lambda k: jnp.zeros_like(net.boxes[k].lower)
   duals = {
       "above_threshold": [zeros(k + 1) for k in range(m)],
       "above_input": [zeros(k + 1) for k in range(m)],
+      "below_chord": [zeros(k + 1) for k in range(m)],
       "complementary": [zeros(k + 1) for k in range(m)],
       "input_in_box": [zeros(k + 1) for k in range(m)],
       "in_box": [zeros(k) for k in range(m + 1)],
   }
+  if slopes is not None:
+    transpose = lambda k, v: jax.vjp(net.maps[k], jnp.zeros_like(net.boxes[k].lower))[1](v)[0]
+    out = jax.eval_shape(net.maps[m], net.boxes[m].lower)
+    w = transpose(m, -row.astype(out.dtype).reshape(out.shape))  # on x_m
+    for k in range(m - 1, -1, -1):
+      lo, hi, c = net.inputs[k].lower, net.inputs[k].upper, net.thresholds[k]
+      unstable, active = (lo < c) & (hi > c), lo >= c
+      pos, neg = jax.nn.relu(w), jax.nn.relu(-w)
+      a = jnp.where(unstable, jnp.clip(slopes[k], 0.0, 1.0), 1.0)
+      live = unstable | active  # an inactive output is fixed at c: its box bounds it exactly
+      duals["below_chord"][k] = jnp.where(live, pos, 0.0)
+      duals["above_input"][k] = jnp.where(live, a * neg, 0.0)
+      duals["above_threshold"][k] = jnp.where(unstable, (1 - a) * neg, 0.0)
+      slope, _ = _chord(net, k, w.dtype)
+      w = transpose(k, duals["below_chord"][k] * slope - duals["above_input"][k])
   _, g, _ = _quadratic(net, row, duals, jnp.float32)
   absg = [jnp.abs(a) for a in g]
   k0 = sum(jnp.sum(a, axis=tuple(range(1, a.ndim))) for a in absg)
@@ -358,12 +417,13 @@ def _objective(net, row, duals, key, iterations):
   return _dual_value(c, duals["kappa"], lam)
 
 
-def _optimise(net, rows, key, steps, iterations, lr):
-  """Adam (learning rate decayed to 0 by a cosine) on the dual variables of every row: each
-  example's best iterate, ``[S]``-stacked, and the objectives ``[S, steps, N]``."""
+def _optimise(net, rows, key, steps, iterations, lr, slopes=None):
+  """Adam (learning rate decayed to 0 by a cosine) on the dual variables of every row, from
+  `_initial_duals` (``slopes``: ``[S]``-stacked, or None): each example's best iterate,
+  ``[S]``-stacked, and the objectives ``[S, steps, N]``."""
 
-  def one(row, key):
-    duals = _initial_duals(net, row)
+  def one(row, key, slopes):
+    duals = _initial_duals(net, row, slopes)
     opt = optax.adam(optax.cosine_decay_schedule(lr, max(steps, 1)))
     objective = lambda d, k: _objective(net, row, d, k, iterations)
 
@@ -383,14 +443,31 @@ def _optimise(net, rows, key, steps, iterations, lr):
     return best, values
 
   keys = jax.random.split(key, rows.shape[0])
-  return jax.vmap(one)(rows, keys)
+  return jax.vmap(one)(rows, keys, slopes)
 
 
-@compilation.jit(static_argnames=("fn", "steps", "iterations", "lr", "chunk_size"))
-def _optimised_duals(fn, lower, upper, rows, key, steps, iterations, lr, chunk_size):
-  """`_optimise` on ``fn``'s layers, compiled once per function and shapes."""
-  net, _ = layered_network(fn, Interval(lower, upper), None, chunk_size)
-  return _optimise(net, rows, key, steps, iterations, lr)[0]
+def _linear_slopes(fn, interval: Interval, rows, steps: int, chunk_size):
+  """alpha-CROWN's lower slopes of every ReLU for each row (CROWN's for ``steps = 0``):
+  ``[S, N, ...]`` per ReLU, in order."""
+  graph, boxes, out, _, _ = _prepare(fn, interval, None)
+  bounds = intermediate_bounds(graph, boxes, "crown", chunk_size)
+  _, params = optimise_slopes(out, rows.astype(interval.dtype), bounds, steps, 0.1)
+  return [params["alpha"][str(n.index)] for n in relu_nodes(out)]
+
+
+@compilation.jit(static_argnames=("fn", "steps", "iterations", "lr", "chunk_size", "init",
+                                  "init_steps"))
+def _optimised_duals(fn, lower, upper, rows, key, steps, iterations, lr, chunk_size, init,
+                     init_steps):
+  """`_optimise` on ``fn``'s layers from the ``init`` multipliers, compiled once per
+  function and shapes."""
+  interval = Interval(lower, upper)
+  net, _ = layered_network(fn, interval, None, chunk_size)
+  slopes = None
+  if init != "box":
+    slopes = _linear_slopes(fn, interval, rows, init_steps if init == "alpha_crown" else 0,
+                            chunk_size)
+  return _optimise(net, rows, key, steps, iterations, lr, slopes)[0]
 
 
 def _certified_value(net: _Network, row, duals, max_dense: int) -> np.ndarray:
@@ -434,9 +511,7 @@ def _certified_value(net: _Network, row, duals, max_dense: int) -> np.ndarray:
         _dual_value(jnp.zeros_like(c), duals["kappa"], jnp.asarray(lam - margin)))
   # The float64 sums' rounding (below n * eps64 of their terms' magnitudes, n <= max_dense:
   # about 1e-12 of them) with a wide slack, then outwards to float32.
-  value = value + 1e-9 * (1 + scale)
-  up = value.astype(np.float32)
-  return np.where(up < value, np.nextafter(up, np.float32(np.inf)), up)
+  return round_up(value + 1e-9 * (1 + scale))
 
 
 def sdp_fo(fn: Callable,
@@ -447,7 +522,9 @@ def sdp_fo(fn: Callable,
            lr: float = 0.03,
            key: jax.Array | None = None,
            max_dense: int = 4096,
-           chunk_size: int | None = None) -> jax.Array:
+           chunk_size: int | None = None,
+           init: str = "alpha_crown",
+           init_steps: int = 20) -> jax.Array:
   """Lower bounds ``[N, S]`` of ``spec @ fn(x)`` over the box by SDP-FO (Dathathri et al. 2020).
 
   Args:
@@ -462,10 +539,16 @@ def sdp_fo(fn: Callable,
     max_dense: most variables (activations of one example, plus one) whose matrix the
       final, sound evaluation builds.
     chunk_size: rows per backward pass of CROWN's intermediate bounds.
+    init: the multipliers the optimiser starts from: ``"alpha_crown"`` (the linear
+      relaxation's with alpha-CROWN's slopes after ``init_steps`` steps: the dual starts at
+      alpha-CROWN's bound), ``"crown"`` (CROWN's slopes and bound) or ``"box"`` (zero
+      multipliers: the box bound of the last layer, as Dathathri et al. start).
+    init_steps: alpha-CROWN's steps for ``init="alpha_crown"``.
 
   Returns:
-    ``[N, S]`` lower bounds, each the larger of SDP-FO's and CROWN's, valid for the
-    real-valued network whatever the optimiser reached.
+    ``[N, S]`` lower bounds, each the larger of SDP-FO's and CROWN's (and alpha-CROWN's,
+    from which ``init="alpha_crown"`` starts), valid for the real-valued network whatever
+    the optimiser reached.
 
   Raises:
     InputError: for a network that is not affine maps and ReLUs (naming the operation),
@@ -476,6 +559,10 @@ def sdp_fo(fn: Callable,
     raise InputError(f"steps must be at least 0, got {steps}")
   if lanczos_iterations < 1:
     raise InputError(f"lanczos_iterations must be at least 1, got {lanczos_iterations}")
+  if init not in INITS:
+    raise InputError(f"init must be one of {INITS}, got {init!r}")
+  if isinstance(init_steps, bool) or not isinstance(init_steps, int) or init_steps < 0:
+    raise InputError(f"init_steps must be an integer >= 0, got {init_steps!r}")
   if not isinstance(interval, Interval):
     raise InputError(f"expected an Interval of inputs [N, ...], got {type(interval).__name__}")
   key = jax.random.PRNGKey(0) if key is None else key
@@ -484,11 +571,14 @@ def sdp_fo(fn: Callable,
   net, spec = layered_network(fn, interval, spec, chunk_size)
   rows = jnp.transpose(jnp.asarray(spec, interval.dtype), (1, 0, 2))  # [S, N, K]
   duals = _optimised_duals(fn, interval.lower, interval.upper, rows, key, steps, lanczos_iterations,
-                           lr, chunk_size)
+                           lr, chunk_size, init, init_steps)
   upper = np.stack([
       _certified_value(net, rows[s], jax.tree_util.tree_map(lambda v, s=s: v[s], duals), max_dense)
       for s in range(rows.shape[0])
   ],
                    axis=1)  # [N, S]: upper bounds of -spec . fn
-  crown = np.asarray(lower_bounds(fn, interval, spec, "crown", chunk_size))
-  return jnp.asarray(np.maximum(-upper, crown))
+  linear = lower_bounds(fn, interval, spec, "crown", chunk_size)
+  if init == "alpha_crown":  # the optimiser's start: never return less
+    linear = jnp.maximum(
+        linear, alpha_crown(fn, interval, spec, init_steps, chunk_size=chunk_size, lower_only=True))
+  return jnp.asarray(np.maximum(-upper, np.asarray(linear)))
