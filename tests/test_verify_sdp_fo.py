@@ -1,6 +1,8 @@
 """SDP-FO (Dathathri et al. 2020): sound at every iterate, tighter than CROWN where it converges."""
 
+from fractions import Fraction
 import gc
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -180,3 +182,58 @@ def test_bad_input_is_a_clear_error():
     verify.sdp_fo(fn, box, spec, steps=1, init="lp")
   with pytest.raises(InputError, match="init_steps must be an integer >= 0"):
     verify.sdp_fo(fn, box, spec, steps=1, init_steps=-1)
+
+
+def _exact_affine_min(fn_exact, box):
+  """The exact minimum ``[N]`` over the box's corners of an affine ``fn_exact(corner)`` (a
+  list of Fractions in, a Fraction out), as floats."""
+  lo, hi = np.asarray(box.lower, np.float64), np.asarray(box.upper, np.float64)
+  out = []
+  for n in range(lo.shape[0]):
+    corners = itertools.product(*[(Fraction(a), Fraction(b)) for a, b in zip(lo[n], hi[n])])
+    out.append(float(min(fn_exact(list(v)) for v in corners)))
+  return np.asarray(out)
+
+
+def test_the_certified_value_covers_sums_cancelled_inside_a_map():
+  # 2^40 x0 + x1 - 2^40 x2 with x0 = x2 = 1: the value is x1, about 2^-12, but float64 rounds
+  # the intermediate sum 2^40 + x1 by up to 2^-13, which a margin relative to the values
+  # (|c|, the kappa part: some 1e-4) misses; the absolute sums the map adds up do not.
+  big = 2.0**40
+  w = np.array([[big], [1.0], [-big]], np.float32)
+  fn = lambda x: jax.nn.relu(x) @ w  # every ReLU active on the box: affine there
+  box = verify.Interval(jnp.asarray([[1.0, 2.0**-13, 1.0]]), jnp.asarray([[1.0, 2.0**-12, 1.0]]))
+  spec = jnp.ones((1, 1, 1))
+  truth = _exact_affine_min(lambda v: v[0] * Fraction(big) + v[1] - v[2] * Fraction(big), box)
+  net, spec = sdp.layered_network(fn, box, spec)
+  upper = sdp._certified_value(net, spec[:, 0], sdp._initial_duals(net, spec[:, 0]), 4096)
+  assert np.all(-upper <= truth), (-upper, truth)
+  lower = np.asarray(verify.sdp_fo(fn, box, spec, steps=0, init="box"))
+  assert np.all(lower[:, 0] <= truth), (lower, truth)
+
+
+def test_the_certified_value_reads_subnormal_boxes_and_thresholds_exactly():
+  # XLA's float32 -> float64 conversion on a CPU flushes subnormals to 0: the box
+  # [-2^-130, 2^-131] would become the point 0 and 2^120 max(x, 0) a constant 0. (The
+  # float32 bound passes flush them too, so the ReLU's output box is set here exactly.)
+  x = np.float32([[-2.0**-130], [2.0**-131]])
+  fn = lambda v: jax.nn.relu(v) * np.float32(2.0**120)
+  box = verify.Interval(jnp.asarray(x[:1]), jnp.asarray(x[1:]))
+  spec = -jnp.ones((1, 1, 1))
+  net, spec = sdp.layered_network(fn, box, spec)
+  out = verify.Interval(jnp.asarray(np.maximum(x[:1], 0)), jnp.asarray(np.maximum(x[1:], 0)))
+  net = sdp._Network(net.maps, net.thresholds, (box, out), (box,))
+  truth = -float(Fraction(2)**120 * Fraction(float(x[1, 0])))  # min of -2^120 relu(x)
+  upper = sdp._certified_value(net, spec[:, 0], sdp._initial_duals(net, spec[:, 0]), 4096)
+  assert np.all(-upper <= truth), (-upper, truth)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_multiplier_gives_no_bound(bad):
+  fn, _, spec, box = _problem(0, 0.1, n=2)
+  net, spec = sdp.layered_network(fn, box, spec)
+  row = jnp.transpose(spec, (1, 0, 2))[0]
+  duals = sdp._initial_duals(net, row)
+  duals["in_box"][1] = duals["in_box"][1].at[0, 0].set(bad)
+  upper = sdp._certified_value(net, row, duals, 4096)
+  assert upper[0] == np.inf and np.isfinite(upper[1]), upper

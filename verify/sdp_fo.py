@@ -20,8 +20,10 @@ specification rows, jitted.
 Lanczos's estimate lies above the smallest eigenvalue, so the bound `sdp_fo`
 returns is not the optimiser's: at the last iterate the dual is evaluated again
 in float64, the smallest eigenvalue of the float64 matrix computed by a full
-symmetric eigendecomposition less its backward-error margin, and the result
-rounded outwards to float32: a valid bound whatever the iterate. That final
+symmetric eigendecomposition less its backward-error margin, plus 1e-9 of the
+absolute sums the Lagrangian adds up (every map's intermediate ones included, so
+sums cancelled inside one stay in the margin), and the result rounded outwards
+to float32: a valid bound whatever the iterate. That final
 evaluation builds the matrix over the variables the box does not fix (a stable
 ReLU's output and a pixel pinned by ``[0, 1]`` decouple, their rows being
 ``kappa_i e_i``), so problems of more than ``max_dense`` of them are refused; the
@@ -235,9 +237,14 @@ def _chord(net: _Network, k: int, dtype):
   return slope, offset
 
 
-def _quadratic(net: _Network, row, duals, dtype):
-  """``(c [N], g, Hv)`` of the Lagrangian in the box's coordinates ``z``."""
-  # In ``dtype`` from the ends: in float64 the box ``a +- r`` is exactly the float32 one.
+def _quadratic(net: _Network, row, duals, dtype, forward_hessian: bool = False):
+  """``(c [N], g, Hv)`` of the Lagrangian in the box's coordinates ``z``: ``g`` a list of
+  ``[N, ...]`` arrays like the boxes, ``Hv`` a function of such a list. ``Hv`` is a difference
+  of two gradients (one gradient's cost), or with ``forward_hessian`` the forward-mode
+  derivative of the gradient, whose rounding is relative to the Hessian's own terms rather
+  than to the gradient's (what the sound evaluation needs)."""
+  # In ``dtype`` from the ends: in float64 the box ``a +- r`` is the float32 one up to a
+  # rounding of its ends (within the magnitude margin of `_certified_value`).
   ends = [(b.lower.astype(dtype), b.upper.astype(dtype)) for b in net.boxes]
   centre = [(lo + hi) / 2 for lo, hi in ends]
   radius = [(hi - lo) / 2 for lo, hi in ends]
@@ -250,6 +257,8 @@ def _quadratic(net: _Network, row, duals, dtype):
   c, g = transformed(zeros), grad(zeros)
 
   def hv(v):
+    if forward_hessian:
+      return jax.jvp(grad, (zeros,), (v,))[1]
     return jax.tree_util.tree_map(jnp.subtract, grad(v), g)
 
   return c, g, hv
@@ -470,19 +479,77 @@ def _optimised_duals(fn, lower, upper, rows, key, steps, iterations, lr, chunk_s
   return _optimise(net, rows, key, steps, iterations, lr, slopes)[0]
 
 
+# The float64 evaluation's margin, relative to the absolute sums the Lagrangian adds up
+# (`_magnitude`): sums of fewer than _MAX_TERMS terms err by less than 1.2e-10 of theirs.
+_SLACK = 1e-9
+_MAX_TERMS = 10**6
+
+
+def _exact64(net: _Network) -> _Network:
+  """``net`` with its boxes and thresholds in float64, converted by numpy: exactly (XLA's
+  conversion on a CPU flushes float32 subnormals to 0, which moves a box's ends or a ReLU's
+  threshold). Call under ``jax.enable_x64``."""
+  f64 = lambda v: jnp.asarray(np.asarray(v, np.float64))
+  box = lambda b: Interval(f64(b.lower), f64(b.upper))
+  return _Network(net.maps, tuple(f64(c) for c in net.thresholds), tuple(box(b) for b in net.boxes),
+                  tuple(box(b) for b in net.inputs))
+
+
+def _magnitude(net: _Network, net32: _Network, row, duals, dtype) -> jax.Array:
+  """An upper bound ``[N]`` of the absolute sums the Lagrangian adds up anywhere in its box,
+  every intermediate one included: each term's multiplier times the magnitudes of its factors
+  (a map's by its node-by-node reach, `map_reach`, over ``net32``'s boxes, the float32
+  ``net`` they were read from). It bounds the Lagrangian's constant term's terms, and half
+  the absolute sums of its gradient's (``sum_i r_i |d/dx_i|`` of a product of two factors is at
+  most twice the product of their magnitudes, as ``r <= max(|l|, |u|)``) and of its Hessian's
+  entries: what their rounding is relative to."""
+  big = lambda b: jnp.maximum(jnp.abs(b.lower), jnp.abs(b.upper)).astype(dtype)
+  absd = {k: [jnp.abs(v.astype(dtype)) for v in duals[k]] for k in duals if k != "kappa"}
+  m = len(net.thresholds)
+  reach = [map_reach(net32.maps[k], net32.boxes[k]).astype(dtype) for k in range(m + 1)]
+  out = reach[m].reshape(reach[m].shape[0], -1)
+  total = jnp.sum(jnp.abs(row.astype(dtype)).reshape(out.shape[0], -1) * out, axis=1)
+  for k in range(m):
+    x, p, c = big(net.boxes[k + 1]), reach[k], jnp.abs(net.thresholds[k].astype(dtype))
+    lo, hi = (jnp.abs(v.astype(dtype)) for v in (net.inputs[k].lower, net.inputs[k].upper))
+    slope, offset = _chord(net, k, dtype)
+    total += _vdot(absd["above_threshold"][k], x + c) + _vdot(absd["above_input"][k], x + p)
+    total += _vdot(absd["complementary"][k], (x + c) * (x + p))
+    total += _vdot(absd["below_chord"][k], jnp.abs(slope) * p + jnp.abs(offset) + x)
+    total += _vdot(absd["input_in_box"][k], (p + lo) * (hi + p))
+  for k in range(m + 1):
+    b = net.boxes[k]
+    x, lo, hi = big(b), jnp.abs(b.lower.astype(dtype)), jnp.abs(b.upper.astype(dtype))
+    total += _vdot(absd["in_box"][k], (x + lo) * (hi + x))
+  return total
+
+
 def _certified_value(net: _Network, row, duals, max_dense: int) -> np.ndarray:
-  """The dual objective at ``duals`` evaluated soundly: float64, the smallest eigenvalue of
-  the dense matrix less its backward-error margin, rounded up to float32. ``[N]``."""
+  """The dual objective at ``duals`` evaluated soundly: an upper bound ``[N]`` (float32) of
+  ``max -row . out`` over the relaxation, ``+inf`` where a multiplier or a term is not finite.
+
+  In float64: the Lagrangian's quadratic ``c + g' z + z' H z / 2`` (``H`` by forward-mode
+  derivatives of the gradient), the smallest eigenvalue of the dense ``diag(kappa) - M`` less
+  its backward-error margin, and the dual objective at it; then ``1e-9`` of the absolute sums
+  of the terms added up: ``|Delta c| + sum |Delta g| + sum |Delta H| / 2``, by which the computed
+  quadratic may miss the Lagrangian anywhere in the box, is below ``2.4e-10`` of four times
+  `_magnitude` (sums of fewer than a million terms), and the dual value's own sum below
+  that of its kappa part. Rounded up to float32."""
+  sizes = [math.prod(b.lower.shape[1:]) for b in net.boxes]
+  if max(sizes) >= _MAX_TERMS:
+    raise InputError(f"sdp_fo's sound evaluation covers sums of fewer than {_MAX_TERMS} terms; "
+                     f"a layer here has {max(sizes)} values per example")
+  net32 = net
   with jax.enable_x64(True):
     f64 = jnp.float64
+    net = _exact64(net32)
     duals = jax.tree_util.tree_map(lambda v: jnp.asarray(v, f64), _project(duals))
-    c, g, hv = _quadratic(net, jnp.asarray(row, f64), {
-        k: v for k, v in duals.items() if k != "kappa"
-    }, f64)
+    row = jnp.asarray(row, f64)
+    multipliers = {k: v for k, v in duals.items() if k != "kappa"}
+    c, g, hv = _quadratic(net, row, multipliers, f64, forward_hessian=True)
     # A variable of zero radius (a stable ReLU, a pixel fixed by the box) has a row of A that
     # is kappa_i e_i: it decouples, and only the others enter the dense matrix.
-    radius = _flatten(
-        (jnp.ones_like(c), [b.upper.astype(f64) - b.lower.astype(f64) for b in net.boxes]))
+    radius = _flatten((jnp.ones_like(c), [b.upper - b.lower for b in net.boxes]))
     free = np.flatnonzero(np.any(np.asarray(radius) > 0, axis=0))
     n = free.size
     if n > max_dense:
@@ -500,18 +567,22 @@ def _certified_value(net: _Network, row, duals, max_dense: int) -> np.ndarray:
     cols = jax.lax.map(column, index, batch_size=min(n, 256))  # [n, N, n]
     mats = np.asarray(jnp.transpose(cols, (1, 2, 0)))
     mats = (mats + np.swapaxes(mats, 1, 2)) / 2
+    kappa = np.asarray(_flatten(duals["kappa"]))
+    size = np.asarray(_magnitude(net, net32, row, multipliers, f64))
+    finite = (np.isfinite(mats).all(axis=(1, 2)) & np.isfinite(kappa).all(axis=1) &
+              np.isfinite(np.asarray(c)) & np.isfinite(size))
+    mats = np.where(finite[:, None, None], mats, 0.0)
     lam = np.linalg.eigvalsh(mats)[:, 0]
     fixed = np.ones(total, bool)
     fixed[free] = False
     if fixed.any():
-      lam = np.minimum(lam, np.asarray(_flatten(duals["kappa"]))[:, fixed].min(axis=1))
+      lam = np.minimum(lam, kappa[:, fixed].min(axis=1))
     margin = 8 * n * np.finfo(np.float64).eps * np.linalg.norm(mats, axis=(1, 2))
-    value = np.asarray(_dual_value(c, duals["kappa"], jnp.asarray(lam - margin)))
-    scale = np.abs(np.asarray(c)) + np.asarray(
-        _dual_value(jnp.zeros_like(c), duals["kappa"], jnp.asarray(lam - margin)))
-  # The float64 sums' rounding (below n * eps64 of their terms' magnitudes, n <= max_dense:
-  # about 1e-12 of them) with a wide slack, then outwards to float32.
-  return round_up(value + 1e-9 * (1 + scale))
+    lam = jnp.asarray(lam - margin)
+    value = np.asarray(_dual_value(c, duals["kappa"], lam))
+    scale = np.asarray(_dual_value(jnp.zeros_like(c), duals["kappa"], lam)) + 4 * size
+    value = value + _SLACK * (1 + scale)
+  return round_up(np.where(finite & np.isfinite(value), value, np.inf))
 
 
 def sdp_fo(fn: Callable,
@@ -552,8 +623,8 @@ def sdp_fo(fn: Callable,
 
   Raises:
     InputError: for a network that is not affine maps and ReLUs (naming the operation),
-      a bad spec, ``steps < 0``, ``lanczos_iterations < 1`` or a problem larger than
-      ``max_dense``.
+      a bad spec, ``steps < 0``, ``lanczos_iterations < 1``, a problem larger than
+      ``max_dense`` or a layer of a million values or more per example.
   """
   if steps < 0:
     raise InputError(f"steps must be at least 0, got {steps}")
