@@ -59,7 +59,7 @@ def test_relu_branch_and_bound_in_float64_keeps_its_answers():
       unsafe = UnsafeSet.of(
           [(np.eye(3)[y] - np.eye(3)[t], np.zeros(1)) for t in range(3) if t != y], 3, np.float64)
       lo, hi = x0 - eps, x0 + eps
-      exact = milp_verify(fn, lo, hi, unsafe, time_limit=30, precision="float64").status
+      exact = milp_verify(fn, lo, hi, unsafe, time_limit=120, precision="float64").status
       result = branch_and_bound(
           fn,
           lo,

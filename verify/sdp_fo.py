@@ -5,7 +5,9 @@ The network is read from its graph as affine maps between ReLUs,
 the box CROWN's intermediate bounds give it, and the relaxation of Raghunathan
 et al. 2018 keeps, for each ReLU, ``x_{k+1} >= c_k``, ``x_{k+1} >= A_k(x_k)`` and
 ``(x_{k+1} - c_k) * (x_{k+1} - A_k(x_k)) = 0``, and for every activation its box
-``(x - l) * (u - x) >= 0``. With multipliers ``lam`` for these, the Lagrangian in
+``(x - l) * (u - x) >= 0``; the triangle relaxation's chord ``x_{k+1} <= s A_k(x_k) + t``
+joins them as a linear cut (Batten et al. 2021), so the relaxation is at least as tight
+as the LP's. With multipliers ``lam`` for these, the Lagrangian in
 the box's coordinates ``x = a + r * z``, ``z`` in ``[-1, 1]^n``, is a quadratic
 ``c(lam) + g(lam)' z + z' H(lam) z / 2``, and for every ``kappa >= 0``
 
@@ -15,7 +17,11 @@ the box's coordinates ``x = a + r * z``, ``z`` in ``[-1, 1]^n``, is a quadratic
 by Adam with ``lambda_min`` from a Lanczos iteration on matrix-vector products
 (``H v`` is a difference of two gradients of the Lagrangian, never a dense
 matrix): memory linear in the network's size, batched over examples and
-specification rows, jitted.
+specification rows, jitted. The multipliers start where the linear bound is
+(``init``): alpha-CROWN's slopes give the linear constraints' multipliers layer by
+layer backward, with which the dual is exactly alpha-CROWN's bound, and the
+quadratic constraints' multipliers start at 0 (Dathathri et al. start from zero
+multipliers, the box bound of the last layer: ``init="box"``).
 
 Lanczos's estimate lies above the smallest eigenvalue, so the bound `sdp_fo`
 returns is not the optimiser's: at the last iterate the dual is evaluated again
@@ -27,10 +33,21 @@ to float32: a valid bound whatever the iterate. That final
 evaluation builds the matrix over the variables the box does not fix (a stable
 ReLU's output and a pixel pinned by ``[0, 1]`` decouple, their rows being
 ``kappa_i e_i``), so problems of more than ``max_dense`` of them are refused; the
-optimiser itself has no such limit. The returned bound is never looser than CROWN's on the
-same rows (the larger of the two is returned, both sound), and like every bound
+optimiser itself has no such limit. The returned bound is never looser than CROWN's (nor
+alpha-CROWN's, with the default ``init``) on the same rows (the larger is returned, all
+sound), and like every bound
 here it is the real-valued network's: `verify.certify` adds the rounding
 allowance of its float32 evaluation.
+
+References:
+  Dathathri et al., "Enabling certification of verification-agnostic networks via
+  memory-efficient semidefinite programming", NeurIPS 2020.
+  Raghunathan et al., "Semidefinite relaxations for certifying robustness to adversarial
+  examples", NeurIPS 2018.
+  Batten et al., "Efficient Neural Network Verification via Layer-based Semidefinite
+  Relaxations and Linear Cuts", IJCAI 2021.
+  Salman et al., "A Convex Relaxation Barrier to Tight Robustness Verification of Neural
+  Networks", NeurIPS 2019 (the linear relaxation's multipliers).
 """
 
 from __future__ import annotations
