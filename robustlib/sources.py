@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
+import functools
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,9 @@ class TestSet:
     dataset: the data set's name.
     model: the model's name (the run's, or the ONNX file's).
     source: absolute path of the run's directory or of the ONNX file.
+    verifier: for a run trained with a learned verifier (``config.verifier_width > 0``),
+      its per-neuron predictions ``features [..., F] -> [..., 2]``
+      (`robustlib.models.WithVerifier.duals`); else None.
   """
   logits_fn: LogitsFn
   images: np.ndarray
@@ -44,6 +48,7 @@ class TestSet:
   dataset: str
   model: str
   source: str
+  verifier: Callable | None = None
 
 
 def onnx_layout(model_shape: Sequence[int], image_shape: Sequence[int]):
@@ -105,6 +110,7 @@ def load_test_set(workdir: str | None = None,
     raise InputError("give either a training run's workdir or an ONNX file, not both or neither")
   if num_examples < 0:
     raise InputError(f"num_examples must be >= 0, got {num_examples}")
+  verifier = None
   if onnx is not None:
     if not dataset:
       raise InputError("an ONNX network needs the data set it classifies (dataset=)")
@@ -122,10 +128,12 @@ def load_test_set(workdir: str | None = None,
                          f"{info.num_classes} classes); {dataset!r} does not match")
     data_dir = data_dir or config.get("data_dir") or None
     logits_fn, model = as_logits_fn(flax_model, variables, info.input_shape), config["model"]
+    if config.get("verifier_width", 0):
+      verifier = functools.partial(flax_model.apply, variables, method="duals")
     source = os.path.abspath(workdir)
   test = data.load(dataset, "test", data_dir=data_dir)
   images, labels = np.asarray(test.images), np.asarray(test.labels)
   if num_examples:
     images, labels = images[:num_examples], labels[:num_examples]
   jax.eval_shape(logits_fn, jax.ShapeDtypeStruct((1,) + images.shape[1:], jnp.float32))
-  return TestSet(logits_fn, images, labels, dataset, model, source)
+  return TestSet(logits_fn, images, labels, dataset, model, source, verifier)

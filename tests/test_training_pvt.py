@@ -8,7 +8,9 @@ import pytest
 
 import attacks
 import verify
+import verify.runs
 from robustlib import checkpoints, data, models
+from robustlib.checks import InputError
 from training import trainer
 from training.configs import digits_pvt_mlp
 
@@ -48,6 +50,14 @@ def test_pvt_trains_and_reports_a_sound_certified_accuracy(tmp_path):
   assert float(flags.mean()) == pytest.approx(verified["pvt"])
   adv = attacks.pgd(eps=0.05, steps=50)(fn, x, y, np.uint32([0, 1]))
   assert not np.any(flags & np.asarray(jnp.argmax(fn(adv), axis=1) != y))
+
+  # python -m verify.certify --method=pvt recomputes the same flags from the run.
+  content = verify.runs.certify_run(str(tmp_path), methods="pvt", eps=[0.05], num_examples=100)
+  clean = np.asarray(content["clean_flags"], bool)
+  np.testing.assert_array_equal(np.asarray(content["verified_flags"]["pvt"][0], bool),
+                                flags & clean)
+  with pytest.raises(InputError, match="method pvt certifies with a learned verifier"):
+    verify.runs.certified_flags(fn, np.asarray(x), np.asarray(y), [0.05], "pvt")
 
 
 @pytest.mark.parametrize("method, width", [("pvt", 0), ("ibp", 8)])

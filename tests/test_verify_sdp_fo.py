@@ -116,6 +116,43 @@ def test_warm_started_sdp_fo_is_never_looser_than_alpha_crown():
   assert np.all(lower >= alpha)
   assert np.mean(lower - alpha) > 0.005, (lower, alpha)
   assert np.all(lower <= _sampled_min(fn, box, spec) + 1e-6)
+  # Rows alpha-CROWN already bounds above a level keep its bound; the others improve alike.
+  level = float(np.median(alpha))
+  some = np.asarray(verify.sdp_fo(fn, box, spec, steps=300, init="alpha_crown", only_below=level))
+  kept = ~np.any(alpha <= level, axis=0)
+  assert kept.any() and not kept.all()
+  np.testing.assert_array_equal(some[:, kept], alpha[:, kept])
+  np.testing.assert_allclose(some[:, ~kept], lower[:, ~kept], atol=1e-3)
+
+
+def test_fixed_activations_cost_nothing_whatever_their_kappa():
+  # A stable inactive ReLU's output is a constant: its kappa enters neither the matrix's
+  # smallest eigenvalue nor the dual's sum.
+  fn, _, spec, box = _problem(0, 0.1)
+  net, spec = sdp.layered_network(fn, box, spec)
+  row = jnp.transpose(spec, (1, 0, 2))[0]
+  fixed = [~np.asarray(f) for f in sdp._free(net)]
+  assert any(f.any() for f in fixed[1:])
+  duals = sdp._initial_duals(net, row)
+  base = sdp._certified_value(net, row, duals, 4096)
+  k0, kz = duals["kappa"]
+  duals["kappa"] = (k0, [jnp.where(f, 1e3, k) for f, k in zip(fixed, kz)])
+  np.testing.assert_allclose(sdp._certified_value(net, row, duals, 4096), base, rtol=1e-6)
+
+
+def test_the_repaired_kappa_recovers_what_a_poor_eigenvalue_estimate_loses(monkeypatch):
+  # Three Lanczos steps leave the iterate far from PSD: the uniform shift by |lambda_min|
+  # costs much, the shift by the negative part's row sums little; both are sound.
+  fn, _, spec, box = _problem(0, 0.1)
+  net, spec = sdp.layered_network(fn, box, spec)
+  rows = jnp.transpose(spec, (1, 0, 2))
+  best, _ = sdp._optimise(net, rows, jax.random.PRNGKey(0), 200, 3, 0.03)
+  duals = jax.tree_util.tree_map(lambda a: a[0], best)
+  repaired = -sdp._certified_value(net, rows[0], duals, 4096)
+  monkeypatch.setattr(sdp, "_repaired", lambda kappa, mats, free: (kappa, mats))
+  uniform = -sdp._certified_value(net, rows[0], duals, 4096)
+  assert np.all(repaired >= uniform) and np.mean(repaired - uniform) > 0.1, (repaired, uniform)
+  assert np.all(repaired <= _sampled_min(fn, box, spec)[:, 0] + 1e-6)
 
 
 def test_the_certified_value_is_sound_at_any_feasible_iterate():
@@ -182,6 +219,8 @@ def test_bad_input_is_a_clear_error():
     verify.sdp_fo(fn, box, spec, steps=1, init="lp")
   with pytest.raises(InputError, match="init_steps must be an integer >= 0"):
     verify.sdp_fo(fn, box, spec, steps=1, init_steps=-1)
+  with pytest.raises(InputError, match="only_below must be a number or None"):
+    verify.sdp_fo(fn, box, spec, steps=1, only_below="0")
 
 
 def _exact_affine_min(fn_exact, box):

@@ -235,7 +235,8 @@ def certify(logits_fn: Callable,
     lower = sdp_fo(logits_fn,
                    linf_ball(x, eps, bounds),
                    margin_spec(y, num_classes),
-                   chunk_size=chunk_size)
+                   chunk_size=chunk_size,
+                   only_below=0.0)
     return _certify_lower(logits_fn, x, y, eps, lower, bounds, chunk_size)
   return _certify_jit(logits_fn, x, y, eps, method, bounds, chunk_size)
 

@@ -23,11 +23,13 @@ from robustlib import compilation
 from robustlib.batching import pad_to_multiple
 from verify.bab_attack import bab_attack_examples
 from verify import certification
+from verify import lagrangian_dual
 from verify import milp
 from verify.unsafe import UnsafeSet
 
-# The batched bound methods, then exact verification (CROWN first, a program per example left).
-METHODS = certification.METHODS + ("milp",)
+# The batched bound methods, the duals of a run's learned verifier (`verify.lagrangian_dual`),
+# then exact verification (CROWN first, a program per example left).
+METHODS = certification.METHODS + ("pvt", "milp")
 RESULTS_FILE = "verify.json"
 PLOT_FILE = "verify.png"
 ATTACKS_FILE = "attacks.json"
@@ -142,8 +144,17 @@ def certified_flags(logits_fn,
                     labels: np.ndarray,
                     eps: Sequence[float],
                     method: str,
-                    batch_size: int = 128) -> np.ndarray:
-  """bool ``[E, N]``: verified robust at each radius, in fixed-size batches (one compilation)."""
+                    batch_size: int = 128,
+                    verifier=None) -> np.ndarray:
+  """bool ``[E, N]``: verified robust at each radius, in fixed-size batches (one compilation);
+  ``method="pvt"`` certifies with ``verifier``'s duals (`verify.lagrangian_dual.certify`)."""
+  if method == "pvt":
+    if verifier is None:
+      raise checks.InputError("method pvt certifies with a learned verifier's duals: it needs a "
+                              "run trained with config.method='pvt' (config.verifier_width > 0)")
+    certify = lambda x, y, e: lagrangian_dual.certify(logits_fn, x, y, e, verifier)
+  else:
+    certify = lambda x, y, e: certification.certify(logits_fn, x, y, e, method=method)
   n = images.shape[0]
   batch_size = min(batch_size, n)
   xp, yp = pad_to_multiple(images, batch_size), pad_to_multiple(labels, batch_size)
@@ -152,8 +163,7 @@ def certified_flags(logits_fn,
     rows = slice(start, start + batch_size)
     for j, e in enumerate(eps):
       radius = jnp.full((batch_size,), e, jnp.float32)  # traced: the radii share a compilation
-      out[j, rows] = np.asarray(
-          certification.certify(logits_fn, xp[rows], yp[rows], radius, method=method))
+      out[j, rows] = np.asarray(certify(xp[rows], yp[rows], radius))
   return out[:, :n]
 
 
@@ -231,7 +241,8 @@ def certify_run(workdir: str | None = None,
     onnx: instead of ``workdir``, an ONNX classifier of ``dataset``'s images
       (see `robustlib.sources`).
     methods: bound methods (`METHODS`), a list or a comma-separated string.
-      ``milp`` is exact: the examples that CROWN (and any other method asked
+      ``pvt`` certifies with the duals of the run's learned verifier (runs trained with
+      ``config.method="pvt"``; `verify.lagrangian_dual`). ``milp`` is exact: the examples that CROWN (and any other method asked
       for) leaves unverified get a mixed-integer program each (`verify.milp`);
       those it proves robust join the verified, those it breaks are counted
       as ``falsified``, and those it cannot decide in ``milp_time_limit``
@@ -297,8 +308,8 @@ def certify_run(workdir: str | None = None,
       exact = {k: np.sum(status == k, axis=1).tolist() for k in ("falsified", "unknown")}
       exact["time_limit"] = milp_time_limit
     else:
-      verified[method] = certified_flags(logits_fn, images, labels, eps, method,
-                                         batch_size) & clean[None]
+      verified[method] = certified_flags(logits_fn, images, labels, eps, method, batch_size,
+                                         test.verifier) & clean[None]
     seconds[method] = time.time() - t
     logging.info("%s: verified accuracy %s (%.1f s)", method,
                  ", ".join(f"{v:.2%}" for v in verified[method].mean(axis=1)), seconds[method])

@@ -31,8 +31,9 @@ absolute sums the Lagrangian adds up (every map's intermediate ones included, so
 sums cancelled inside one stay in the margin), and the result rounded outwards
 to float32: a valid bound whatever the iterate. That final
 evaluation builds the matrix over the variables the box does not fix (a stable
-ReLU's output and a pixel pinned by ``[0, 1]`` decouple, their rows being
-``kappa_i e_i``), so problems of more than ``max_dense`` of them are refused; the
+inactive ReLU's output and a pixel pinned by ``[0, 1]`` are constants of the
+Lagrangian: they enter neither the matrix nor the dual's sum, here or in the
+optimiser), so problems of more than ``max_dense`` of them are refused; the
 optimiser itself has no such limit. The returned bound is never looser than CROWN's (nor
 alpha-CROWN's, with the default ``init``) on the same rows (the larger is returned, all
 sound), and like every bound
@@ -367,13 +368,23 @@ def lanczos_min(matvec: Callable, start: jax.Array, iterations: int) -> tuple[ja
   return evals[:, 0], vec
 
 
-def _dual_value(c, kappa, lam_min):
-  """``c + 1/2 sum_i max(0, kappa_i - min(0, lam_min))``, ``[N]``."""
+def _free(net: _Network) -> list[jax.Array]:
+  """Per activation, whether its box leaves it free (``l < u``), ``[N, ...]`` bools: a fixed
+  one (a stable inactive ReLU's output, a pixel pinned by the input box) is a constant of the
+  Lagrangian, its row and column of ``M`` zero."""
+  return [b.upper > b.lower for b in net.boxes]
+
+
+def _dual_value(c, kappa, lam_min, free):
+  """``c + 1/2 sum_i max(0, kappa_i - min(0, lam_min))`` over the homogenising coordinate and
+  the ``free`` activations, ``[N]``: the Lagrangian does not depend on the fixed ones, so the
+  bound over the free ones holds, and ``lam_min`` of a matrix that holds the fixed ones too
+  (decoupled, ``kappa_i >= 0`` on their diagonal) is at most the free block's."""
   neg = jnp.minimum(lam_min, 0.0)
   k0, kz = kappa
   total = jax.nn.relu(k0 - neg)
-  for k in kz:
-    total += jnp.sum(jax.nn.relu(k - neg.reshape((-1,) + (1,) * (k.ndim - 1))),
+  for k, f in zip(kz, free):
+    total += jnp.sum(jnp.where(f, jax.nn.relu(k - neg.reshape((-1,) + (1,) * (k.ndim - 1))), 0.0),
                      axis=tuple(range(1, k.ndim)))
   return c + 0.5 * total
 
@@ -440,7 +451,7 @@ def _objective(net, row, duals, key, iterations):
   _, vec = lanczos_min(flat, start, iterations)
   vec = jax.lax.stop_gradient(vec)
   lam = jnp.sum(vec * flat(vec), axis=1)  # Rayleigh quotient: a subgradient w.r.t. the duals
-  return _dual_value(c, duals["kappa"], lam)
+  return _dual_value(c, duals["kappa"], lam, _free(net))
 
 
 def _optimise(net, rows, key, steps, iterations, lr, slopes=None):
@@ -455,8 +466,12 @@ def _optimise(net, rows, key, steps, iterations, lr, slopes=None):
 
     def step(carry, key):
       duals, state, best, best_value = carry
-      value, grads = jax.value_and_grad(lambda d: jnp.sum(objective(d, key)), has_aux=False)(duals)
-      per_example = objective(duals, key)
+
+      def total(d):
+        values = objective(d, key)
+        return jnp.sum(values), values
+
+      (_, per_example), grads = jax.value_and_grad(total, has_aux=True)(duals)
       better = per_example < best_value
       best = jax.tree_util.tree_map(
           lambda b, d: jnp.where(better.reshape((-1,) + (1,) * (d.ndim - 1)), d, b), best, duals)
@@ -589,17 +604,38 @@ def _certified_value(net: _Network, row, duals, max_dense: int) -> np.ndarray:
     finite = (np.isfinite(mats).all(axis=(1, 2)) & np.isfinite(kappa).all(axis=1) &
               np.isfinite(np.asarray(c)) & np.isfinite(size))
     mats = np.where(finite[:, None, None], mats, 0.0)
-    lam = np.linalg.eigvalsh(mats)[:, 0]
-    fixed = np.ones(total, bool)
-    fixed[free] = False
-    if fixed.any():
-      lam = np.minimum(lam, kappa[:, fixed].min(axis=1))
-    margin = 8 * n * np.finfo(np.float64).eps * np.linalg.norm(mats, axis=(1, 2))
-    lam = jnp.asarray(lam - margin)
-    value = np.asarray(_dual_value(c, duals["kappa"], lam))
-    scale = np.asarray(_dual_value(jnp.zeros_like(c), duals["kappa"], lam)) + 4 * size
-    value = value + _SLACK * (1 + scale)
+    values = []
+    for kappa_, mats_ in ((kappa, mats), _repaired(kappa, mats, free)):
+      # A coordinate fixed in one example only is decoupled: kappa_i >= 0 on the diagonal.
+      lam = np.linalg.eigvalsh(mats_)[:, 0]
+      margin = 8 * (n + 1) * np.finfo(np.float64).eps * np.linalg.norm(mats_, axis=(1, 2))
+      lam = jnp.asarray(lam - margin)
+      kappa_ = _unflatten(jnp.asarray(kappa_), (c, g))
+      value = np.asarray(_dual_value(c, kappa_, lam, _free(net)))
+      scale = np.asarray(_dual_value(jnp.zeros_like(c), kappa_, lam, _free(net))) + 4 * size
+      values.append(value + _SLACK * (1 + scale))
+    value = np.minimum(*values)  # each a valid bound
   return round_up(np.where(finite & np.isfinite(value), value, np.inf))
+
+
+def _repaired(kappa: np.ndarray, mats: np.ndarray, free: np.ndarray):
+  """``kappa + delta`` ``[N, total]`` and its matrices ``mats + diag(delta)`` ``[N, n, n]``
+  (``mats = diag(kappa) - M`` over the coordinates ``free``), with ``delta_i`` the absolute
+  row sums of the matrix's negative part ``P = sum_{lambda_j < 0} |lambda_j| v_j v_j'``:
+  ``diag(delta) - P`` is diagonally dominant and ``mats + P`` is the positive part, so the
+  new matrix is PSD up to rounding and the dual pays ``sum delta_i / 2``, where the uniform
+  shift by ``|lambda_min|`` pays ``n |lambda_min| / 2`` (much more when the negative
+  eigenvectors are localised)."""
+  w, v = np.linalg.eigh(mats)
+  neg = np.maximum(-w, 0.0)
+  negative = np.einsum("nij,nj,nkj->nik", v, neg, v)
+  delta = np.abs(negative).sum(axis=2)
+  kappa = kappa.copy()
+  kappa[:, free] += delta
+  index = np.arange(mats.shape[1])
+  mats = mats.copy()
+  mats[:, index, index] += delta
+  return kappa, mats
 
 
 def sdp_fo(fn: Callable,
@@ -612,7 +648,8 @@ def sdp_fo(fn: Callable,
            max_dense: int = 4096,
            chunk_size: int | None = None,
            init: str = "alpha_crown",
-           init_steps: int = 20) -> jax.Array:
+           init_steps: int = 20,
+           only_below: float | None = None) -> jax.Array:
   """Lower bounds ``[N, S]`` of ``spec @ fn(x)`` over the box by SDP-FO (Dathathri et al. 2020).
 
   Args:
@@ -632,6 +669,9 @@ def sdp_fo(fn: Callable,
       alpha-CROWN's bound), ``"crown"`` (CROWN's slopes and bound) or ``"box"`` (zero
       multipliers: the box bound of the last layer, as Dathathri et al. start).
     init_steps: alpha-CROWN's steps for ``init="alpha_crown"``.
+    only_below: optimise only the rows whose linear bound (CROWN's, or alpha-CROWN's with
+      that ``init``) is at most this for some example; the others keep it (`verify.certify`
+      passes 0: a row already above 0 is proven). None: every row.
 
   Returns:
     ``[N, S]`` lower bounds, each the larger of SDP-FO's and CROWN's (and alpha-CROWN's,
@@ -651,22 +691,32 @@ def sdp_fo(fn: Callable,
     raise InputError(f"init must be one of {INITS}, got {init!r}")
   if isinstance(init_steps, bool) or not isinstance(init_steps, int) or init_steps < 0:
     raise InputError(f"init_steps must be an integer >= 0, got {init_steps!r}")
+  if only_below is not None and (isinstance(only_below, bool) or
+                                 not isinstance(only_below, (int, float, np.floating))):
+    raise InputError(f"only_below must be a number or None, got {only_below!r}")
   if not isinstance(interval, Interval):
     raise InputError(f"expected an Interval of inputs [N, ...], got {type(interval).__name__}")
   key = jax.random.PRNGKey(0) if key is None else key
   if spec is None:
     raise InputError("sdp_fo needs a spec [N, S, K]")
   net, spec = layered_network(fn, interval, spec, chunk_size)
-  rows = jnp.transpose(jnp.asarray(spec, interval.dtype), (1, 0, 2))  # [S, N, K]
+  linear = lower_bounds(fn, interval, spec, "crown", chunk_size)
+  if init == "alpha_crown":  # the optimiser's start: never return less
+    linear = jnp.maximum(
+        linear, alpha_crown(fn, interval, spec, init_steps, chunk_size=chunk_size, lower_only=True))
+  linear = np.array(linear)
+  todo = np.arange(linear.shape[1])
+  if only_below is not None:
+    todo = np.flatnonzero(np.any(linear <= only_below, axis=0))
+  if not todo.size:
+    return jnp.asarray(linear)
+  rows = jnp.transpose(jnp.asarray(spec, interval.dtype), (1, 0, 2))[todo]  # [S', N, K]
   duals = _optimised_duals(fn, interval.lower, interval.upper, rows, key, steps, lanczos_iterations,
                            lr, chunk_size, init, init_steps)
   upper = np.stack([
       _certified_value(net, rows[s], jax.tree_util.tree_map(lambda v, s=s: v[s], duals), max_dense)
       for s in range(rows.shape[0])
   ],
-                   axis=1)  # [N, S]: upper bounds of -spec . fn
-  linear = lower_bounds(fn, interval, spec, "crown", chunk_size)
-  if init == "alpha_crown":  # the optimiser's start: never return less
-    linear = jnp.maximum(
-        linear, alpha_crown(fn, interval, spec, init_steps, chunk_size=chunk_size, lower_only=True))
-  return jnp.asarray(np.maximum(-upper, np.asarray(linear)))
+                   axis=1)  # [N, S']: upper bounds of -spec . fn
+  linear[:, todo] = np.maximum(-upper, linear[:, todo])
+  return jnp.asarray(linear)
