@@ -675,8 +675,12 @@ def sdp_fo(fn: Callable,
 
   Returns:
     ``[N, S]`` lower bounds, each the larger of SDP-FO's and CROWN's (and alpha-CROWN's,
-    from which ``init="alpha_crown"`` starts), valid for the real-valued network whatever
-    the optimiser reached.
+    from which ``init="alpha_crown"`` starts), whatever the optimiser reached. Like CROWN's
+    they are the real-valued network's up to the rounding of the float32 passes they rest
+    on (CROWN's intermediate boxes, the linear bounds): on random programs with weights up to
+    800 they exceeded the real minimum by up to 3e-5, against allowances of 1e-3 to 2e-3,
+    the allowance `verify.certify` subtracts (`verify.rounding_allowance`, ``"crown"``,
+    backward).
 
   Raises:
     InputError: for a network that is not affine maps and ReLUs (naming the operation),
