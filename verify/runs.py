@@ -242,8 +242,8 @@ def certify_run(workdir: str | None = None,
       (see `robustlib.sources`).
     methods: bound methods (`METHODS`), a list or a comma-separated string.
       ``pvt`` certifies with the duals of the run's learned verifier (runs trained with
-      ``config.method="pvt"``; `verify.lagrangian_dual`). ``milp`` is exact: the examples that CROWN (and any other method asked
-      for) leaves unverified get a mixed-integer program each (`verify.milp`);
+      ``config.method="pvt"``; `verify.lagrangian_dual`). ``milp`` is exact: the examples
+      that CROWN (and any other method asked for) leaves unverified get a mixed-integer program each (`verify.milp`);
       those it proves robust join the verified, those it breaks are counted
       as ``falsified``, and those it cannot decide in ``milp_time_limit``
       seconds as ``unknown``.
