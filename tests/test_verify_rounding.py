@@ -308,3 +308,12 @@ def test_a_division_by_an_interval_around_zero_has_no_finite_allowance():
   box = verify.Interval(jnp.asarray([[0.4, 0.6]]), jnp.asarray([[0.6, 0.7]]))
   allow = np.asarray(verify.rounding_allowance(fn, box))
   assert np.isinf(allow[0, 0]) and np.isfinite(allow[0, 1])
+
+
+def test_a_crossed_box_has_radius_zero_not_negative():
+  # Bounds computed apart inside one compilation may cross by an ulp; centre-radius rules
+  # read the radius, so it must not go negative (or the rule's bounds cross more).
+  lower = jnp.asarray([1.0, 0.0, -2.0], jnp.float32)
+  upper = jnp.asarray([np.nextafter(np.float32(1.0), np.float32(0.0)), 0.5, -2.0], jnp.float32)
+  radius = jax.jit(lambda l, u: verify.Interval(l, u).radius)(lower, upper)
+  np.testing.assert_array_equal(radius, [0.0, 0.25, 0.0])

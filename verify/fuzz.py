@@ -1212,6 +1212,9 @@ def _compare(name, what, lower, upper, values, labels, tol_fn, allowance, box, p
   the real-valued function too.
   """
   lower, upper = np.asarray(lower, np.float64), np.asarray(upper, np.float64)
+  # Where the function itself overflows in the box (a value at a point is infinite or NaN), a
+  # NaN bound makes no claim: "verified" reads it as false. Elsewhere NaN is a finding.
+  overflows = ~np.all(np.isfinite(values), axis=0)
   finite = np.all(np.isfinite(values), axis=(1, 2))
   index = np.flatnonzero(finite)
   values, labels = values[finite], [l for l, f in zip(labels, finite) if f]
@@ -1228,6 +1231,8 @@ def _compare(name, what, lower, upper, values, labels, tol_fn, allowance, box, p
                 detail,
                 real_violation=float(real_violation)))
 
+  lower = np.where(np.isnan(lower) & overflows, -np.inf, lower)
+  upper = np.where(np.isnan(upper) & overflows, np.inf, upper)
   nan = np.isnan(lower) | np.isnan(upper)
   if nan.any():
     n, s = np.argwhere(nan)[0]

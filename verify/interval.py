@@ -78,8 +78,14 @@ class Interval:
 
   @property
   def radius(self) -> jax.Array:
-    """The half-width ``(upper - lower) / 2``."""
-    return (self.upper - self.lower) / 2
+    """The half-width ``(upper - lower) / 2``, never negative.
+
+    Inside one compiled function XLA may compute a bound twice, in fusions that round
+    differently: a box zero or a few ulps wide (``tanh`` of a degenerate box, seen) can then
+    give ``upper - lower`` below 0, and a centre-radius rule a lower bound above its upper one.
+    """
+    width = self.upper - self.lower
+    return jnp.where(width < 0, jnp.zeros_like(width), width) / 2
 
   def contains(self, x: jax.typing.ArrayLike, tol: float = 0.0) -> jax.Array:
     """Whether ``x`` lies inside the box (elementwise), with tolerance ``tol``."""
