@@ -18,6 +18,9 @@ ground truth decided, and the median time. Every stage resumes from the files
 it wrote, so a killed run continues where it stopped. Bounds, the ground truth
 included, are in ``--precision`` (float64 by default: the real-valued network,
 as VNN-COMP decides it; `verify.interval.precision_dtype`).
+
+``--stages=calibrate --calibrate_radii=...`` builds the networks and prints
+alpha-CROWN's root bounds of the points at each radius, to choose a family's radii.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ from benchmarks import nets
 from robustlib import onnx
 from robustlib import scripts
 from verify import instances
+from verify.certification import margin_bounds
 from verify.interval import PRECISIONS
+from verify.interval import precision_dtype
 
 # name: (network, adversarial training eps, PGD steps, radii, time limit in seconds).
 FAMILIES = {
@@ -63,8 +68,12 @@ _POINTS = flags.DEFINE_integer("points", 5, "Test points per family and radius."
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 3000, "Training steps per network.")
 _TRUTH_LIMIT = flags.DEFINE_float("truth_limit", 900.0, "MILP seconds for the ground truth.")
 _TIME_SCALE = flags.DEFINE_float("time_scale", 1.0, "Multiplies every family's time limit.")
-_STAGES = scripts.define_names("stages", ["build", "truth", "compare"],
-                               ["build", "truth", "compare"], "What to run.")
+_STAGES = scripts.define_names(
+    "stages", ["build", "truth", "compare"], ["build", "calibrate", "truth", "compare"],
+    "What to run (calibrate: alpha-CROWN's root bounds of the points at --calibrate_radii, to "
+    "choose a family's radii; it runs alone).")
+_CALIBRATE_RADII = flags.DEFINE_list("calibrate_radii", ["0.005", "0.01", "0.02", "0.05", "0.1"],
+                                     "L-inf radii of the calibrate stage.")
 _PRECISION = flags.DEFINE_enum(
     "precision", "float64", list(PRECISIONS),
     "Bound passes' dtype for every method and the ground truth: float64 decides the "
@@ -101,6 +110,25 @@ def build(out_dir: pathlib.Path, family: str, points: int, train_steps: int) -> 
   (folder / "instances.csv.tmp").write_text("".join(rows))
   os.replace(folder / "instances.csv.tmp", folder / "instances.csv")
   return folder
+
+
+def calibrate(folder: pathlib.Path, points: int, radii: list[float], precision: str) -> str:
+  """alpha-CROWN's root bound (the least margin row) of the family's points at each radius.
+
+  A family's radii sit where these bounds cross 0 (some points positive, some not, none far
+  below): the instances the complete searches can decide in their time limits.
+  """
+  fn = onnx.load(folder / "net.onnx").fn
+  x, y = nets.mnist_nchw("test", 200)
+  correct = np.flatnonzero(np.asarray(fn(x)).argmax(axis=1) == y)[:points]
+  x = np.asarray(x[correct], precision_dtype(precision))
+  lines = [f"{'radius':>8} " + " ".join(f"{f'point{i}':>9}" for i in correct)]
+  for eps in radii:
+    start = time.monotonic()
+    margins = np.asarray(margin_bounds(fn, x, y[correct], eps, method="alpha_crown"))
+    lines.append(f"{eps:>8g} " + " ".join(f"{m:>9.3f}" for m in margins.min(axis=1)) +
+                 f"   ({time.monotonic() - start:.1f} s)")
+  return "\n".join(lines)
 
 
 def robustness_vnnlib(x: np.ndarray, eps: float, label: int, num_classes: int) -> str:
@@ -233,11 +261,22 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"unknown families or methods: {sorted(unknown)} (families: "
                          f"{list(FAMILIES)}; methods: {list(METHODS)})")
+  try:
+    radii = [float(r) for r in _CALIBRATE_RADII.value]
+  except ValueError:
+    radii = []
+  if not radii or min(radii) < 0:
+    raise app.UsageError(f"--calibrate_radii takes radii >= 0, got {_CALIBRATE_RADII.value}")
   if _PRECISION.value == "float64":
     jax.config.update("jax_enable_x64", True)
   out_dir = pathlib.Path(_OUT_DIR.value)
   out_dir.mkdir(parents=True, exist_ok=True)
   folders = {f: build(out_dir, f, _POINTS.value, _TRAIN_STEPS.value) for f in _FAMILIES.value}
+  if "calibrate" in _STAGES.value:
+    for family, folder in folders.items():
+      print(f"{family}: alpha-CROWN's root bounds in {_PRECISION.value}")
+      print(calibrate(folder, _POINTS.value, radii, _PRECISION.value))
+    return
   if "truth" in _STAGES.value:
     for family, folder in folders.items():
       decide_all(folder, family, "milp", _TRUTH_LIMIT.value, out_dir / "truth.csv",

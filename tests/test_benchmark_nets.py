@@ -28,3 +28,15 @@ def test_robustness_properties_are_the_ball_in_the_box():
   np.testing.assert_allclose(prop.lower, [0.0, 0.48, 0.97], atol=1e-6)
   np.testing.assert_allclose(prop.upper, [0.02, 0.52, 1.0], atol=1e-6)
   assert prop.violated(np.array([0.0, 1.0, 1.0])) and not prop.violated(np.array([0.0, 1.0, 0.9]))
+
+
+def test_calibration_bounds_fall_with_the_radius(tmp_path, monkeypatch, shared_data_dir):
+  monkeypatch.setenv("ROBUSTLIB_DATA_DIR", str(shared_data_dir))
+  params = nets.init_params("mlp", jax.random.key(0))
+  (tmp_path / "net.onnx").write_bytes(nets.to_onnx("mlp", params))
+  table = bab_families.calibrate(tmp_path, 3, [0.0, 0.01, 0.1], "float32").splitlines()
+  assert table[0].split()[0] == "radius" and len(table[0].split()) == 4
+  bounds = np.array([[float(v) for v in line.split()[1:4]] for line in table[1:]])
+  # At radius 0 the bound is the correctly classified points' own margin; it falls with eps.
+  assert (bounds[0] > 0).all()
+  assert (np.diff(bounds, axis=0) < 0).all()

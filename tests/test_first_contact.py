@@ -46,6 +46,8 @@ SCRIPTS = [
     ("benchmarks.autoattack_speed", ["--models=foo"], "--models takes names among"),
     ("benchmarks.bab_attack_strength", ["--model=foo"], "value should be one of"),
     ("benchmarks.bab_families", ["--families=foo"], "--families takes names among"),
+    ("benchmarks.bab_families", ["--out_dir=x",
+                                 "--calibrate_radii=a"], "--calibrate_radii takes radii >= 0"),
     ("benchmarks.bab_throughput", ["--model=foo"], "value should be one of"),
     ("benchmarks.bound_speed", ["--methods=lp"], "--methods takes names among ibp"),
     ("benchmarks.curves", ["--no_such_flag=1"], "no_such_flag"),
